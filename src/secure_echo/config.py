@@ -1,0 +1,273 @@
+"""Command-line options and their validation, before any reactor runs.
+
+:class:`Options` parses ``twistd secure-echo`` arguments and, in ``postOptions``,
+checks every one of them, resolving them into a :class:`Config`.  Every problem is a
+``usage.UsageError`` whose text is one line: the option, the problem, the fix.
+Nothing here listens or starts anything; a busy port is found when the listening
+service starts (see :mod:`secure_echo.service`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from OpenSSL import SSL
+from twisted.internet import endpoints
+from twisted.python import usage
+from typing_extensions import override
+
+from secure_echo import devcerts
+from secure_echo.tls import ClientAuth, ContextHolder, LoadedTLS, TLSConfigError, TLSProfile, TLSSettings
+from secure_echo.tls import load_and_validate as load_tls
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+DEFAULT_LISTEN: Final = "tcp:8443:interface=127.0.0.1"
+DEFAULT_BACKLOG: Final = 1024
+_ENDPOINT_TYPES: Final = frozenset({"tcp", "tcp6", "unix", "systemd"})
+_BACKLOG_TYPES: Final = frozenset({"tcp", "tcp6", "unix"})
+
+
+@dataclass(frozen=True)
+class Listen:
+    """One validated ``--listen`` value."""
+
+    description: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything ``makeService`` needs, validated."""
+
+    listens: tuple[Listen, ...]
+    tls: LoadedTLS
+    contexts: ContextHolder
+    max_line_length: int
+    max_pending: int
+    handshake_timeout: float
+    handler_timeout: float
+    log_file: Path | None
+    log_max_bytes: int
+    log_keep: int
+    dev_certs: devcerts.DevCerts | None
+
+
+def _positive_int(name: str, value: str, *, minimum: int = 1) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise usage.UsageError(
+            f"--{name}: {value!r} is not a whole number; give e.g. --{name}={minimum * 1024}"
+        ) from None
+    if number < minimum:
+        raise usage.UsageError(f"--{name}: {number} is too small; give at least {minimum}")
+    return number
+
+
+def _positive_float(name: str, value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise usage.UsageError(
+            f"--{name}: {value!r} is not a number of seconds; give e.g. --{name}=10"
+        ) from None
+    if not number > 0 or number == float("inf"):
+        raise usage.UsageError(f"--{name}: {value} must be a positive number of seconds")
+    return number
+
+
+def validate_listen(description: str) -> Listen:
+    """Check one ``--listen`` endpoint string and add an explicit backlog."""
+    kind = description.split(":", 1)[0].strip().lower()
+    if kind in {"ssl", "tls", "le", "lets"}:
+        raise usage.UsageError(
+            f"--listen {description}: TLS is added by secure-echo itself; "
+            "give a plain endpoint such as tcp:8443:interface=127.0.0.1"
+        )
+    if kind not in _ENDPOINT_TYPES:
+        raise usage.UsageError(
+            f"--listen {description}: unsupported endpoint type {kind!r}; "
+            "use tcp:PORT, tcp6:PORT, unix:PATH or systemd:domain=INET:index=0"
+        )
+    if kind in _BACKLOG_TYPES and "backlog=" not in description:
+        description = f"{description}:backlog={DEFAULT_BACKLOG}"
+    try:
+        # Only parses; the reactor argument is not used until listen().
+        endpoints.serverFromString(None, description)
+    except (ValueError, TypeError, KeyError) as error:
+        raise usage.UsageError(
+            f"--listen {description}: not a valid endpoint ({error}); "
+            "e.g. tcp:8443:interface=127.0.0.1"
+        ) from None
+    return Listen(description, kind)
+
+
+def _log_path(value: str) -> Path:
+    path = Path(value).expanduser().absolute()
+    if path.is_dir():
+        raise usage.UsageError(
+            f"--log-file: {path} is a directory; give a file path such as {path}/secure-echo.jsonl"
+        )
+    parent = path.parent
+    if not parent.is_dir():
+        raise usage.UsageError(
+            f"--log-file: directory {parent} does not exist; create it or choose another path"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK) or (
+        path.exists() and not os.access(path, os.W_OK)
+    ):
+        raise usage.UsageError(
+            f"--log-file: cannot write {path}: permission denied; "
+            "choose a writable path or fix its permissions"
+        )
+    return path
+
+
+class Options(usage.Options):
+    """Options of ``twistd secure-echo``; ``self.config`` holds the result."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Serve TLS line echo: every line comes back byte-exact, in order. With no "
+        "--cert, a local development CA and certificate are made on first run."
+    )
+
+    optParameters: Any = [  # noqa: RUF012 - Twisted's declarative option tables
+        ["cert", None, None, "PEM certificate chain (server certificate first)."],
+        ["key", None, None, "PEM private key of --cert (default: read from --cert)."],
+        ["client-ca", None, None, "PEM CA certificate(s) to verify client certificates."],
+        [
+            "client-auth",
+            None,
+            None,
+            "none|optional|required (default: required with --client-ca, else none).",
+        ],
+        ["tls-profile", None, "intermediate", "intermediate (TLS 1.2+) or modern (TLS 1.3)."],
+        ["max-line-length", None, "65536", "Longest line in bytes, terminator excluded."],
+        ["max-pending", None, "256", "Replies waiting per connection before reading pauses."],
+        ["handshake-timeout", None, "10", "Seconds a client has to finish the TLS handshake."],
+        ["handler-timeout", None, "30", "Seconds a line handler may take for one line."],
+        ["log-file", None, None, "Write JSON Lines records to this file (rotated)."],
+        ["log-max-bytes", None, str(10 * 1024 * 1024), "Rotate the log file at this size."],
+        ["log-keep", None, "5", "Rotated log files to keep."],
+        ["state-dir", None, None, "Where development certificates are kept."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self.config: Config
+
+    def opt_listen(self, description: str) -> None:
+        """Endpoint to listen on, repeatable (default tcp:8443:interface=127.0.0.1)."""
+        self["listen"].append(description)
+
+    @override
+    def postOptions(self) -> None:
+        self.config = self._validate()
+
+    def _validate(self) -> Config:
+        listens = tuple(validate_listen(d) for d in (self["listen"] or [DEFAULT_LISTEN]))
+        max_line_length = _positive_int("max-line-length", self["max-line-length"])
+        max_pending = _positive_int("max-pending", self["max-pending"], minimum=2)
+        handshake_timeout = _positive_float("handshake-timeout", self["handshake-timeout"])
+        handler_timeout = _positive_float("handler-timeout", self["handler-timeout"])
+        log_max_bytes = _positive_int("log-max-bytes", self["log-max-bytes"], minimum=4096)
+        log_keep = _positive_int("log-keep", self["log-keep"])
+        log_file = _log_path(self["log-file"]) if self["log-file"] else None
+        try:
+            profile = TLSProfile(self["tls-profile"])
+        except ValueError:
+            raise usage.UsageError(
+                f"--tls-profile: unknown profile {self['tls-profile']!r}; "
+                "use intermediate or modern"
+            ) from None
+        client_auth = self._client_auth()
+        settings, dev = self._tls_files(profile, client_auth)
+        try:
+            tls = load_tls(settings)
+        except TLSConfigError as error:
+            raise usage.UsageError(str(error)) from None
+        try:
+            contexts = ContextHolder(tls)
+        except (SSL.Error, RuntimeError) as error:
+            raise usage.UsageError(
+                f"--cert: OpenSSL refused the certificate or key ({error}); "
+                "check that they are a PEM certificate chain and its key"
+            ) from None
+        return Config(
+            listens=listens,
+            tls=tls,
+            contexts=contexts,
+            max_line_length=max_line_length,
+            max_pending=max_pending,
+            handshake_timeout=handshake_timeout,
+            handler_timeout=handler_timeout,
+            log_file=log_file,
+            log_max_bytes=log_max_bytes,
+            log_keep=log_keep,
+            dev_certs=dev,
+        )
+
+    def _client_auth(self) -> ClientAuth:
+        value = self["client-auth"]
+        if value is None:
+            return ClientAuth.REQUIRED if self["client-ca"] else ClientAuth.NONE
+        try:
+            auth = ClientAuth(value)
+        except ValueError:
+            raise usage.UsageError(
+                f"--client-auth: unknown mode {value!r}; use none, optional or required"
+            ) from None
+        if auth is not ClientAuth.NONE and not self["client-ca"]:
+            raise usage.UsageError(
+                f"--client-auth {auth}: no CA to verify client certificates against; "
+                "add --client-ca CA.pem"
+            )
+        return auth
+
+    def _tls_files(
+        self, profile: TLSProfile, client_auth: ClientAuth
+    ) -> tuple[TLSSettings, devcerts.DevCerts | None]:
+        client_ca = Path(self["client-ca"]).expanduser() if self["client-ca"] else None
+        if self["cert"] is None:
+            if self["key"] is not None:
+                raise usage.UsageError(
+                    "--key: given without --cert; add --cert with the matching certificate"
+                )
+            state_dir = (
+                Path(self["state-dir"]).expanduser()
+                if self["state-dir"]
+                else devcerts.default_state_dir()
+            )
+            try:
+                dev = devcerts.ensure_dev_certs(state_dir)
+            except devcerts.DevCertsError as error:
+                raise usage.UsageError(f"--state-dir: {error}") from None
+            return (
+                TLSSettings(dev.server_cert, dev.server_key, client_ca, client_auth, profile),
+                dev,
+            )
+        cert = Path(self["cert"]).expanduser()
+        key = Path(self["key"]).expanduser() if self["key"] else cert
+        return TLSSettings(cert, key, client_ca, client_auth, profile), None
+
+
+def one_line_exit(error: usage.UsageError, prog: str = "twistd secure-echo") -> None:
+    """Print a usage error as one line on stderr and exit with status 2."""
+    sys.stderr.write(f"{prog}: {error}\n")
+    sys.stderr.flush()
+    raise SystemExit(2)
+
+
+def parse(argv: Sequence[str]) -> Config:
+    """Parse ``argv`` (for tests and tools); raises ``usage.UsageError``."""
+    options = Options()
+    options.parseOptions(list(argv))
+    return options.config

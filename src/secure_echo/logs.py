@@ -1,0 +1,151 @@
+"""Structured logging: JSON Lines records to a size-rotated file.
+
+Every record is one JSON object on one line (no ``\\x1e`` separator) with these keys
+first, then the event's own named fields (docs/logging.md lists them all):
+
+``time``
+    ISO 8601 UTC timestamp with microseconds.
+``level``
+    ``debug``, ``info``, ``warn``, ``error`` or ``critical``.
+``event``
+    A stable event name.  Our events set it explicitly; events from Twisted itself
+    (which has no such field) get ``twisted``.
+``namespace``
+    The emitting logger's namespace (e.g. ``secure_echo.transport``).
+``message``
+    The rendered human text.
+
+A ``Failure`` attached to an event is rendered into ``traceback``; values JSON
+cannot hold are written as their ``repr``.  Line contents are never logged by
+secure-echo, so no record can carry a client's bytes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from twisted.application.service import Service
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.python.logfile import LogFile
+from typing_extensions import override
+from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from twisted.logger import LogPublisher
+
+#: The ``event`` value given to records that do not name one (Twisted's own).
+DEFAULT_EVENT = "twisted"
+
+_SKIP = frozenset({"log_logger", "log_source", "log_format", "log_trace", "log_io"})
+
+
+def _default(value: object) -> object:
+    """JSON fallback: sets become lists, everything else its ``repr``."""
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return repr(value)
+
+
+def event_as_record(event: LogEvent) -> dict[str, Any]:
+    """Flatten a twisted.logger event into the record described above."""
+    when = event.get("log_time")
+    stamp = (
+        datetime.datetime.fromtimestamp(when, datetime.UTC).isoformat(timespec="microseconds")
+        if isinstance(when, int | float)
+        else None
+    )
+    level = event.get("log_level")
+    record: dict[str, Any] = {
+        "time": stamp,
+        "level": getattr(level, "name", None),
+        "event": event.get("event", DEFAULT_EVENT),
+        "namespace": event.get("log_namespace"),
+        "message": formatEvent(event),
+    }
+    for key, value in event.items():
+        if key in _SKIP or key in record or key in {"log_time", "log_level", "log_namespace"}:
+            continue
+        if key == "log_failure":
+            if isinstance(value, Failure):
+                record["traceback"] = value.getTraceback()
+            continue
+        if key.startswith("log_"):
+            continue
+        record[key] = value
+    return record
+
+
+@implementer(ILogObserver)
+class JSONLinesObserver:
+    """Write each event as one JSON line to ``stream`` and flush it."""
+
+    def __init__(self, stream: TextIO | LogFile) -> None:
+        self._stream = stream
+
+    def __call__(self, event: LogEvent) -> None:
+        line = json.dumps(event_as_record(event), default=_default, ensure_ascii=False)
+        self._stream.write(line + "\n")
+        self._stream.flush()
+
+
+def open_log_file(path: Path, max_bytes: int, keep: int) -> LogFile:
+    """Open ``path`` for appending, rotated at ``max_bytes``, ``keep`` old files kept.
+
+    Rotated files are ``path.1`` (newest) to ``path.<keep>``; older ones are deleted.
+    """
+    return LogFile(
+        path.name,
+        str(path.parent),
+        rotateLength=max_bytes,
+        maxRotatedFiles=keep,
+        defaultMode=0o640,
+    )
+
+
+class JSONLogService(Service):
+    """Attach a :class:`JSONLinesObserver` on a rotating file while running."""
+
+    def __init__(
+        self,
+        path: Path,
+        max_bytes: int,
+        keep: int,
+        publisher: LogPublisher | None = None,
+    ) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.keep = keep
+        self._publisher = publisher if publisher is not None else globalLogPublisher
+        self._file: LogFile | None = None
+        self._observer: JSONLinesObserver | None = None
+
+    @override
+    def privilegedStartService(self) -> None:
+        # Open while still privileged, so a root-started daemon can log to a
+        # directory its unprivileged user may not create files in.
+        self._file = open_log_file(self.path, self.max_bytes, self.keep)
+        self._observer = JSONLinesObserver(self._file)
+        self._publisher.addObserver(self._observer)
+        super().privilegedStartService()
+
+    @override
+    def startService(self) -> None:
+        if self._file is None:
+            self.privilegedStartService()
+        super().startService()
+
+    @override
+    def stopService(self) -> None:
+        super().stopService()
+        if self._observer is not None:
+            self._publisher.removeObserver(self._observer)
+            self._observer = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,291 @@
+"""The line protocol: framing, handler calls, ordered replies, limits.
+
+The protocol is a translator.  It turns ``dataReceived`` into framer events, hands
+each line to an :class:`~secure_echo.handler.ILineHandler`, and writes the replies,
+in line order, as error replies where a handler failed.
+
+State rules (all of them live in this module):
+
+1. Replies leave in the order the lines arrived.  A FIFO of slots holds lines whose
+   reply is not ready; a reply is written only when every earlier one has been.
+   While the FIFO is empty, a synchronous reply skips it and joins the batch that
+   the transport writes at the end of the read.
+2. A handler that raises, fails, or does not answer within ``handler_timeout``
+   seconds yields ``-ERR handler-failed``/``-ERR handler-timeout`` in its line's
+   place, and a log event.  The connection goes on.
+3. An overlong line yields ``-ERR line-too-long`` in its place; see
+   :mod:`secure_echo.framing`.
+4. Memory is bounded: the framer holds at most ``max_line_length + 1`` bytes, and
+   when ``max_pending`` replies are waiting, reading pauses until the FIFO drains
+   to half of that.  The transport separately pauses reading while the client
+   does not read what we send.
+5. End of input (``readConnectionLost``): a final unterminated line is handled
+   like any other; once every reply is written the protocol closes the connection.
+   Nothing read is left unanswered while the client can still read.
+6. After ``connectionLost`` nothing is written; pending handler Deferreds are
+   cancelled.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Any, Final, cast
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+from typing_extensions import override
+from zope.interface import implementer
+
+from secure_echo.framing import LF, LineFramer, Overlong, terminator_of
+from secure_echo.record import ConnectionRecord
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+
+    from secure_echo.handler import ILineHandler
+
+#: Stable reason tokens of ``-ERR`` replies (docs/protocol.md).
+LINE_TOO_LONG: Final = "line-too-long"
+HANDLER_FAILED: Final = "handler-failed"
+HANDLER_TIMEOUT: Final = "handler-timeout"
+
+
+def error_reply(token: str, text: str, terminator: bytes) -> bytes:
+    """Format an error reply: ``-ERR <token> <text>`` and the line's terminator."""
+    return b"-ERR %s %s%s" % (token.encode("ascii"), text.encode("ascii"), terminator or LF)
+
+
+class _Slot:
+    """A line whose reply is not written yet."""
+
+    __slots__ = ("deferred", "reply")
+
+    def __init__(self, reply: bytes | None, deferred: Deferred[Any] | None = None) -> None:
+        self.reply = reply
+        self.deferred = deferred
+
+
+class LineSettings:
+    """Per-connection limits, shared by every protocol of a factory."""
+
+    __slots__ = ("handler_timeout", "max_line_length", "max_pending")
+
+    def __init__(
+        self,
+        *,
+        max_line_length: int = 65536,
+        max_pending: int = 256,
+        handler_timeout: float = 30.0,
+    ) -> None:
+        self.max_line_length = max_line_length
+        self.max_pending = max_pending
+        self.handler_timeout = handler_timeout
+
+
+@implementer(IHalfCloseableProtocol)
+class LineProtocol(Protocol):
+    """Echo (or whatever the handler says) every line, in order; see module rules."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        handler: ILineHandler,
+        settings: LineSettings,
+        clock: IReactorTime,
+        record: ConnectionRecord,
+    ) -> None:
+        self._handler = handler
+        self._settings = settings
+        self._clock = clock
+        self.record = record
+        self._framer = LineFramer(settings.max_line_length)
+        self._fifo: deque[_Slot] = deque()
+        self._paused = False
+        self._input_ended = False
+        self._lost = False
+        self._line_no = 0
+
+    @override
+    def dataReceived(self, data: bytes) -> None:
+        events = self._framer.feed(data)
+        if events:
+            self._dispatch(events)
+
+    def readConnectionLost(self) -> None:
+        """The client sent all it will send: answer the rest, then close."""
+        self._input_ended = True
+        events = self._framer.end()
+        if events:
+            self._dispatch(events)
+        self._close_if_done()
+
+    def writeConnectionLost(self) -> None:
+        """Not used: the transport never half-closes our side."""
+
+    @override
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._lost = True
+        fifo = self._fifo
+        self._fifo = deque()
+        for slot in fifo:
+            if slot.deferred is not None:
+                slot.deferred.cancel()
+
+    # -- the per-line path ------------------------------------------------------
+
+    def _dispatch(self, events: list[bytes | Overlong]) -> None:
+        """Turn events into replies; write the ready ones (state rule 1)."""
+        handle = self._handler.handle_line
+        fifo = self._fifo
+        record = self.record
+        batch: list[bytes] = []
+        for event in events:
+            self._line_no += 1
+            record.lines_in += 1
+            if type(event) is bytes:
+                try:
+                    result = handle(event)
+                except Exception:
+                    reply: bytes = self._handler_failed(event, Failure())
+                else:
+                    if type(result) is bytes:
+                        reply = result
+                    elif isinstance(result, Deferred):
+                        fifo.append(self._await(event, result))
+                        continue
+                    else:
+                        reply = self._handler_failed(
+                            event,
+                            Failure(TypeError(f"handler returned {type(result).__name__}")),
+                        )
+            else:
+                overlong = cast("Overlong", event)
+                record.overlong_lines += 1
+                self.log.info(
+                    "line {line_no} on connection {conn_id} exceeded {limit} bytes",
+                    event="line_too_long",
+                    conn_id=record.conn_id,
+                    line_no=self._line_no,
+                    length=overlong.length,
+                    limit=self._settings.max_line_length,
+                )
+                reply = error_reply(
+                    LINE_TOO_LONG,
+                    f"line exceeds {self._settings.max_line_length} bytes",
+                    overlong.terminator,
+                )
+            if fifo:
+                fifo.append(_Slot(reply))
+            else:
+                batch.append(reply)
+        if batch:
+            record.lines_out += len(batch)
+            self._write(batch)
+        if len(fifo) >= self._settings.max_pending and not self._paused:
+            self._paused = True
+            cast("Any", self.transport).pauseProducing()
+
+    def _await(self, line: bytes, deferred: Deferred[bytes]) -> _Slot:
+        """Put a Deferred reply in the FIFO, with its timeout and error handling."""
+        slot = _Slot(None, deferred)
+        line_no = self._line_no
+        deferred.addTimeout(self._settings.handler_timeout, self._clock)
+
+        def done(result: object) -> None:
+            slot.deferred = None
+            if self._lost:
+                return
+            if isinstance(result, Failure):
+                slot.reply = self._handler_failed(line, result, line_no)
+            elif type(result) is bytes:
+                slot.reply = result
+            else:
+                slot.reply = self._handler_failed(
+                    line,
+                    Failure(TypeError(f"handler returned {type(result).__name__}")),
+                    line_no,
+                )
+            self._flush_ready()
+
+        deferred.addBoth(done)
+        return slot
+
+    def _flush_ready(self) -> None:
+        """Write every reply at the head of the FIFO that is ready (state rule 1)."""
+        fifo = self._fifo
+        batch: list[bytes] = []
+        while fifo and fifo[0].reply is not None:
+            batch.append(cast("bytes", fifo.popleft().reply))
+        if batch:
+            self.record.lines_out += len(batch)
+            self._write(batch)
+        if self._paused and len(fifo) <= self._settings.max_pending // 2:
+            self._paused = False
+            cast("Any", self.transport).resumeProducing()
+        self._close_if_done()
+
+    def _handler_failed(self, line: bytes, failure: Failure, line_no: int | None = None) -> bytes:
+        """Log a handler failure and return the error reply for its line."""
+        record = self.record
+        record.handler_errors += 1
+        terminator = terminator_of(line)
+        number = self._line_no if line_no is None else line_no
+        if failure.check(TimeoutError, CancelledError):
+            self.log.warn(
+                "handler for line {line_no} on connection {conn_id} timed out after {timeout} s",
+                event="handler_timeout",
+                conn_id=record.conn_id,
+                line_no=number,
+                timeout=self._settings.handler_timeout,
+            )
+            return error_reply(
+                HANDLER_TIMEOUT,
+                f"no reply within {self._settings.handler_timeout:g} s",
+                terminator,
+            )
+        self.log.failure(
+            "handler failed for line {line_no} on connection {conn_id}",
+            failure,
+            LogLevel.error,
+            event="handler_failed",
+            conn_id=record.conn_id,
+            line_no=number,
+            error=failure.getErrorMessage(),
+            error_type=failure.type.__name__ if failure.type else None,
+        )
+        return error_reply(HANDLER_FAILED, "the line handler failed", terminator)
+
+    def _write(self, batch: list[bytes]) -> None:
+        transport = self.transport
+        if transport is None or self._lost:
+            return
+        if len(batch) == 1:
+            transport.write(batch[0])
+        else:
+            transport.write(b"".join(batch))
+
+    def _close_if_done(self) -> None:
+        """State rule 5: close once input ended and every reply went out."""
+        if self._input_ended and not self._fifo and not self._lost:
+            transport = self.transport
+            if transport is not None:
+                transport.loseConnection()
+
+
+class LineFactory:
+    """Builds :class:`LineProtocol`\\ s for the TLS transport."""
+
+    def __init__(
+        self, handler: ILineHandler, settings: LineSettings, clock: IReactorTime
+    ) -> None:
+        self.handler = handler
+        self.settings = settings
+        self.clock = clock
+
+    def build(self, record: ConnectionRecord) -> LineProtocol:
+        """Make the protocol for one connection."""
+        return LineProtocol(self.handler, self.settings, self.clock, record)

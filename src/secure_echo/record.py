@@ -1,0 +1,111 @@
+"""What is known about one connection, logged once as ``connection_closed``.
+
+The TLS transport creates the record at accept, fills in the TLS facts at the end
+of the handshake and the close reason at the end; the line protocol counts lines.
+docs/logging.md lists every field; keep the two in step.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+
+class CloseReason(StrEnum):
+    """Why a connection ended (the ``close_reason`` field; a stable enum)."""
+
+    #: The client sent close_notify; every reply was written, then the server closed.
+    EOF = "eof"
+    #: The client's TCP stream ended (FIN) without a TLS close_notify; every reply
+    #: was still written while the client could read.
+    CLIENT_CLOSED = "client_closed"
+    #: The TCP connection broke (reset, or an error) before an orderly close.
+    CONNECTION_LOST = "connection_lost"
+    #: The TLS handshake failed (protocol or cipher mismatch, a refused client
+    #: certificate, ...); ``tls_error`` says why.
+    HANDSHAKE_FAILED = "handshake_failed"
+    #: The handshake did not complete within the handshake timeout.
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    #: The first bytes were not a TLS record; the client got a plaintext hint.
+    PLAINTEXT_CLIENT = "plaintext_client"
+    #: A TLS error after the handshake (a corrupt record, an unexpected message).
+    TLS_ERROR = "tls_error"
+    #: The server is shutting down.
+    SERVER_SHUTDOWN = "server_shutdown"
+
+
+class ConnectionRecord:
+    """Mutable facts about one connection; plain attributes for a cheap hot path."""
+
+    __slots__ = (
+        "alpn",
+        "bytes_in",
+        "bytes_out",
+        "cipher",
+        "client_cert_sha256",
+        "client_cert_subject",
+        "close_reason",
+        "conn_id",
+        "group",
+        "handshake_ms",
+        "lines_in",
+        "lines_out",
+        "local",
+        "overlong_lines",
+        "handler_errors",
+        "peer",
+        "resumed",
+        "sni",
+        "started",
+        "tls_error",
+        "tls_version",
+    )
+
+    def __init__(self, conn_id: int, peer: str, local: str, started: float) -> None:
+        self.conn_id = conn_id
+        self.peer = peer
+        self.local = local
+        self.started = started
+        self.tls_version: str | None = None
+        self.cipher: str | None = None
+        self.group: str | None = None
+        self.sni: str | None = None
+        self.alpn: str | None = None
+        self.resumed: bool | None = None
+        self.client_cert_subject: str | None = None
+        self.client_cert_sha256: str | None = None
+        self.handshake_ms: float | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.lines_in = 0
+        self.lines_out = 0
+        self.overlong_lines = 0
+        self.handler_errors = 0
+        self.close_reason: CloseReason | None = None
+        self.tls_error: str | None = None
+
+    def close_fields(self, now: float) -> dict[str, Any]:
+        """The fields of the ``connection_closed`` event."""
+        return {
+            "conn_id": self.conn_id,
+            "peer": self.peer,
+            "local": self.local,
+            "tls_version": self.tls_version,
+            "cipher": self.cipher,
+            "group": self.group,
+            "sni": self.sni,
+            "alpn": self.alpn,
+            "resumed": self.resumed,
+            "client_cert_subject": self.client_cert_subject,
+            "client_cert_sha256": self.client_cert_sha256,
+            "handshake_ms": self.handshake_ms,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "lines_in": self.lines_in,
+            "lines_out": self.lines_out,
+            "overlong_lines": self.overlong_lines,
+            "handler_errors": self.handler_errors,
+            "duration_s": round(now - self.started, 6),
+            "close_reason": str(self.close_reason or CloseReason.CONNECTION_LOST),
+            "tls_error": self.tls_error,
+        }

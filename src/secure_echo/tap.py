@@ -1,0 +1,152 @@
+"""``twistd secure-echo``: the options and the service maker.
+
+``Options`` is :class:`secure_echo.config.Options` with one change for twistd: a
+usage error is printed as a single line and the process exits, instead of twistd
+printing its whole help page above it.  ``makeService`` only builds services; the
+reactor is passed in (or imported when called), never at module level.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python import usage
+from typing_extensions import override
+
+from secure_echo import config as _config
+from secure_echo.devcerts import client_command
+from secure_echo.handler import EchoHandler
+from secure_echo.logs import JSONLogService
+from secure_echo.protocol import LineFactory, LineSettings
+from secure_echo.record import CloseReason
+from secure_echo.service import ListeningService
+from secure_echo.transport import TLSServerFactory
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+#: Seconds to wait at shutdown for connections to finish closing before aborting.
+SHUTDOWN_GRACE = 5.0
+
+
+class Options(_config.Options):
+    """Twistd's view of :class:`secure_echo.config.Options`: one-line errors."""
+
+    @override
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as error:
+            _config.one_line_exit(error)
+
+
+class TLSService(Service):
+    """Owns the TLS context and the open connections; closes them at shutdown."""
+
+    log = Logger()
+
+    def __init__(self, cfg: _config.Config, factory: TLSServerFactory, clock: Any) -> None:
+        self._config = cfg
+        self._factory = factory
+        self._clock = clock
+
+    @override
+    def startService(self) -> None:
+        super().startService()
+        loaded = self._config.tls
+        if self._config.dev_certs is not None:
+            self.log.warn(
+                "using a development certificate made for localhost; clients must trust "
+                "{ca_cert}. Give --cert and --key for anything else",
+                event="dev_certificate",
+                ca_cert=str(self._config.dev_certs.ca_cert),
+                cert=str(self._config.dev_certs.server_cert),
+                created=self._config.dev_certs.created,
+            )
+        self.log.info(
+            "TLS context loaded ({profile}): {subject}, valid until {not_after}",
+            event="tls_context_loaded",
+            profile=str(loaded.settings.profile),
+            subject=loaded.subject,
+            not_after=loaded.not_after.isoformat(),
+            cert=str(loaded.settings.cert),
+            client_ca=str(loaded.settings.client_ca) if loaded.settings.client_ca else None,
+            client_auth=str(loaded.settings.client_auth),
+        )
+
+    @override
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        connections = list(self._factory.connections)
+        for connection in connections:
+            connection.close(CloseReason.SERVER_SHUTDOWN)
+        if not self._factory.connections:
+            return defer.succeed(None)
+        done: defer.Deferred[None] = defer.Deferred()
+
+        def check() -> None:
+            if not self._factory.connections:
+                if not done.called:
+                    done.callback(None)
+                return
+            self._clock.callLater(0.05, check)
+
+        def give_up() -> None:
+            for connection in list(self._factory.connections):
+                connection.abortConnection()
+
+        self._clock.callLater(SHUTDOWN_GRACE, give_up)
+        check()
+        return done
+
+
+def print_dev_banner(cfg: _config.Config) -> None:
+    """Tell a first-time user where the CA is and how to connect."""
+    dev = cfg.dev_certs
+    if dev is None:
+        return
+    listen = cfg.listens[0].description
+    port = 8443
+    parts = listen.split(":")
+    if cfg.listens[0].kind in {"tcp", "tcp6"} and len(parts) > 1 and parts[1].isdigit():
+        port = int(parts[1])
+    sys.stdout.write(
+        "secure-echo: using a development certificate for localhost "
+        f"({'created' if dev.created else 'reused'}).\n"
+        f"secure-echo: CA certificate: {dev.ca_cert}\n"
+        "secure-echo: connect with:\n"
+        f"{client_command(dev.ca_cert, '127.0.0.1', port)}\n"
+    )
+    sys.stdout.flush()
+
+
+def makeService(options: _config.Options, reactor: Any = None) -> MultiService:
+    """Build the daemon's services from validated options."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor  # noqa: PLC0415
+
+        reactor = default_reactor
+    cfg = options.config
+    top = MultiService()
+    if cfg.log_file is not None:
+        JSONLogService(cfg.log_file, cfg.log_max_bytes, cfg.log_keep).setServiceParent(top)
+    contexts = cfg.contexts
+    settings = LineSettings(
+        max_line_length=cfg.max_line_length,
+        max_pending=cfg.max_pending,
+        handler_timeout=cfg.handler_timeout,
+    )
+    factory = TLSServerFactory(
+        contexts,
+        LineFactory(EchoHandler(), settings, reactor),
+        reactor,
+        handshake_timeout=cfg.handshake_timeout,
+    )
+    TLSService(cfg, factory, reactor).setServiceParent(top)
+    ListeningService(reactor, cfg.listens, factory).setServiceParent(top)
+    print_dev_banner(cfg)
+    return top

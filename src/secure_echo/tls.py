@@ -1,0 +1,329 @@
+"""TLS policy, certificate validation and the swappable server context.
+
+Policy (Mozilla server-side TLS v6.0):
+
+* ``intermediate`` (default): TLS 1.2 and 1.3.  For TLS 1.2 only the six ECDHE AEAD
+  suites (forward secrecy, no CBC, no static RSA); the three TLS 1.3 suites.
+* ``modern``: TLS 1.3 only.
+* Both: key-exchange groups X25519MLKEM768, X25519, P-256, P-384; no compression;
+  renegotiation refused explicitly (``OP_NO_RENEGOTIATION``, not OpenSSL's default);
+  no ALPN select callback, so a client offering ALPN (h2, http/1.1) completes the
+  handshake without a protocol being selected.
+
+Validation happens before any context is built: every problem becomes a
+:class:`TLSConfigError` whose message names the option, the problem and the fix, so
+start-up (and, later, reload) can refuse a bad set as a whole.
+
+:class:`ContextHolder` is what the transport asks for a context at each accept, so a
+reload (swapping in a new, validated context) touches new connections only.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from OpenSSL import SSL
+from OpenSSL.crypto import X509
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+
+_SUPPORTED_KEYS = (
+    rsa.RSAPrivateKey,
+    ec.EllipticCurvePrivateKey,
+    ed25519.Ed25519PrivateKey,
+    ed448.Ed448PrivateKey,
+)
+
+
+class TLSProfile(StrEnum):
+    """The named TLS policies."""
+
+    INTERMEDIATE = "intermediate"
+    MODERN = "modern"
+
+
+class ClientAuth(StrEnum):
+    """Whether clients must present a certificate."""
+
+    NONE = "none"
+    OPTIONAL = "optional"
+    REQUIRED = "required"
+
+
+#: TLS 1.2 suites of the intermediate profile: ECDHE + AEAD only.
+TLS12_CIPHERS: Final = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "ECDHE-RSA-CHACHA20-POLY1305",
+)
+#: TLS 1.3 suites of both profiles.
+TLS13_CIPHERS: Final = (
+    "TLS_AES_128_GCM_SHA256",
+    "TLS_AES_256_GCM_SHA384",
+    "TLS_CHACHA20_POLY1305_SHA256",
+)
+#: Key-exchange groups, most preferred first.
+GROUPS: Final = ("X25519MLKEM768", "X25519", "P-256", "P-384")
+
+#: A cipher list that matches nothing: TLS 1.2 is off in the modern profile anyway,
+#: this keeps a TLS 1.2 suite from ever being chosen should the version floor move.
+_NO_TLS12_CIPHERS: Final = "aNULL:!aNULL"
+
+
+class TLSConfigError(Exception):
+    """A TLS option is unusable; ``str()`` is one line: option, problem, fix."""
+
+    def __init__(self, option: str, problem: str, fix: str) -> None:
+        super().__init__(f"{option}: {problem}; {fix}")
+        self.option = option
+        self.problem = problem
+        self.fix = fix
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    """What the operator asked for."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+    client_auth: ClientAuth = ClientAuth.NONE
+    profile: TLSProfile = TLSProfile.INTERMEDIATE
+
+
+@dataclass(frozen=True)
+class LoadedTLS:
+    """A validated set of TLS material, ready to become a context."""
+
+    settings: TLSSettings
+    chain: tuple[x509.Certificate, ...]
+    key_pem: bytes
+    client_cas: tuple[x509.Certificate, ...] = field(default=())
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        """The server certificate (first in the chain file)."""
+        return self.chain[0]
+
+    @property
+    def subject(self) -> str:
+        """The server certificate's subject, RFC 4514."""
+        return self.leaf.subject.rfc4514_string()
+
+    @property
+    def not_after(self) -> datetime.datetime:
+        """When the server certificate expires (UTC)."""
+        return self.leaf.not_valid_after_utc
+
+
+def _read(path: Path, option: str, what: str) -> bytes:
+    """Read a file, turning every OS error into a one-line TLSConfigError."""
+    fix = f"point {option} at a readable {what}"
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise TLSConfigError(option, f"{path} does not exist", fix) from None
+    except PermissionError:
+        raise TLSConfigError(
+            option,
+            f"cannot read {path}: permission denied (running as uid {os.getuid()})",
+            f"{fix}, or make it readable by this user",
+        ) from None
+    except IsADirectoryError:
+        raise TLSConfigError(option, f"{path} is a directory", fix) from None
+    except OSError as error:
+        raise TLSConfigError(option, f"cannot read {path}: {error.strerror}", fix) from None
+
+
+def _load_certs(path: Path, option: str) -> tuple[x509.Certificate, ...]:
+    data = _read(path, option, "PEM certificate file")
+    try:
+        certs = tuple(x509.load_pem_x509_certificates(data))
+    except ValueError:
+        certs = ()
+    if not certs:
+        raise TLSConfigError(
+            option,
+            f"{path} holds no PEM certificate",
+            f"point {option} at a PEM file starting with -----BEGIN CERTIFICATE-----",
+        )
+    return certs
+
+
+def _check_dates(cert: x509.Certificate, path: Path, option: str, now: datetime.datetime) -> None:
+    if now > cert.not_valid_after_utc:
+        raise TLSConfigError(
+            option,
+            f"certificate in {path} ({cert.subject.rfc4514_string()}) expired on "
+            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}",
+            "renew it (secure-echo-certs init makes a fresh set for testing)",
+        )
+    if now < cert.not_valid_before_utc:
+        raise TLSConfigError(
+            option,
+            f"certificate in {path} is not valid until "
+            f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M:%SZ}",
+            "check this host's clock or the certificate's dates",
+        )
+
+
+def load_and_validate(settings: TLSSettings, now: datetime.datetime | None = None) -> LoadedTLS:
+    """Read and check every file of ``settings``; raise :class:`TLSConfigError`.
+
+    Checks: each file exists and is readable; the chain file holds certificates, the
+    first of which is valid now; the key parses and matches that certificate; the
+    client CA file (if any) holds certificates.  The whole set is checked before
+    anything is built so that a reload can be all or nothing.
+    """
+    when = now or datetime.datetime.now(datetime.UTC)
+    chain = _load_certs(settings.cert, "--cert")
+    _check_dates(chain[0], settings.cert, "--cert", when)
+
+    key_pem = _read(settings.key, "--key", "PEM private key file")
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        raise TLSConfigError(
+            "--key",
+            f"{settings.key} is encrypted with a passphrase",
+            "give an unencrypted key (e.g. openssl pkey -in KEY -out KEY.plain)",
+        ) from None
+    except (ValueError, Exception):
+        raise TLSConfigError(
+            "--key",
+            f"{settings.key} holds no usable PEM private key",
+            "point --key at the PEM private key of the --cert certificate",
+        ) from None
+    if not isinstance(key, _SUPPORTED_KEYS):
+        raise TLSConfigError(
+            "--key",
+            f"{settings.key} holds a {type(key).__name__}, not an RSA, EC or EdDSA key",
+            "use an ECDSA P-256 or RSA key",
+        )
+    if key.public_key() != chain[0].public_key():
+        raise TLSConfigError(
+            "--key",
+            f"{settings.key} does not match the certificate in {settings.cert} "
+            f"({chain[0].subject.rfc4514_string()})",
+            "give the key that was issued with that certificate",
+        )
+
+    client_cas: tuple[x509.Certificate, ...] = ()
+    if settings.client_ca is not None:
+        client_cas = _load_certs(settings.client_ca, "--client-ca")
+    return LoadedTLS(settings, chain, key_pem, client_cas)
+
+
+def set_groups(context: SSL.Context, groups: Sequence[str]) -> None:
+    """Restrict the key-exchange groups of ``context``.
+
+    pyOpenSSL has no public setter; its binding exposes ``SSL_CTX_set1_curves_list``.
+    This is the only use of that private API: if it disappears or refuses the list,
+    start-up fails loudly instead of silently offering OpenSSL's wider default set.
+    """
+    from OpenSSL._util import lib  # noqa: PLC0415 - private API, confined here
+
+    setter = getattr(lib, "SSL_CTX_set1_curves_list", None)
+    if setter is None:  # pragma: no cover - depends on the installed pyOpenSSL
+        msg = "pyOpenSSL no longer exposes SSL_CTX_set1_curves_list; cannot restrict groups"
+        raise RuntimeError(msg)
+    if setter(context._context, ":".join(groups).encode("ascii")) != 1:
+        msg = f"OpenSSL refused the group list {':'.join(groups)}"
+        raise RuntimeError(msg)
+
+
+def verify_error_text(code: int) -> str:
+    """Return OpenSSL's text for an X.509 verification error code."""
+    from OpenSSL._util import ffi, lib  # noqa: PLC0415 - private API, confined here
+
+    text = lib.X509_verify_cert_error_string(code)
+    if text == ffi.NULL:  # pragma: no cover - OpenSSL always returns a string
+        return f"verify error {code}"
+    return str(ffi.string(text).decode("ascii", "replace"))
+
+
+def _verify_callback(
+    connection: SSL.Connection, _cert: object, errno: int, depth: int, ok: int
+) -> bool:
+    """Record why a client certificate was refused; never overrides OpenSSL."""
+    if not ok:
+        data = connection.get_app_data()
+        note = getattr(data, "note_verify_error", None)
+        if note is not None:
+            note(verify_error_text(errno), depth)
+    return bool(ok)
+
+
+def build_context(loaded: LoadedTLS) -> SSL.Context:
+    """Build a server context from validated material, following the policy."""
+    settings = loaded.settings
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    if settings.profile is TLSProfile.MODERN:
+        context.set_min_proto_version(SSL.TLS1_3_VERSION)
+        context.set_cipher_list(_NO_TLS12_CIPHERS.encode("ascii"))
+    else:
+        context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        context.set_cipher_list(":".join(TLS12_CIPHERS).encode("ascii"))
+    context.set_tls13_ciphersuites(":".join(TLS13_CIPHERS).encode("ascii"))
+    set_groups(context, GROUPS)
+    context.set_options(
+        SSL.OP_NO_COMPRESSION
+        | SSL.OP_NO_RENEGOTIATION
+        | SSL.OP_SINGLE_ECDH_USE
+    )
+    context.use_certificate(loaded.leaf)
+    for extra in loaded.chain[1:]:
+        context.add_extra_chain_cert(extra)
+    private_key = serialization.load_pem_private_key(loaded.key_pem, None)
+    assert isinstance(private_key, _SUPPORTED_KEYS)  # checked by load_and_validate
+    context.use_privatekey(private_key)
+    context.check_privatekey()
+    # Session resumption works across the contexts of one process generation.
+    context.set_session_id(b"secure-echo")
+    if settings.client_ca is not None and settings.client_auth is not ClientAuth.NONE:
+        store = context.get_cert_store()
+        assert store is not None  # a fresh context always has a store
+        for ca in loaded.client_cas:
+            store.add_cert(X509.from_cryptography(ca))
+            context.add_client_ca(X509.from_cryptography(ca))
+        mode = SSL.VERIFY_PEER
+        if settings.client_auth is ClientAuth.REQUIRED:
+            mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+        context.set_verify(mode, _verify_callback)  # type: ignore[arg-type]
+    return context
+
+
+def fingerprint_sha256(cert: x509.Certificate) -> str:
+    """Hex SHA-256 of the DER certificate (the usual pinning fingerprint)."""
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+class ContextHolder:
+    """The server context in use for new connections, and what it was built from."""
+
+    def __init__(self, loaded: LoadedTLS) -> None:
+        self.loaded = loaded
+        self.context = build_context(loaded)
+
+    def replace(self, loaded: LoadedTLS) -> None:
+        """Build a context from ``loaded`` and use it for connections from now on.
+
+        Building happens first; if it raises, the current context stays.
+        """
+        context = build_context(loaded)
+        self.loaded = loaded
+        self.context = context

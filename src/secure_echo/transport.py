@@ -1,0 +1,560 @@
+"""TLS server transport: TLS over any stream transport, with nothing lost at close.
+
+A :class:`TLSServerConnection` is the protocol of a plain stream transport (TCP,
+UNIX, systemd-passed sockets: whatever ``--listen`` names) and the transport of the
+application protocol.  It runs a pyOpenSSL ``Connection`` over memory BIOs.
+
+Why not ``TLSMemoryBIOProtocol``: it drops replies to lines that arrive with the
+client's close_notify or FIN, has no handshake timeout, logs no handshake failure,
+defers every write to a ``callLater(0)`` and raises two exceptions per read.  This
+module is small enough to own those decisions.
+
+State rules (everything that changes them lives in this module):
+
+1. Accept: a TLS ``Connection`` is made from the context current *now* (so a
+   reload affects new connections only), TCP_NODELAY is set, and the handshake
+   timer starts.  The application protocol does not exist yet.
+2. First bytes: if the first byte is not a TLS handshake record (0x16) the client
+   gets one plaintext ``-ERR tls-required`` line and the connection closes
+   (``plaintext_client``).
+3. Handshake complete: the timer stops, the TLS facts go into the
+   :class:`~secure_echo.record.ConnectionRecord`, and only now is the application
+   protocol built and connected.  A handshake failure is logged with its reason
+   and the connection closes (``handshake_failed``).
+4. Reads: all application data decrypted from one socket read is handed over in
+   one ``dataReceived`` call; everything the application writes during that call
+   is encrypted and sent as one batch at its end.  Writes made at other times
+   (a handler's Deferred firing) go out at once.
+5. End of input (close_notify, or a TCP FIN without one): the application gets
+   ``readConnectionLost`` *after* every byte before it.  The write side stays open,
+   so every reply still reaches a client that can read; the application calls
+   ``loseConnection`` when it has answered everything.
+6. ``loseConnection``: pending output is encrypted, close_notify is sent, and the
+   stream transport closes once its buffer is written.
+7. Reading is paused while either the application asks (its pending replies are
+   over its bound) or the stream transport's send buffer is full (a client that
+   does not read); see :meth:`_update_reading`.
+8. One ``connection_closed`` event per accepted connection, at the very end.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+from OpenSSL import SSL
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IPushProducer,
+    ITCPTransport,
+    ITransport,
+)
+from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.logger import Logger
+from typing_extensions import override
+from zope.interface import implementer
+
+from secure_echo.record import CloseReason, ConnectionRecord
+from secure_echo.tls import fingerprint_sha256
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, IReactorTime
+    from twisted.python.failure import Failure
+
+    from secure_echo.tls import ContextHolder
+
+#: The first byte of a TLS handshake record.
+_TLS_HANDSHAKE = 0x16
+#: Upper bound on one ``recv`` from the TLS connection (one TLS record is 16 KiB).
+_RECV_SIZE = 65536
+#: Ciphertext overhead allowance per write: record headers, tags, session tickets.
+_BIO_SLACK = 8192
+
+
+class LineAppFactory(Protocol):
+    """What the transport needs from the application side."""
+
+    def build(self, record: ConnectionRecord) -> IProtocol:
+        """Build the application protocol for a connection that completed its handshake."""
+        ...
+
+
+def format_address(address: IAddress) -> str:
+    """Render an address for logs: ``host:port``, ``[v6]:port`` or ``unix:path``."""
+    if isinstance(address, IPv4Address):
+        return f"{address.host}:{address.port}"
+    if isinstance(address, IPv6Address):
+        return f"[{address.host}]:{address.port}"
+    if isinstance(address, UNIXAddress):
+        name = address.name
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "replace")
+        return f"unix:{name or '-'}"
+    return str(address)
+
+
+def ssl_error_text(error: SSL.Error) -> str:
+    """Turn a pyOpenSSL error into a short reason, e.g. ``no shared cipher``."""
+    if isinstance(error, SSL.SysCallError):
+        return "unexpected EOF" if error.args[:1] == (-1,) else f"system error: {error.args}"
+    reasons: list[str] = []
+    for item in error.args[0] if error.args and isinstance(error.args[0], list) else ():
+        if isinstance(item, tuple) and item:
+            reasons.append(str(item[-1]))
+    return "; ".join(reasons) or repr(error)
+
+
+@implementer(IPushProducer)
+class _WriteSide:
+    """Registered with the stream transport: tells us when its send buffer fills."""
+
+    def __init__(self, connection: TLSServerConnection) -> None:
+        self._connection = connection
+
+    def pauseProducing(self) -> None:
+        self._connection._set_write_full(full=True)
+
+    def resumeProducing(self) -> None:
+        self._connection._set_write_full(full=False)
+
+    def stopProducing(self) -> None:
+        """The stream transport is going away; connectionLost follows."""
+
+
+@implementer(IHalfCloseableProtocol, ITransport, IPushProducer)
+class TLSServerConnection(TwistedProtocol):
+    """One TLS connection: protocol of the stream, transport of the application."""
+
+    log = Logger()
+    factory: TLSServerFactory  # type: ignore[assignment]
+
+    def __init__(self, factory: TLSServerFactory, conn_id: int) -> None:
+        self.factory = factory
+        self.conn_id = conn_id
+        self.record: ConnectionRecord
+        self._tls: SSL.Connection
+        self._app: IProtocol | None = None
+        self._handshake_done = False
+        self._first_bytes = True
+        self._in_read = False
+        self._out: list[bytes] = []
+        self._closing = False
+        self._lost = False
+        self._read_ended = False
+        self._peer_finished: CloseReason | None = None
+        self._app_paused = False
+        self._write_full = False
+        self._reading_paused = False
+        self._handshake_timer: IDelayedCall | None = None
+        self._verify_error: str | None = None
+
+    # -- stream side ------------------------------------------------------------
+
+    @override
+    def connectionMade(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        factory = self.factory
+        clock = factory.clock
+        if ITCPTransport.providedBy(transport):
+            try:
+                cast("ITCPTransport", transport).setTcpNoDelay(True)
+            except OSError:  # pragma: no cover - the socket went away already
+                pass
+        self.record = ConnectionRecord(
+            self.conn_id,
+            format_address(transport.getPeer()),
+            format_address(transport.getHost()),
+            clock.seconds(),
+        )
+        self._tls = SSL.Connection(factory.contexts.context, None)
+        self._tls.set_accept_state()
+        self._tls.set_app_data(self)
+        self._handshake_timer = clock.callLater(
+            factory.handshake_timeout, self._handshake_timed_out
+        )
+        cast("Any", transport).registerProducer(_WriteSide(self), True)
+        factory.connection_opened(self)
+
+    @override
+    def dataReceived(self, data: bytes) -> None:
+        if self._lost:
+            return
+        if not self._handshake_done:
+            if self._first_bytes:
+                self._first_bytes = False
+                if data[0] != _TLS_HANDSHAKE:
+                    self._plaintext_client()
+                    return
+            self._tls.bio_write(data)
+            if not self._continue_handshake():
+                return
+        else:
+            self._tls.bio_write(data)
+        self._read_application_data()
+
+    def readConnectionLost(self) -> None:
+        """The client's TCP stream ended (FIN); see state rule 5."""
+        if self._lost or self._closing:
+            return
+        if not self._handshake_done:
+            self._fail_handshake("client closed the connection during the handshake")
+            return
+        if self._peer_finished is None:
+            self._peer_finished = CloseReason.CLIENT_CLOSED
+        self._end_of_input()
+
+    def writeConnectionLost(self) -> None:
+        """Our write side closed; only happens after loseConnection, nothing to do."""
+
+    @override
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if self._lost:  # pragma: no cover - the stream transport calls this once
+            return
+        self._lost = True
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+        record = self.record
+        if record.close_reason is None:
+            if not self._handshake_done:
+                record.close_reason = CloseReason.HANDSHAKE_FAILED
+                record.tls_error = record.tls_error or "connection closed before the handshake"
+            elif self._closing and self._peer_finished is not None:
+                record.close_reason = self._peer_finished
+            else:
+                record.close_reason = CloseReason.CONNECTION_LOST
+        app = self._app
+        self._app = None
+        self._tls.set_app_data(None)
+        try:
+            if app is not None:
+                app.connectionLost(reason)  # type: ignore[arg-type]
+        finally:
+            self.factory.connection_closed(self)
+
+    # -- handshake --------------------------------------------------------------
+
+    def _continue_handshake(self) -> bool:
+        """Advance the handshake; True once it is complete."""
+        try:
+            self._tls.do_handshake()
+        except SSL.WantReadError:
+            self._flush_tls()
+            return False
+        except SSL.Error as error:
+            reason = ssl_error_text(error)
+            if self._verify_error is not None:
+                reason = f"{reason}: {self._verify_error}"
+            self._fail_handshake(reason)
+            return False
+        self._handshake_completed()
+        return True
+
+    def note_verify_error(self, text: str, depth: int) -> None:
+        """Called by the context's verify callback with OpenSSL's reason."""
+        self._verify_error = f"{text} (depth {depth})"
+
+    def _handshake_completed(self) -> None:
+        self._handshake_done = True
+        factory = self.factory
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+        tls = self._tls
+        record = self.record
+        record.handshake_ms = round((factory.clock.seconds() - record.started) * 1000.0, 3)
+        record.tls_version = tls.get_protocol_version_name()
+        record.cipher = tls.get_cipher_name()
+        record.group = tls.get_group_name()
+        sni = tls.get_servername()
+        record.sni = sni.decode("ascii", "replace") if sni else None
+        alpn = tls.get_alpn_proto_negotiated()
+        record.alpn = alpn.decode("ascii", "replace") if alpn else None
+        peer_cert = tls.get_peer_certificate(as_cryptography=True)
+        if peer_cert is not None:
+            record.client_cert_subject = peer_cert.subject.rfc4514_string()
+            record.client_cert_sha256 = fingerprint_sha256(peer_cert)
+        self._flush_tls()
+        app = factory.app_factory.build(record)
+        self._app = app
+        app.makeConnection(self)
+
+    def _fail_handshake(self, reason: str) -> None:
+        record = self.record
+        record.close_reason = CloseReason.HANDSHAKE_FAILED
+        record.tls_error = reason
+        self.factory.log.warn(
+            "TLS handshake with {peer} failed: {reason}",
+            event="handshake_failed",
+            conn_id=self.conn_id,
+            peer=record.peer,
+            reason=reason,
+        )
+        # The alert OpenSSL queued tells the client why; send it before closing.
+        self._flush_tls()
+        self._close_stream()
+
+    def _handshake_timed_out(self) -> None:
+        self._handshake_timer = None
+        record = self.record
+        record.close_reason = CloseReason.HANDSHAKE_TIMEOUT
+        record.tls_error = f"no handshake within {self.factory.handshake_timeout:g} s"
+        self._abort_stream()
+
+    def _plaintext_client(self) -> None:
+        record = self.record
+        record.close_reason = CloseReason.PLAINTEXT_CLIENT
+        transport = self.transport
+        assert transport is not None
+        transport.write(self.factory.plaintext_reply)
+        self._close_stream()
+
+    # -- application data -------------------------------------------------------
+
+    def _read_application_data(self) -> None:
+        tls = self._tls
+        chunks: list[bytes] = []
+        failure: str | None = None
+        finished = False
+        while True:
+            try:
+                chunks.append(tls.recv(_RECV_SIZE))
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                finished = True
+                break
+            except SSL.Error as error:
+                failure = ssl_error_text(error)
+                break
+        app = self._app
+        if chunks and app is not None:
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            self.record.bytes_in += len(data)
+            self._in_read = True
+            try:
+                app.dataReceived(data)
+            finally:
+                self._in_read = False
+                out = self._out
+                if out:
+                    self._out = []
+                    self._encrypt(out[0] if len(out) == 1 else b"".join(out))
+        if failure is not None:
+            self._tls_failed(failure)
+            return
+        if finished:
+            self._peer_finished = CloseReason.EOF
+            self._end_of_input()
+        else:
+            # A renegotiation refusal, a key update or a ticket may be pending.
+            self._flush_tls()
+
+    def _end_of_input(self) -> None:
+        if self._read_ended:
+            return
+        self._read_ended = True
+        app = self._app
+        if app is not None and IHalfCloseableProtocol.providedBy(app):
+            cast("IHalfCloseableProtocol", app).readConnectionLost()
+        else:
+            self.loseConnection()
+
+    def _tls_failed(self, reason: str) -> None:
+        record = self.record
+        record.close_reason = CloseReason.TLS_ERROR
+        record.tls_error = reason
+        self.factory.log.warn(
+            "TLS error from {peer}: {reason}",
+            event="tls_error",
+            conn_id=self.conn_id,
+            peer=record.peer,
+            reason=reason,
+        )
+        self._flush_tls()
+        self._close_stream()
+
+    def _encrypt(self, data: bytes) -> None:
+        """Encrypt ``data`` and hand the records to the stream transport."""
+        self.record.bytes_out += len(data)
+        try:
+            self._tls.sendall(data)
+        except SSL.Error as error:
+            self._tls_failed(ssl_error_text(error))
+            return
+        self._flush_tls(len(data))
+
+    def _flush_tls(self, hint: int = 0) -> None:
+        """Move every pending ciphertext byte from the memory BIO to the stream."""
+        transport = self.transport
+        assert transport is not None
+        tls = self._tls
+        size = hint + (hint >> 6) + _BIO_SLACK
+        while True:
+            try:
+                records = tls.bio_read(size)
+            except SSL.WantReadError:
+                return
+            transport.write(records)
+            if len(records) < size:
+                return
+
+    # -- transport for the application -------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Send ``data``; batched until the end of the current read, if in one."""
+        if self._closing or self._lost or not data:
+            return
+        if self._in_read:
+            self._out.append(data)
+        else:
+            self._encrypt(data)
+
+    def writeSequence(self, data: Any) -> None:
+        """Send the concatenation of ``data``."""
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        """Send pending output and close_notify, then close the stream."""
+        if self._closing or self._lost:
+            return
+        out = self._out
+        if out:
+            self._out = []
+            self._encrypt(b"".join(out))
+        self._closing = True
+        if self._handshake_done:
+            try:
+                self._tls.shutdown()
+            except SSL.Error:
+                pass  # e.g. the client already broke the stream; we close anyway
+            self._flush_tls()
+        self._close_stream()
+
+    def close(self, reason: CloseReason) -> None:
+        """Close with a reason of the server's choosing (if none is set yet)."""
+        if self.record.close_reason is None:
+            self.record.close_reason = reason
+        self.loseConnection()
+
+    def abortConnection(self) -> None:
+        """Drop the connection at once, unsent output included."""
+        self._abort_stream()
+
+    def getPeer(self) -> IAddress:
+        """The client's address."""
+        transport = self.transport
+        assert transport is not None
+        return transport.getPeer()
+
+    def getHost(self) -> IAddress:
+        """Our address."""
+        transport = self.transport
+        assert transport is not None
+        return transport.getHost()
+
+    def getHandle(self) -> SSL.Connection:
+        """The pyOpenSSL connection (for inspection, not for I/O)."""
+        return self._tls
+
+    def pauseProducing(self) -> None:
+        """The application asks us to stop reading."""
+        self._app_paused = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        """The application may read again."""
+        self._app_paused = False
+        self._update_reading()
+
+    def stopProducing(self) -> None:
+        """The application gives up on the connection."""
+        self.abortConnection()
+
+    @property
+    def disconnecting(self) -> bool:
+        """True once a close was asked for."""
+        return self._closing
+
+    # -- internals -----------------------------------------------------------------
+
+    def _set_write_full(self, *, full: bool) -> None:
+        self._write_full = full
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Read while nobody objects: state rule 7."""
+        if self._lost:
+            return
+        want_paused = self._app_paused or self._write_full
+        if want_paused == self._reading_paused:
+            return
+        self._reading_paused = want_paused
+        transport = cast("Any", self.transport)
+        if want_paused:
+            transport.pauseProducing()
+        else:
+            transport.resumeProducing()
+
+    def _close_stream(self) -> None:
+        self._closing = True
+        transport = cast("Any", self.transport)
+        transport.unregisterProducer()
+        transport.loseConnection()
+
+    def _abort_stream(self) -> None:
+        self._closing = True
+        transport = cast("Any", self.transport)
+        transport.unregisterProducer()
+        transport.abortConnection()
+
+
+class TLSServerFactory(Factory):
+    """Builds :class:`TLSServerConnection`\\ s and logs each one's end.
+
+    ``contexts`` is asked for its current context at every accept.  ``connections``
+    holds the open connections (for drain and limits).
+    """
+
+    log = Logger()
+    noisy = False
+
+    def __init__(
+        self,
+        contexts: ContextHolder,
+        app_factory: LineAppFactory,
+        clock: IReactorTime,
+        *,
+        handshake_timeout: float = 10.0,
+        plaintext_hint: str = "secure-echo-client HOST:PORT --ca CA.pem",
+    ) -> None:
+        self.contexts = contexts
+        self.app_factory = app_factory
+        self.clock = clock
+        self.handshake_timeout = handshake_timeout
+        self.plaintext_reply = (
+            f"-ERR tls-required this port speaks TLS; try: {plaintext_hint}\n".encode()
+        )
+        self.connections: set[TLSServerConnection] = set()
+        self._ids = itertools.count(1)
+
+    @override
+    def buildProtocol(self, addr: IAddress) -> TLSServerConnection:
+        return TLSServerConnection(self, next(self._ids))
+
+    def connection_opened(self, connection: TLSServerConnection) -> None:
+        """Track an accepted connection."""
+        self.connections.add(connection)
+
+    def connection_closed(self, connection: TLSServerConnection) -> None:
+        """Forget a connection and log its ``connection_closed`` record."""
+        self.connections.discard(connection)
+        fields = connection.record.close_fields(self.clock.seconds())
+        self.log.info(
+            "connection {conn_id} from {peer} closed: {close_reason}",
+            event="connection_closed",
+            **fields,
+        )
