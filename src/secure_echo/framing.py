@@ -134,6 +134,10 @@ class LineFramer:
         if self._pending:
             line = b"".join(self._pending)
             self._reset()
+            # Up to limit + 1 bytes are held in case the last is a CR; with no
+            # terminator coming, all of them are content.
+            if len(line) > self._limit:
+                return [Overlong(len(line), b"")]
             return [line]
         return []
 
@@ -146,6 +150,10 @@ class LineFramer:
 
     def _hold(self, piece: bytes) -> None:
         """Keep (or discard) a piece of an unterminated line; ``piece`` has no LF."""
+        if not piece:
+            # feed(b""): holding it would make end() report an empty final line,
+            # and while discarding it would forget a trailing CR.
+            return
         if self._discarding:
             self._discarded += len(piece)
             self._discard_last = piece[-1:]

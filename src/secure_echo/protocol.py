@@ -108,6 +108,10 @@ class LineProtocol(Protocol):
         self._input_ended = False
         self._lost = False
         self._line_no = 0
+        # True while _dispatch runs: a Deferred that fires meanwhile (one returned
+        # already fired, or fired by a later handler call) only marks its slot
+        # ready, and _dispatch writes it after the batch that precedes it.
+        self._dispatching = False
 
     @override
     def dataReceived(self, data: bytes) -> None:
@@ -139,10 +143,29 @@ class LineProtocol(Protocol):
 
     def _dispatch(self, events: list[bytes | Overlong]) -> None:
         """Turn events into replies; write the ready ones (state rule 1)."""
-        handle = self._handler.handle_line
         fifo = self._fifo
         record = self.record
         batch: list[bytes] = []
+        self._dispatching = True
+        try:
+            self._dispatch_events(events, batch)
+        finally:
+            self._dispatching = False
+        # Slots whose Deferred fired during the loop follow the batch in line order.
+        while fifo and fifo[0].reply is not None:
+            batch.append(cast("bytes", fifo.popleft().reply))
+        if batch:
+            record.lines_out += len(batch)
+            self._write(batch)
+        if len(fifo) >= self._settings.max_pending and not self._paused:
+            self._paused = True
+            cast("Any", self.transport).pauseProducing()
+
+    def _dispatch_events(self, events: list[bytes | Overlong], batch: list[bytes]) -> None:
+        """Call the handler for each event; ready replies go to ``batch`` or the FIFO."""
+        handle = self._handler.handle_line
+        fifo = self._fifo
+        record = self.record
         for event in events:
             self._line_no += 1
             record.lines_in += 1
@@ -182,12 +205,6 @@ class LineProtocol(Protocol):
                 fifo.append(_Slot(reply))
             else:
                 batch.append(reply)
-        if batch:
-            record.lines_out += len(batch)
-            self._write(batch)
-        if len(fifo) >= self._settings.max_pending and not self._paused:
-            self._paused = True
-            cast("Any", self.transport).pauseProducing()
 
     def _await(self, line: bytes, deferred: Deferred[bytes]) -> _Slot:
         """Put a Deferred reply in the FIFO, with its timeout and error handling."""
@@ -209,7 +226,8 @@ class LineProtocol(Protocol):
                     Failure(TypeError(f"handler returned {type(result).__name__}")),
                     line_no,
                 )
-            self._flush_ready()
+            if not self._dispatching:
+                self._flush_ready()
 
         deferred.addBoth(done)
         return slot
