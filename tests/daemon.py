@@ -80,9 +80,8 @@ def _source_roots() -> list[str]:
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Return this process's environment with ``PYTHONPATH`` made usable by a child.
 
-    The inherited entries are kept (made absolute where they are relative to a
-    directory this process has since left would be guesswork, so they stay as they
-    are) after the absolute source directories from :func:`_source_roots`.
+    The absolute directories from :func:`_source_roots` come first; the inherited
+    entries follow unchanged.
     """
     env = dict(os.environ)
     inherited = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]

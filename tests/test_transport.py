@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from typing import Any
 
@@ -45,7 +46,9 @@ class TransportTestsMixin:
     def set_up(self, case: SynchronousTestCase) -> None:
         self.pki = make_pki(case.mktemp())
         self.clock = Clock()
-        self.events = EventLoggingObserver.createWithCleanup(case, globalLogPublisher)
+        self.events = EventLoggingObserver()
+        globalLogPublisher.addObserver(self.events)
+        case.addCleanup(globalLogPublisher.removeObserver, self.events)
 
     def named(self, name: str) -> list[dict[str, Any]]:
         return [dict(e) for e in self.events if e.get("event") == name]
@@ -98,10 +101,8 @@ class EchoOverTLSTests(TransportTestsMixin, SynchronousTestCase):
         """Lines that arrive in the same chunk as close_notify are all answered."""
         self.pair.handshake()
         self.pair.send(b"a\nb\r\nc\nfinal without newline")
-        try:
+        with contextlib.suppress(ssl.SSLWantReadError):
             self.pair.client.unwrap()
-        except ssl.SSLWantReadError:
-            pass
         # Lines and close_notify reach the server in one dataReceived.
         self.pair.to_server()
         self.assertTrue(self.pair.transport.disconnecting)
@@ -161,7 +162,7 @@ class EchoOverTLSTests(TransportTestsMixin, SynchronousTestCase):
         self.assertEqual(pair.received, b"later\n")
 
     def test_server_close_sends_close_notify(self) -> None:
-        """loseConnection sends close_notify before closing the stream."""
+        """LoseConnection sends close_notify before closing the stream."""
         self.pair.handshake()
         self.pair.server.loseConnection()
         self.pair.to_client()
@@ -253,10 +254,8 @@ class HandshakeTests(TransportTestsMixin, SynchronousTestCase):
     def test_half_client_hello_times_out(self) -> None:
         """Half a ClientHello does not stop the handshake timer."""
         pair = TLSPair(self.factory, client_context(self.pki))
-        try:
+        with contextlib.suppress(ssl.SSLWantReadError):
             pair.client.do_handshake()
-        except ssl.SSLWantReadError:
-            pass
         hello = pair.outgoing.read()
         pair.server.dataReceived(hello[: len(hello) // 2])
         self.clock.advance(5.1)
@@ -446,7 +445,7 @@ class HelperTests(SynchronousTestCase):
         self.assertEqual(format_address(UNIXAddress(None)), "unix:-")
 
     def test_ssl_error_text(self) -> None:
-        """pyOpenSSL errors become their reason strings."""
+        """PyOpenSSL errors become their reason strings."""
         from OpenSSL import SSL  # noqa: PLC0415
 
         error = SSL.Error([("SSL routines", "", "no shared cipher")])

@@ -12,17 +12,18 @@ from typing import TYPE_CHECKING
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
-from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from secure_echo.handler import EchoHandler, ILineHandler
 from secure_echo.protocol import LineFactory, LineSettings
 from secure_echo.tls import ContextHolder, TLSSettings, load_and_validate
-from secure_echo.transport import TLSServerConnection, TLSServerFactory
+from secure_echo.transport import TLSServerFactory
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    from twisted.internet.task import Clock
 
     from tests.helpers import PKI
 
@@ -154,7 +155,9 @@ class TLSPair:
         self.server.connectionLost(reason or Failure(ConnectionDone()))
 
 
-def client_context(pki: PKI, *, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+def client_context(
+    pki: PKI, *, cert: Path | None = None, key: Path | None = None
+) -> ssl.SSLContext:
     """A verifying stdlib client context trusting ``pki``'s CA."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca_cert))
     if cert is not None:

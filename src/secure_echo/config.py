@@ -21,7 +21,14 @@ from twisted.python import usage
 from typing_extensions import override
 
 from secure_echo import devcerts
-from secure_echo.tls import ClientAuth, ContextHolder, LoadedTLS, TLSConfigError, TLSProfile, TLSSettings
+from secure_echo.tls import (
+    ClientAuth,
+    ContextHolder,
+    LoadedTLS,
+    TLSConfigError,
+    TLSProfile,
+    TLSSettings,
+)
 from secure_echo.tls import load_and_validate as load_tls
 
 if TYPE_CHECKING:

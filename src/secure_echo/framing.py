@@ -116,7 +116,9 @@ class LineFramer:
             line = data[start:end]
             # A content of up to limit bytes plus "\r\n" is at most limit + 2 long.
             if end - start > limit + 1 and self._content_length(end - start, line) > limit:
-                events.append(Overlong(self._content_length(end - start, line), terminator_of(line)))
+                events.append(
+                    Overlong(self._content_length(end - start, line), terminator_of(line))
+                )
             else:
                 events.append(line)
             start = end

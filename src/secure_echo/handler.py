@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 class ILineHandler(Interface):
     """Turns a received line into its reply."""
 
-    def handle_line(line: bytes) -> bytes | Deferred[bytes]:  # type: ignore[misc]  # noqa: N805
+    def handle_line(line: bytes) -> bytes | Deferred[bytes]:  # noqa: N805
         """Return the reply to ``line`` (terminator included), or a Deferred of it."""
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import datetime
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from twisted.application.service import Service
@@ -35,6 +34,8 @@ from typing_extensions import override
 from zope.interface import implementer
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from twisted.logger import LogPublisher
 
 #: The ``event`` value given to records that do not name one (Twisted's own).
@@ -89,6 +90,7 @@ class JSONLinesObserver:
         self._stream = stream
 
     def __call__(self, event: LogEvent) -> None:
+        """Write ``event`` as one line."""
         line = json.dumps(event_as_record(event), default=_default, ensure_ascii=False)
         self._stream.write(line + "\n")
         self._stream.flush()

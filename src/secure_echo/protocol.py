@@ -40,12 +40,12 @@ from typing_extensions import override
 from zope.interface import implementer
 
 from secure_echo.framing import LF, LineFramer, Overlong, terminator_of
-from secure_echo.record import ConnectionRecord
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
     from secure_echo.handler import ILineHandler
+    from secure_echo.record import ConnectionRecord
 
 #: Stable reason tokens of ``-ERR`` replies (docs/protocol.md).
 LINE_TOO_LONG: Final = "line-too-long"
@@ -297,9 +297,7 @@ class LineProtocol(Protocol):
 class LineFactory:
     """Builds :class:`LineProtocol`\\ s for the TLS transport."""
 
-    def __init__(
-        self, handler: ILineHandler, settings: LineSettings, clock: IReactorTime
-    ) -> None:
+    def __init__(self, handler: ILineHandler, settings: LineSettings, clock: IReactorTime) -> None:
         self.handler = handler
         self.settings = settings
         self.clock = clock

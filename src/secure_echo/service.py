@@ -61,7 +61,9 @@ class ListeningService(Service):
 
     log = Logger()
 
-    def __init__(self, reactor: Any, listens: tuple[Listen, ...], factory: IProtocolFactory) -> None:
+    def __init__(
+        self, reactor: Any, listens: tuple[Listen, ...], factory: IProtocolFactory
+    ) -> None:
         self._reactor = reactor
         self._listens = listens
         self._factory = factory
@@ -114,9 +116,9 @@ class ListeningService(Service):
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         ports, self.ports = self.ports, []
-        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports]).addCallback(
-            lambda _: None
-        )
+        return defer.gatherResults(
+            [defer.maybeDeferred(p.stopListening) for p in ports]
+        ).addCallback(lambda _: None)
 
 
 __all__ = ["CannotListenError", "ListenError", "ListeningService", "describe_listen_failure"]

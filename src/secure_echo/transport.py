@@ -39,6 +39,7 @@ State rules (everything that changes them lives in this module):
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -87,9 +88,8 @@ def format_address(address: IAddress) -> str:
     if isinstance(address, IPv6Address):
         return f"[{address.host}]:{address.port}"
     if isinstance(address, UNIXAddress):
-        name = address.name
-        if isinstance(name, bytes):
-            name = name.decode("utf-8", "replace")
+        raw = address.name
+        name = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
         return f"unix:{name or '-'}"
     return str(address)
 
@@ -98,10 +98,8 @@ def ssl_error_text(error: SSL.Error) -> str:
     """Turn a pyOpenSSL error into a short reason, e.g. ``no shared cipher``."""
     if isinstance(error, SSL.SysCallError):
         return "unexpected EOF" if error.args[:1] == (-1,) else f"system error: {error.args}"
-    reasons: list[str] = []
-    for item in error.args[0] if error.args and isinstance(error.args[0], list) else ():
-        if isinstance(item, tuple) and item:
-            reasons.append(str(item[-1]))
+    items = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    reasons = [str(item[-1]) for item in items if isinstance(item, tuple) and item]
     return "; ".join(reasons) or repr(error)
 
 
@@ -127,7 +125,7 @@ class TLSServerConnection(TwistedProtocol):
     """One TLS connection: protocol of the stream, transport of the application."""
 
     log = Logger()
-    factory: TLSServerFactory  # type: ignore[assignment]
+    factory: TLSServerFactory
 
     def __init__(self, factory: TLSServerFactory, conn_id: int) -> None:
         self.factory = factory
@@ -161,10 +159,9 @@ class TLSServerConnection(TwistedProtocol):
         # ~40 ms behind the session tickets.  UNIX sockets have no such option.
         set_no_delay = getattr(transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
-            try:
+            # The socket may already be gone; connectionLost follows then.
+            with contextlib.suppress(OSError):
                 set_no_delay(True)
-            except OSError:  # pragma: no cover - the socket went away already
-                pass
         self.record = ConnectionRecord(
             self.conn_id,
             format_address(transport.getPeer()),
@@ -429,10 +426,9 @@ class TLSServerConnection(TwistedProtocol):
             self._encrypt(b"".join(out))
         self._closing = True
         if self._handshake_done:
-            try:
+            # The client may already have broken the stream; we close anyway.
+            with contextlib.suppress(SSL.Error):
                 self._tls.shutdown()
-            except SSL.Error:
-                pass  # e.g. the client already broke the stream; we close anyway
             self._flush_tls()
         self._close_stream()
 
@@ -544,7 +540,7 @@ class TLSServerFactory(Factory):
         self._ids = itertools.count(1)
 
     @override
-    def buildProtocol(self, addr: IAddress) -> TLSServerConnection:
+    def buildProtocol(self, addr: IAddress | None) -> TLSServerConnection:  # type: ignore[override]
         return TLSServerConnection(self, next(self._ids))
 
     def connection_opened(self, connection: TLSServerConnection) -> None:

@@ -1,0 +1,828 @@
+"""Tests for :mod:`secure_echo.client`, the ``secure-echo-client`` command.
+
+Pure parts (address parsing, error wording, line accounting, option checks) are called
+directly.  End-to-end behaviour runs the client as a subprocess against
+``tests/ssl_echo_peer.py``, a small stdlib TLS echo server, also a subprocess.  Every
+subprocess wait has a timeout and every process is stopped by a cleanup.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import selectors
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from cryptography.hazmat.primitives import serialization
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from secure_echo import certgen
+from secure_echo.client import (
+    CHUNK,
+    EXIT_CONNECTION,
+    EXIT_OK,
+    EXIT_USAGE,
+    EXIT_WRONG_REPLY,
+    MAX_IN_FLIGHT,
+    Address,
+    LineLedger,
+    UsageError,
+    build_context,
+    describe_error,
+    main,
+    one_line,
+    parse_address,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+PEER_SCRIPT = REPO / "tests" / "ssl_echo_peer.py"
+#: Upper bound for any single subprocess run; the tests normally take well under a second.
+RUN_TIMEOUT = 60.0
+PREFIX = b"secure-echo-client: "
+
+
+@dataclass(frozen=True)
+class Certs:
+    """Paths of the certificates and keys generated for one test."""
+
+    directory: Path
+    ca: Path
+    other_ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_certs(case: SynchronousTestCase) -> Certs:
+    """Generate a CA, a server and a client pair, and an unrelated CA, under mktemp()."""
+    directory = Path(case.mktemp())
+    directory.mkdir(parents=True)
+    ca = certgen.make_ca("client-test CA")
+    other = certgen.make_ca("some other CA")
+    certs = Certs(
+        directory=directory,
+        ca=directory / "ca.pem",
+        other_ca=directory / "other-ca.pem",
+        server_cert=directory / "server.pem",
+        server_key=directory / "server.key",
+        client_cert=directory / "client.pem",
+        client_key=directory / "client.key",
+    )
+    certgen.write_pair(ca, certs.ca, directory / "ca.key")
+    certgen.write_pair(other, certs.other_ca, directory / "other-ca.key")
+    certgen.write_pair(certgen.issue_server(ca), certs.server_cert, certs.server_key)
+    certgen.write_pair(
+        certgen.issue_client(ca, "client-one"), certs.client_cert, certs.client_key
+    )
+    return certs
+
+
+class Peer:
+    """A running ``ssl_echo_peer.py``; stopped by a cleanup registered on the test."""
+
+    def __init__(self, case: SynchronousTestCase, certs: Certs, *extra: str) -> None:
+        stderr_path = certs.directory / f"peer-{time.monotonic_ns()}.err"
+        self._stderr = stderr_path.open("wb")
+        case.addCleanup(self._stderr.close)
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                str(PEER_SCRIPT),
+                "--cert",
+                str(certs.server_cert),
+                "--key",
+                str(certs.server_key),
+                *extra,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+        )
+        case.addCleanup(self.stop)
+        self._buffer = b""
+        first = self.next_line()
+        if not first.isdigit():
+            case.fail(f"peer did not start: {first!r}; see {stderr_path}")
+        self.port = int(first)
+
+    def next_line(self, timeout: float = 10.0) -> str:
+        """Return the peer's next line of standard output, or fail after ``timeout``."""
+        stdout = self.process.stdout
+        assert stdout is not None
+        deadline = time.monotonic() + timeout
+        with selectors.PollSelector() as selector:
+            selector.register(stdout.fileno(), selectors.EVENT_READ)
+            while b"\n" not in self._buffer:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not selector.select(remaining):
+                    raise AssertionError(f"no line from the peer within {timeout} s")
+                data = os.read(stdout.fileno(), 4096)
+                if not data:
+                    raise AssertionError(f"peer exited; unread output {self._buffer!r}")
+                self._buffer += data
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line.decode()
+
+    def stop(self) -> None:
+        """Close the peer's standard input (it exits), wait, kill if it does not."""
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+def run_client(
+    *args: str, data: bytes = b"", stdin: IO[bytes] | None = None, timeout: float = RUN_TIMEOUT
+) -> subprocess.CompletedProcess[bytes]:
+    """Run ``python -m secure_echo.client ARGS`` with ``data`` (or ``stdin``) as input."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO / "src"), env.get("PYTHONPATH", "")) if p
+    )
+    command = [sys.executable, "-m", "secure_echo.client", *args]
+    if stdin is not None:
+        return subprocess.run(
+            command, stdin=stdin, capture_output=True, timeout=timeout, env=env, check=False
+        )
+    return subprocess.run(
+        command, input=data, capture_output=True, timeout=timeout, env=env, check=False
+    )
+
+
+class ClientTestCase(SynchronousTestCase):
+    """Shared set-up: certificates per test and assertions on the client's output."""
+
+    def setUp(self) -> None:
+        self.certs = make_certs(self)
+
+    def peer(self, *extra: str) -> Peer:
+        """Start an echo peer with the test's server certificate."""
+        return Peer(self, self.certs, *extra)
+
+    def assert_one_line_error(
+        self, result: subprocess.CompletedProcess[bytes], status: int, text: str
+    ) -> str:
+        """Assert exit ``status``, no output, one stderr line containing ``text``."""
+        self.assertEqual(
+            (result.returncode, result.stdout), (status, b""), result.stderr.decode()
+        )
+        self.assertTrue(result.stderr.startswith(PREFIX), result.stderr)
+        self.assertTrue(result.stderr.endswith(b"\n"), result.stderr)
+        self.assertEqual(result.stderr.count(b"\n"), 1, result.stderr)
+        self.assertNotIn(b"Traceback", result.stderr)
+        line = result.stderr.decode()
+        self.assertIn(text, line)
+        return line
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+class ParseAddressTests(SynchronousTestCase):
+    """HOST:PORT parsing."""
+
+    def test_host_and_port(self) -> None:
+        """A DNS name or IPv4 address and a port are split at the last colon."""
+        self.assertEqual(parse_address("example.com:443"), Address("example.com", 443))
+        self.assertEqual(parse_address("127.0.0.1:8443"), Address("127.0.0.1", 8443))
+        self.assertEqual(parse_address("h:65535").port, 65535)
+        self.assertEqual(parse_address("h:1").port, 1)
+
+    def test_bracketed_ipv6(self) -> None:
+        """An IPv6 literal comes in brackets; the host is stored without them."""
+        self.assertEqual(parse_address("[::1]:8443"), Address("::1", 8443))
+        self.assertEqual(parse_address("[2001:db8::5]:1"), Address("2001:db8::5", 1))
+
+    def test_zone_index(self) -> None:
+        """A zone index is kept for connecting but not used as the name to verify."""
+        address = parse_address("[fe80::1%eth0]:8443")
+        self.assertEqual(address.host, "fe80::1%eth0")
+        self.assertEqual(address.verify_name, "fe80::1")
+
+    def test_display(self) -> None:
+        """Addresses render as they are written on the command line."""
+        self.assertEqual(str(Address("::1", 8443)), "[::1]:8443")
+        self.assertEqual(str(Address("127.0.0.1", 8443)), "127.0.0.1:8443")
+        self.assertEqual(str(Address("localhost", 1)), "localhost:1")
+
+    def test_rejects(self) -> None:
+        """Malformed addresses raise ValueError with a message naming the input."""
+        for text in [
+            "nohost",
+            ":8443",
+            "host:",
+            "host:0",
+            "host:65536",
+            "host:99999999",
+            "host:8x",
+            "host:+1",
+            "host:\u0661",
+            "::1:8443",
+            "[::1]8443",
+            "[::1]",
+            "[not-v6]:1",
+            "[127.0.0.1]:1",
+            "bad host:1",
+        ]:
+            with self.assertRaises(ValueError, msg=text) as raised:
+                parse_address(text)
+            self.assertIn(text, str(raised.exception).encode().decode("unicode_escape"))
+
+
+class DescribeErrorTests(SynchronousTestCase):
+    """Error wording: short, lower-case, one line, no OpenSSL source references."""
+
+    def test_verify_failure(self) -> None:
+        """A verification failure names OpenSSL's verify message."""
+        exc = ssl.SSLCertVerificationError(
+            1,
+            "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: "
+            "unable to get local issuer certificate (_ssl.c:1006)",
+        )
+        exc.verify_message = "unable to get local issuer certificate"
+        self.assertEqual(
+            describe_error(exc),
+            "certificate verify failed: unable to get local issuer certificate",
+        )
+
+    def test_hostname_mismatch(self) -> None:
+        """Python's hostname message is softened and loses its final full stop."""
+        exc = ssl.SSLCertVerificationError(1, "x")
+        exc.verify_message = "Hostname mismatch, certificate is not valid for 'a.example'."
+        self.assertEqual(
+            describe_error(exc),
+            "certificate verify failed: hostname mismatch, "
+            "certificate is not valid for 'a.example'",
+        )
+
+    def test_alert(self) -> None:
+        """An SSLError loses its ``[SSL: ...]`` prefix and ``(_ssl.c:N)`` suffix."""
+        exc = ssl.SSLError(1, "[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca (_ssl.c:2580)")
+        self.assertEqual(describe_error(exc), "tlsv1 alert unknown ca")
+
+    def test_eof(self) -> None:
+        """An EOF error without a bracketed prefix is kept readable."""
+        exc = ssl.SSLEOFError(8, "EOF occurred in violation of protocol (_ssl.c:2427)")
+        self.assertEqual(describe_error(exc), "EOF occurred in violation of protocol")
+
+    def test_os_errors(self) -> None:
+        """Socket errors use their strerror, with an ordinary leading capital lowered."""
+        self.assertEqual(
+            describe_error(ConnectionRefusedError(111, "Connection refused")),
+            "connection refused",
+        )
+        self.assertEqual(describe_error(TimeoutError()), "timed out")
+        self.assertEqual(describe_error(OSError("odd\nthing")), "odd thing")
+
+    def test_one_line(self) -> None:
+        """Control characters and line breaks never reach the error line."""
+        self.assertEqual(one_line("a\nb\r\x00c\t d"), "a b c d")
+        self.assertEqual(one_line("  spaced   out "), "spaced out")
+
+
+class LineLedgerTests(SynchronousTestCase):
+    """Accounting of pipelined lines."""
+
+    def test_sent_and_answered(self) -> None:
+        """Each LF-terminated line sent is owed one reply line; replies settle oldest first."""
+        ledger = LineLedger()
+        ledger.sent(b"one\ntw")
+        self.assertEqual((list(ledger.unanswered), ledger.partial), ([4], 2))
+        ledger.sent(b"o\nthree")
+        self.assertEqual((list(ledger.unanswered), ledger.partial), ([4, 4], 5))
+        self.assertEqual(ledger.in_flight, 13)
+        self.assertEqual(ledger.received(b"one\nt"), 1)
+        self.assertEqual(ledger.in_flight, 9)
+        self.assertEqual(ledger.received(b"wo\n"), 1)
+        self.assertEqual((list(ledger.unanswered), ledger.in_flight), ([], 5))
+
+    def test_early_reply_is_credit(self) -> None:
+        """A reply that arrives before its line ends settles that line when it ends."""
+        ledger = LineLedger()
+        ledger.sent(b"x" * 100)
+        ledger.received(b"-ERR line-too-long the line is too long\n")
+        self.assertEqual(ledger.early, 1)
+        ledger.sent(b"xx\nnext\n")
+        self.assertEqual((list(ledger.unanswered), ledger.early), ([5], 0))
+
+    def test_budget(self) -> None:
+        """Sending pauses at the bound while replies are owed, but never mid-line alone."""
+        ledger = LineLedger()
+        self.assertEqual(ledger.budget(100), 100)
+        ledger.sent(b"a" * 59 + b"\n")
+        self.assertEqual(ledger.budget(100), 40)
+        ledger.sent(b"b" * 50)
+        self.assertEqual(ledger.budget(100), 0)
+        ledger.received(b"a" * 59 + b"\n")
+        self.assertEqual(ledger.budget(100), 50)
+        ledger.sent(b"b" * 500)
+        self.assertEqual(ledger.budget(100), CHUNK)
+
+    @given(
+        lines=st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")), max_size=30),
+        tail=st.binary(max_size=10).map(lambda b: b.replace(b"\n", b"")),
+        send_cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=10),
+        reply_cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=10),
+    )
+    def test_any_split(
+        self, lines: list[bytes], tail: bytes, send_cuts: list[int], reply_cuts: list[int]
+    ) -> None:
+        """However input and replies are split, an exact echo settles every complete line."""
+        data = b"".join(line + b"\n" for line in lines) + tail
+        ledger = LineLedger()
+        for piece in _split(data, send_cuts):
+            ledger.sent(piece)
+        self.assertEqual(len(ledger.unanswered), len(lines))
+        self.assertEqual(ledger.in_flight, len(data))
+        replies = 0
+        for piece in _split(data, reply_cuts):
+            replies += ledger.received(piece)
+        self.assertEqual(replies, len(lines))
+        self.assertEqual((len(ledger.unanswered), ledger.early), (0, 0))
+        self.assertEqual(ledger.in_flight, len(tail))
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({0, len(data), *(c for c in cuts if c < len(data))})
+    return [data[a:b] for a, b in zip(points, points[1:], strict=False)]
+
+
+# ----------------------------------------------------------------------------- usage
+
+
+class UsageTests(ClientTestCase):
+    """Bad command lines and unusable files: one line on stderr, exit status 64."""
+
+    def run_main(self, *args: str) -> tuple[int, str, str]:
+        """Run ``main(args)`` in this process; return status, stdout and stderr."""
+        out, err = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", err)
+        status = main(list(args))
+        return status, out.getvalue(), err.getvalue()
+
+    def assert_usage(self, args: list[str], text: str) -> None:
+        """Assert that ``args`` exits 64 with one stderr line containing ``text``."""
+        status, out, err = self.run_main(*args)
+        self.assertEqual((status, out), (EXIT_USAGE, ""), f"{args}: {err}")
+        self.assertTrue(err.startswith("secure-echo-client: "), err)
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertIn(text, err)
+
+    def test_bad_arguments(self) -> None:
+        """Missing, malformed and unknown arguments exit 64 with one line each."""
+        ca = str(self.certs.ca)
+        cases: list[tuple[list[str], str]] = [
+            ([], "HOST:PORT"),
+            (["check"], "HOST:PORT"),
+            (["localhost:8443"], "--ca"),
+            (["nohost", "--ca", ca], "is not HOST:PORT"),
+            (["::1:8443", "--ca", ca], "in brackets"),
+            (["h:1", "--ca", ca, "--timeout", "0"], "more than 0"),
+            (["h:1", "--ca", ca, "--timeout", "nan"], "more than 0"),
+            (["h:1", "--ca", ca, "--timeout", "soon"], "number of seconds"),
+            (["h:1", "--ca", ca, "--bogus"], "--bogus"),
+            (["check", "h:1", "--ca", ca, "extra"], "extra"),
+            (["h:1", "--ca", ca, "--cert", str(self.certs.client_cert)], "--cert and --key"),
+            (["h:1", "--ca", ca, "--key", str(self.certs.client_key)], "--cert and --key"),
+        ]
+        for args, text in cases:
+            self.assert_usage(args, text)
+
+    def test_unreadable_ca(self) -> None:
+        """A missing --ca file is named with the option and the reason."""
+        missing = self.certs.directory / "missing.pem"
+        self.assert_usage(
+            ["h:1", "--ca", str(missing)],
+            f"--ca: cannot read {missing}: no such file or directory",
+        )
+
+    def test_ca_without_certificates(self) -> None:
+        """A --ca file with no certificate in it is refused before connecting."""
+        garbage = self.certs.directory / "garbage.pem"
+        garbage.write_bytes(b"not a certificate\n")
+        self.assert_usage(["h:1", "--ca", str(garbage)], "--ca: ")
+        self.assert_usage(["h:1", "--ca", str(self.certs.client_key)], "no usable CA")
+
+    def test_unreadable_key(self) -> None:
+        """A missing --key file is named with the option."""
+        missing = self.certs.directory / "nope.key"
+        args = ["h:1", "--ca", str(self.certs.ca), "--cert", str(self.certs.client_cert)]
+        self.assert_usage([*args, "--key", str(missing)], "--key: cannot read")
+        self.assert_usage(
+            ["h:1", "--ca", str(self.certs.ca), "--cert", str(missing), "--key", "x"],
+            "--cert: cannot read",
+        )
+
+    def test_mismatched_key(self) -> None:
+        """A key that does not belong to the certificate is refused naming both options."""
+        args = ["h:1", "--ca", str(self.certs.ca), "--cert", str(self.certs.client_cert)]
+        self.assert_usage(
+            [*args, "--key", str(self.certs.server_key)], "--cert/--key: cannot use"
+        )
+
+    def test_encrypted_key(self) -> None:
+        """An encrypted key is refused without prompting for a passphrase."""
+        issued = certgen.issue_client(certgen.make_ca("x"), "enc")
+        key = self.certs.directory / "encrypted.key"
+        cert = self.certs.directory / "encrypted.pem"
+        key.write_bytes(
+            issued.key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(b"secret"),
+            )
+        )
+        cert.write_bytes(issued.cert_pem())
+        self.assert_usage(
+            ["h:1", "--ca", str(self.certs.ca), "--cert", str(cert), "--key", str(key)],
+            "is encrypted",
+        )
+
+    def test_build_context_policy(self) -> None:
+        """The context verifies the server, checks its name, and starts at TLS 1.2."""
+        context = build_context(str(self.certs.ca))
+        self.assertEqual(context.verify_mode, ssl.CERT_REQUIRED)
+        self.assertTrue(context.check_hostname)
+        self.assertEqual(context.minimum_version, ssl.TLSVersion.TLSv1_2)
+        strict = build_context(str(self.certs.ca), tls13_only=True)
+        self.assertEqual(strict.minimum_version, ssl.TLSVersion.TLSv1_3)
+        with self.assertRaises(UsageError):
+            build_context(str(self.certs.directory))
+
+    def test_help(self) -> None:
+        """--help prints usage mentioning the check subcommand and exits 0."""
+        status, out, err = self.run_main("--help")
+        self.assertEqual((status, err), (EXIT_OK, ""))
+        self.assertIn("check", out)
+        self.assertIn("exit status", out)
+        status, out, _ = self.run_main("check", "--help")
+        self.assertEqual(status, EXIT_OK)
+        self.assertIn("secure-echo-client check", out)
+
+    def test_subprocess_usage(self) -> None:
+        """The installed-style entry point also exits 64 with one line, no traceback."""
+        result = run_client("localhost:99999", "--ca", str(self.certs.ca))
+        self.assert_one_line_error(result, EXIT_USAGE, "the port must be a number")
+
+
+# ----------------------------------------------------------------------------- echo
+
+
+class EchoTests(ClientTestCase):
+    """Echo mode against the TLS echo peer."""
+
+    def echo(self, peer: Peer, data: bytes, *extra: str) -> subprocess.CompletedProcess[bytes]:
+        """Send ``data`` through the client to ``peer``."""
+        return run_client(f"127.0.0.1:{peer.port}", "--ca", str(self.certs.ca), *extra, data=data)
+
+    def assert_echoed(self, result: subprocess.CompletedProcess[bytes], data: bytes) -> None:
+        """Assert success, no stderr, and output identical to ``data``."""
+        self.assertEqual((result.returncode, result.stderr), (EXIT_OK, b""))
+        self.assertEqual(len(result.stdout), len(data))
+        self.assertTrue(result.stdout == data, "echo differs from input")
+
+    def test_byte_exact(self) -> None:
+        """NUL bytes, invalid UTF-8, CRLF, empty lines and a final unterminated line
+        all come back byte for byte."""
+        data = (
+            b"hello\n"
+            b"nul\x00inside\x00\n"
+            b"\xff\xfe\xc3\x28 not utf-8\n"
+            b"crlf kept\r\n"
+            b"\n"
+            b"\r\n"
+            b"   spaces   \n"
+            b"last line without LF"
+        )
+        self.assert_echoed(self.echo(self.peer(), data), data)
+
+    def test_empty_input(self) -> None:
+        """No input: connect, close cleanly, print nothing, exit 0."""
+        self.assert_echoed(self.echo(self.peer(), b""), b"")
+
+    def test_only_unterminated_line(self) -> None:
+        """A single line without LF is sent as it is and its echo arrives at close."""
+        self.assert_echoed(self.echo(self.peer(), b"no newline"), b"no newline")
+
+    def test_large_input_with_backpressure(self) -> None:
+        """5 MB across 50,000 lines pass through a peer that stops reading whenever 16 KiB
+        of replies back up: no deadlock, nothing lost or reordered."""
+        data = b"".join(b"%06d " % i + bytes([65 + i % 26]) * 94 + b"\n" for i in range(50_000))
+        self.assertGreaterEqual(len(data), 5_000_000)
+        peer = self.peer("--out-limit", "16384")
+        self.assert_echoed(self.echo(peer, data), data)
+
+    def test_lines_longer_than_the_window(self) -> None:
+        """Lines longer than the in-flight bound are still sent whole and echoed, with
+        or without a final LF."""
+        data = b"a" * (2 * MAX_IN_FLIGHT) + b"\n" + b"short\n" + b"z" * (3 * MAX_IN_FLIGHT)
+        self.assert_echoed(self.echo(self.peer("--out-limit", "16384"), data), data)
+
+    def test_random_bytes(self) -> None:
+        """Arbitrary binary input (LFs where they fall) round-trips exactly."""
+        data = os.urandom(1_000_000)
+        self.assert_echoed(self.echo(self.peer(), data), data)
+
+    def test_stdin_regular_file(self) -> None:
+        """Standard input may be a regular file, which epoll cannot watch."""
+        data = b"from a file\n" * 1000 + b"end"
+        path = self.certs.directory / "input.txt"
+        path.write_bytes(data)
+        peer = self.peer()
+        with path.open("rb") as handle:
+            result = run_client(f"127.0.0.1:{peer.port}", "--ca", str(self.certs.ca), stdin=handle)
+        self.assert_echoed(result, data)
+
+    def test_servername(self) -> None:
+        """--servername is the name verified when connecting to an IP address."""
+        data = b"via name\n"
+        self.assert_echoed(self.echo(self.peer(), data, "--servername", "localhost"), data)
+
+    def test_localhost_name(self) -> None:
+        """A DNS name resolves, tries each address, and is verified against DNS SANs."""
+        peer = self.peer()
+        data = b"by name\n"
+        result = run_client(f"localhost:{peer.port}", "--ca", str(self.certs.ca), data=data)
+        self.assert_echoed(result, data)
+
+    def test_ipv6(self) -> None:
+        """A bracketed IPv6 literal connects and is verified against the IP SAN ::1."""
+        try:
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind(("::1", 0))
+        except OSError as exc:
+            raise SkipTest(f"no IPv6 loopback: {exc}") from None
+        peer = self.peer("--host", "::1")
+        data = b"over IPv6\n"
+        result = run_client(f"[::1]:{peer.port}", "--ca", str(self.certs.ca), data=data)
+        self.assert_echoed(result, data)
+
+    def test_client_certificate(self) -> None:
+        """With --cert/--key the client certificate is presented and accepted."""
+        peer = self.peer("--client-ca", str(self.certs.ca))
+        data = b"mutual\n"
+        result = self.echo(
+            peer,
+            data,
+            "--cert",
+            str(self.certs.client_cert),
+            "--key",
+            str(self.certs.client_key),
+        )
+        self.assert_echoed(result, data)
+        self.assertEqual(peer.next_line(), "client-cert client-one")
+
+    def test_tls12(self) -> None:
+        """TLS 1.2 servers are accepted by default."""
+        data = b"old but fine\n"
+        self.assert_echoed(self.echo(self.peer("--tls12-only"), data), data)
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+class FailureTests(ClientTestCase):
+    """TLS and connection failures: one line on stderr, exit status 2."""
+
+    def test_wrong_ca(self) -> None:
+        """A server certificate from another CA fails verification."""
+        peer = self.peer()
+        result = run_client(f"127.0.0.1:{peer.port}", "--ca", str(self.certs.other_ca), data=b"x\n")
+        self.assertEqual(
+            result.stderr.decode(),
+            f"secure-echo-client: TLS handshake with 127.0.0.1:{peer.port} failed: "
+            "certificate verify failed: unable to get local issuer certificate\n",
+        )
+        self.assert_one_line_error(result, EXIT_CONNECTION, "certificate verify failed")
+        self.assertEqual(peer.next_line(), "handshake-failed TLSV1_ALERT_UNKNOWN_CA")
+
+    def test_hostname_mismatch(self) -> None:
+        """A --servername the certificate does not carry fails verification."""
+        peer = self.peer()
+        result = run_client(
+            f"127.0.0.1:{peer.port}",
+            "--ca",
+            str(self.certs.ca),
+            "--servername",
+            "wrong.example",
+        )
+        self.assert_one_line_error(result, EXIT_CONNECTION, "hostname mismatch")
+
+    def test_ip_mismatch(self) -> None:
+        """An IP literal is verified against IP SANs, not accepted on a DNS name."""
+        ca = certgen.make_ca("names-only CA")
+        ca_path = self.certs.directory / "names-ca.pem"
+        certgen.write_pair(ca, ca_path, self.certs.directory / "names-ca.key")
+        certgen.write_pair(
+            certgen.issue_server(ca, ["localhost"]),
+            self.certs.server_cert,
+            self.certs.server_key,
+        )
+        peer = self.peer()
+        result = run_client(f"127.0.0.1:{peer.port}", "--ca", str(ca_path))
+        self.assert_one_line_error(result, EXIT_CONNECTION, "IP address mismatch")
+
+    def test_connection_refused(self) -> None:
+        """Nothing listening: one line saying so, exit 2."""
+        with socket.socket() as bound:  # bound, not listening: connections are refused
+            bound.bind(("127.0.0.1", 0))
+            port = bound.getsockname()[1]
+            result = run_client(f"127.0.0.1:{port}", "--ca", str(self.certs.ca))
+        line = self.assert_one_line_error(result, EXIT_CONNECTION, "connection refused")
+        self.assertEqual(
+            line, f"secure-echo-client: cannot connect to 127.0.0.1:{port}: connection refused\n"
+        )
+
+    def test_handshake_timeout(self) -> None:
+        """A server that accepts TCP but never speaks TLS fails after --timeout."""
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        started = time.monotonic()
+        result = run_client(f"127.0.0.1:{port}", "--ca", str(self.certs.ca), "--timeout", "0.5")
+        self.assertLess(time.monotonic() - started, 10)
+        self.assert_one_line_error(
+            result,
+            EXIT_CONNECTION,
+            f"TLS handshake with 127.0.0.1:{port} failed: timed out after 0.5 s",
+        )
+
+    def test_not_tls(self) -> None:
+        """A plaintext server is a handshake failure, not a hang."""
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "secure_echo.client",
+                f"127.0.0.1:{port}",
+                "--ca",
+                str(self.certs.ca),
+                "--timeout",
+                "5",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        )
+        self.addCleanup(_reap, process)
+        listener.settimeout(10)
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+            out, err = process.communicate(timeout=RUN_TIMEOUT)
+        result = subprocess.CompletedProcess(process.args, process.returncode, out, err)
+        self.assert_one_line_error(result, EXIT_CONNECTION, f"TLS handshake with 127.0.0.1:{port}")
+
+    def test_reply_timeout(self) -> None:
+        """A server that never answers fails after --timeout seconds without data."""
+        peer = self.peer("--silent")
+        result = run_client(
+            f"127.0.0.1:{peer.port}", "--ca", str(self.certs.ca), "--timeout", "1", data=b"hi\n"
+        )
+        self.assert_one_line_error(
+            result,
+            EXIT_CONNECTION,
+            f"no reply from 127.0.0.1:{peer.port} within 1 s (1 line(s) unanswered)",
+        )
+
+    def test_client_certificate_required(self) -> None:
+        """Without --cert/--key a server that requires a client certificate refuses us."""
+        peer = self.peer("--client-ca", str(self.certs.ca))
+        result = run_client(f"127.0.0.1:{peer.port}", "--ca", str(self.certs.ca), data=b"x\n")
+        self.assert_one_line_error(
+            result, EXIT_CONNECTION, f"TLS handshake with 127.0.0.1:{peer.port} failed"
+        )
+        self.assertTrue(peer.next_line().startswith("handshake-failed"))
+
+    def test_client_certificate_from_other_ca(self) -> None:
+        """A client certificate the server does not trust is refused."""
+        other = certgen.make_ca("untrusted client CA")
+        cert = self.certs.directory / "stranger.pem"
+        key = self.certs.directory / "stranger.key"
+        certgen.write_pair(certgen.issue_client(other, "stranger"), cert, key)
+        peer = self.peer("--client-ca", str(self.certs.ca))
+        result = run_client(
+            f"127.0.0.1:{peer.port}",
+            "--ca",
+            str(self.certs.ca),
+            "--cert",
+            str(cert),
+            "--key",
+            str(key),
+            data=b"x\n",
+        )
+        self.assert_one_line_error(result, EXIT_CONNECTION, "failed")
+
+    def test_tls13_only(self) -> None:
+        """--tls13-only refuses a TLS 1.2 server."""
+        peer = self.peer("--tls12-only")
+        result = run_client(
+            f"127.0.0.1:{peer.port}", "--ca", str(self.certs.ca), "--tls13-only", data=b"x\n"
+        )
+        self.assert_one_line_error(
+            result, EXIT_CONNECTION, f"TLS handshake with 127.0.0.1:{peer.port} failed"
+        )
+
+    def test_unresolvable(self) -> None:
+        """A name that does not resolve is a connection failure, not a usage error."""
+        result = run_client("no-such-host.invalid:8443", "--ca", str(self.certs.ca))
+        self.assert_one_line_error(result, EXIT_CONNECTION, "cannot resolve no-such-host.invalid")
+
+
+def _reap(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.kill()
+    process.communicate(timeout=10)
+
+
+# ----------------------------------------------------------------------------- check
+
+
+class CheckTests(ClientTestCase):
+    """The ``check`` subcommand."""
+
+    def check(self, peer: Peer, *extra: str) -> subprocess.CompletedProcess[bytes]:
+        """Run ``secure-echo-client check`` against ``peer``."""
+        return run_client("check", f"127.0.0.1:{peer.port}", "--ca", str(self.certs.ca), *extra)
+
+    def test_ok(self) -> None:
+        """A good echo prints ``OK <ms> ms <version> <cipher>`` and exits 0."""
+        result = self.check(self.peer())
+        self.assertEqual((result.returncode, result.stderr), (EXIT_OK, b""))
+        self.assertRegex(
+            result.stdout.decode(), r"\AOK \d+\.\d ms TLSv1\.3 TLS_[A-Z0-9_]+\n\Z"
+        )
+
+    def test_ok_tls12(self) -> None:
+        """The reported version and cipher are the negotiated ones."""
+        result = self.check(self.peer("--tls12-only"))
+        self.assertEqual((result.returncode, result.stderr), (EXIT_OK, b""))
+        self.assertRegex(result.stdout.decode(), r"\AOK \d+\.\d ms TLSv1\.2 ECDHE-ECDSA-\S+\n\Z")
+
+    def test_client_certificate(self) -> None:
+        """check presents --cert/--key like echo mode."""
+        peer = self.peer("--client-ca", str(self.certs.ca))
+        result = self.check(
+            peer, "--cert", str(self.certs.client_cert), "--key", str(self.certs.client_key)
+        )
+        self.assertEqual((result.returncode, result.stderr), (EXIT_OK, b""))
+        self.assertTrue(result.stdout.startswith(b"OK "))
+
+    def test_wrong_reply(self) -> None:
+        """A reply that differs from the nonce line exits 1 with one line on stderr."""
+        result = self.check(self.peer("--prefix", "X"))
+        self.assert_one_line_error(result, EXIT_WRONG_REPLY, "wrong reply b'Xsecure-echo-check ")
+
+    def test_no_reply(self) -> None:
+        """No reply within --timeout is a connection failure."""
+        result = self.check(self.peer("--silent"), "--timeout", "0.5")
+        self.assert_one_line_error(result, EXIT_CONNECTION, "no reply from")
+
+    def test_refused(self) -> None:
+        """Nothing listening: exit 2."""
+        with socket.socket() as bound:
+            bound.bind(("127.0.0.1", 0))
+            port = bound.getsockname()[1]
+            result = run_client("check", f"127.0.0.1:{port}", "--ca", str(self.certs.ca))
+        self.assert_one_line_error(result, EXIT_CONNECTION, "connection refused")
+
+    def test_wrong_ca(self) -> None:
+        """An untrusted server exits 2 with the verification failure."""
+        peer = self.peer()
+        result = run_client(
+            "check", f"127.0.0.1:{peer.port}", "--ca", str(self.certs.other_ca)
+        )
+        self.assert_one_line_error(result, EXIT_CONNECTION, "certificate verify failed")
+
+    def test_peer_sees_clean_close(self) -> None:
+        """check ends with close_notify: the server sees a clean close, not an error."""
+        peer = self.peer()
+        result = self.check(peer)
+        self.assertEqual(result.returncode, EXIT_OK)
+        self.assertEqual(peer.next_line(), "client-cert -")
+        self.assertEqual(peer.next_line(), "closed")
+
