@@ -9,6 +9,7 @@ subprocess wait has a timeout and every process is stopped by a cleanup.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import selectors
 import socket
@@ -81,9 +82,7 @@ def make_certs(case: SynchronousTestCase) -> Certs:
     certgen.write_pair(ca, certs.ca, directory / "ca.key")
     certgen.write_pair(other, certs.other_ca, directory / "other-ca.key")
     certgen.write_pair(certgen.issue_server(ca), certs.server_cert, certs.server_key)
-    certgen.write_pair(
-        certgen.issue_client(ca, "client-one"), certs.client_cert, certs.client_key
-    )
+    certgen.write_pair(certgen.issue_client(ca, "client-one"), certs.client_cert, certs.client_key)
     return certs
 
 
@@ -178,9 +177,7 @@ class ClientTestCase(SynchronousTestCase):
         self, result: subprocess.CompletedProcess[bytes], status: int, text: str
     ) -> str:
         """Assert exit ``status``, no output, one stderr line containing ``text``."""
-        self.assertEqual(
-            (result.returncode, result.stdout), (status, b""), result.stderr.decode()
-        )
+        self.assertEqual((result.returncode, result.stdout), (status, b""), result.stderr.decode())
         self.assertTrue(result.stderr.startswith(PREFIX), result.stderr)
         self.assertTrue(result.stderr.endswith(b"\n"), result.stderr)
         self.assertEqual(result.stderr.count(b"\n"), 1, result.stderr)
@@ -241,7 +238,7 @@ class ParseAddressTests(SynchronousTestCase):
         ]:
             with self.assertRaises(ValueError, msg=text) as raised:
                 parse_address(text)
-            self.assertIn(text, str(raised.exception).encode().decode("unicode_escape"))
+            self.assertIn(repr(text), str(raised.exception))
 
 
 class DescribeErrorTests(SynchronousTestCase):
@@ -359,7 +356,7 @@ class LineLedgerTests(SynchronousTestCase):
 
 def _split(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({0, len(data), *(c for c in cuts if c < len(data))})
-    return [data[a:b] for a, b in zip(points, points[1:], strict=False)]
+    return [data[a:b] for a, b in itertools.pairwise(points)]
 
 
 # ----------------------------------------------------------------------------- usage
@@ -432,9 +429,7 @@ class UsageTests(ClientTestCase):
     def test_mismatched_key(self) -> None:
         """A key that does not belong to the certificate is refused naming both options."""
         args = ["h:1", "--ca", str(self.certs.ca), "--cert", str(self.certs.client_cert)]
-        self.assert_usage(
-            [*args, "--key", str(self.certs.server_key)], "--cert/--key: cannot use"
-        )
+        self.assert_usage([*args, "--key", str(self.certs.server_key)], "--cert/--key: cannot use")
 
     def test_encrypted_key(self) -> None:
         """An encrypted key is refused without prompting for a passphrase."""
@@ -498,8 +493,7 @@ class EchoTests(ClientTestCase):
         self.assertTrue(result.stdout == data, "echo differs from input")
 
     def test_byte_exact(self) -> None:
-        """NUL bytes, invalid UTF-8, CRLF, empty lines and a final unterminated line
-        all come back byte for byte."""
+        """Lines with NUL, invalid UTF-8, CRLF, no content, or no final LF echo exactly."""
         data = (
             b"hello\n"
             b"nul\x00inside\x00\n"
@@ -521,16 +515,18 @@ class EchoTests(ClientTestCase):
         self.assert_echoed(self.echo(self.peer(), b"no newline"), b"no newline")
 
     def test_large_input_with_backpressure(self) -> None:
-        """5 MB across 50,000 lines pass through a peer that stops reading whenever 16 KiB
-        of replies back up: no deadlock, nothing lost or reordered."""
+        """5 MB in 50,000 lines pass a peer that applies backpressure, without deadlock.
+
+        The peer stops reading whenever 16 KiB of its replies back up; nothing may be
+        lost or reordered.
+        """
         data = b"".join(b"%06d " % i + bytes([65 + i % 26]) * 94 + b"\n" for i in range(50_000))
         self.assertGreaterEqual(len(data), 5_000_000)
         peer = self.peer("--out-limit", "16384")
         self.assert_echoed(self.echo(peer, data), data)
 
     def test_lines_longer_than_the_window(self) -> None:
-        """Lines longer than the in-flight bound are still sent whole and echoed, with
-        or without a final LF."""
+        """Lines longer than the in-flight bound are sent whole and echoed, LF or not."""
         data = b"a" * (2 * MAX_IN_FLIGHT) + b"\n" + b"short\n" + b"z" * (3 * MAX_IN_FLIGHT)
         self.assert_echoed(self.echo(self.peer("--out-limit", "16384"), data), data)
 
@@ -603,7 +599,9 @@ class FailureTests(ClientTestCase):
     def test_wrong_ca(self) -> None:
         """A server certificate from another CA fails verification."""
         peer = self.peer()
-        result = run_client(f"127.0.0.1:{peer.port}", "--ca", str(self.certs.other_ca), data=b"x\n")
+        result = run_client(
+            f"127.0.0.1:{peer.port}", "--ca", str(self.certs.other_ca), data=b"x\n"
+        )
         self.assertEqual(
             result.stderr.decode(),
             f"secure-echo-client: TLS handshake with 127.0.0.1:{peer.port} failed: "
@@ -773,9 +771,7 @@ class CheckTests(ClientTestCase):
         """A good echo prints ``OK <ms> ms <version> <cipher>`` and exits 0."""
         result = self.check(self.peer())
         self.assertEqual((result.returncode, result.stderr), (EXIT_OK, b""))
-        self.assertRegex(
-            result.stdout.decode(), r"\AOK \d+\.\d ms TLSv1\.3 TLS_[A-Z0-9_]+\n\Z"
-        )
+        self.assertRegex(result.stdout.decode(), r"\AOK \d+\.\d ms TLSv1\.3 TLS_[A-Z0-9_]+\n\Z")
 
     def test_ok_tls12(self) -> None:
         """The reported version and cipher are the negotiated ones."""
@@ -784,7 +780,7 @@ class CheckTests(ClientTestCase):
         self.assertRegex(result.stdout.decode(), r"\AOK \d+\.\d ms TLSv1\.2 ECDHE-ECDSA-\S+\n\Z")
 
     def test_client_certificate(self) -> None:
-        """check presents --cert/--key like echo mode."""
+        """The check presents --cert/--key like echo mode."""
         peer = self.peer("--client-ca", str(self.certs.ca))
         result = self.check(
             peer, "--cert", str(self.certs.client_cert), "--key", str(self.certs.client_key)
@@ -813,16 +809,13 @@ class CheckTests(ClientTestCase):
     def test_wrong_ca(self) -> None:
         """An untrusted server exits 2 with the verification failure."""
         peer = self.peer()
-        result = run_client(
-            "check", f"127.0.0.1:{peer.port}", "--ca", str(self.certs.other_ca)
-        )
+        result = run_client("check", f"127.0.0.1:{peer.port}", "--ca", str(self.certs.other_ca))
         self.assert_one_line_error(result, EXIT_CONNECTION, "certificate verify failed")
 
     def test_peer_sees_clean_close(self) -> None:
-        """check ends with close_notify: the server sees a clean close, not an error."""
+        """The check ends with close_notify: the server sees a clean close, not an error."""
         peer = self.peer()
         result = self.check(peer)
         self.assertEqual(result.returncode, EXIT_OK)
         self.assertEqual(peer.next_line(), "client-cert -")
         self.assertEqual(peer.next_line(), "closed")
-

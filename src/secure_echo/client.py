@@ -300,7 +300,9 @@ def build_context(
     try:
         context.load_verify_locations(cafile=ca)
     except (ssl.SSLError, OSError, ValueError) as exc:
-        raise UsageError(f"--ca: {ca} holds no usable CA certificate: {describe_error(exc)}")
+        raise UsageError(
+            f"--ca: {ca} holds no usable CA certificate: {describe_error(exc)}"
+        ) from None
     if (cert is None) != (key is None):
         raise UsageError("--cert and --key go together: give both or neither")
     if cert is not None and key is not None:
@@ -358,7 +360,8 @@ class _Connection:
 
     @property
     def socket(self) -> socket.socket:
-        assert self.sock is not None  # noqa: S101 - only used after connect()
+        if self.sock is None:
+            raise RuntimeError("not connected")  # a bug: only used after connect()
         return self.sock
 
     def connect(self, deadline: float, timeout: float) -> None:
@@ -541,9 +544,7 @@ class _Pump:
                 timeout = max(0.0, self.last_progress + self.timeout - time.monotonic())
             ready = self.conn.selector.select(timeout)
             if not ready:
-                if self._expecting() and (
-                    time.monotonic() - self.last_progress >= self.timeout
-                ):
+                if self._expecting() and (time.monotonic() - self.last_progress >= self.timeout):
                     raise ConnectionFailedError(self._timeout_message())
                 continue
             for key, mask in ready:
@@ -559,7 +560,9 @@ class _Pump:
         where = self.conn.address
         waiting = len(self.ledger.unanswered)
         if waiting:
-            return f"no reply from {where} within {self.timeout:g} s ({waiting} line(s) unanswered)"
+            return (
+                f"no reply from {where} within {self.timeout:g} s ({waiting} line(s) unanswered)"
+            )
         if self.close_sent:
             return f"{where} did not close the connection within {self.timeout:g} s"
         return f"cannot send to {where}: no progress within {self.timeout:g} s"
@@ -584,7 +587,8 @@ class _Pump:
     # -- plaintext in ---------------------------------------------------------------------
 
     def _read_input(self) -> None:
-        assert self.input_fd is not None  # noqa: S101 - registered only when set
+        if self.input_fd is None:
+            return  # not registered without an input descriptor
         try:
             data = os.read(self.input_fd, CHUNK)
         except BlockingIOError:
