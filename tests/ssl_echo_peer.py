@@ -25,6 +25,7 @@ Single-threaded: one selector, TLS over memory BIOs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import selectors
 import socket
@@ -150,10 +151,8 @@ class _Conn:
             self.plain += data
         self._echo(final=closing)
         if closing:
-            try:
+            with contextlib.suppress(ssl.SSLError):  # close_notify is queued either way
                 self.tls.unwrap()
-            except ssl.SSLError:
-                pass  # close_notify queued either way
             self.state = "closing"
             _say("closed")
 
@@ -199,51 +198,71 @@ def _context(options: _Options) -> ssl.SSLContext:
     return context
 
 
-def _serve(listener: socket.socket, context: ssl.SSLContext, options: _Options) -> None:
-    deadline = time.monotonic() + options.lifetime
-    selector = selectors.DefaultSelector()
-    selector.register(listener, selectors.EVENT_READ)
-    stdin_fd = sys.stdin.fileno()
-    selector.register(stdin_fd, selectors.EVENT_READ)
-    conns: dict[int, _Conn] = {}
-    masks: dict[int, int] = {}
-    while (now := time.monotonic()) < deadline:
-        for fd, conn in list(conns.items()):
-            events = conn.interest(now)
+class _Server:
+    """The accept-and-echo loop over one selector."""
+
+    def __init__(
+        self, listener: socket.socket, context: ssl.SSLContext, options: _Options
+    ) -> None:
+        self.listener = listener
+        self.context = context
+        self.options = options
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(listener, selectors.EVENT_READ)
+        self.stdin_fd = sys.stdin.fileno()
+        self.selector.register(self.stdin_fd, selectors.EVENT_READ)
+        self.conns: dict[int, _Conn] = {}
+        self.masks: dict[int, int] = {}
+
+    def run(self) -> None:
+        """Serve until standard input ends or the lifetime is over."""
+        deadline = time.monotonic() + self.options.lifetime
+        while (now := time.monotonic()) < deadline:
+            self._update(now)
+            for key, mask in self.selector.select(min(0.2, deadline - now)):
+                if key.fd == self.stdin_fd:
+                    if not os.read(self.stdin_fd, 4096):
+                        return
+                elif key.fileobj is self.listener:
+                    self._accept()
+                else:
+                    self._service(self.conns[key.fd], mask)
+
+    def _update(self, now: float) -> None:
+        """Bring every connection's registration up to date; close the finished ones."""
+        for fd, conn in list(self.conns.items()):
+            events = 0 if conn.gone else conn.interest(now)
             if conn.gone:
                 events = 0
-            if masks.get(fd, 0) != events:
-                if fd in masks:
-                    selector.unregister(fd)
-                    del masks[fd]
+            if self.masks.get(fd, 0) != events:
+                if fd in self.masks:
+                    self.selector.unregister(fd)
+                    del self.masks[fd]
                 if events:
-                    selector.register(fd, events)
-                    masks[fd] = events
+                    self.selector.register(fd, events)
+                    self.masks[fd] = events
             if conn.gone:
                 conn.sock.close()
-                del conns[fd]
-        for key, mask in selector.select(min(0.2, deadline - now)):
-            if key.fd == stdin_fd:
-                if not os.read(stdin_fd, 4096):
-                    return
-                continue
-            if key.fileobj is listener:
-                try:
-                    sock, _ = listener.accept()
-                except BlockingIOError:
-                    continue
-                sock.setblocking(False)
-                conns[sock.fileno()] = _Conn(sock, context, options)
-                continue
-            conn = conns[key.fd]
-            try:
-                if mask & selectors.EVENT_READ:
-                    conn.receive()
-                if mask & selectors.EVENT_WRITE and conn.net_out:
-                    conn.send()
-            except OSError as exc:
-                _say(f"socket-error {exc.strerror or exc}")
-                conn.gone = True
+                del self.conns[fd]
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        sock.setblocking(False)
+        self.conns[sock.fileno()] = _Conn(sock, self.context, self.options)
+
+    @staticmethod
+    def _service(conn: _Conn, mask: int) -> None:
+        try:
+            if mask & selectors.EVENT_READ:
+                conn.receive()
+            if mask & selectors.EVENT_WRITE and conn.net_out:
+                conn.send()
+        except OSError as exc:
+            _say(f"socket-error {exc.strerror or exc}")
+            conn.gone = True
 
 
 def main() -> None:
@@ -266,7 +285,7 @@ def main() -> None:
         listener.listen(64)
         listener.setblocking(False)
         _say(str(listener.getsockname()[1]))
-        _serve(listener, context, options)
+        _Server(listener, context, options).run()
 
 
 if __name__ == "__main__":

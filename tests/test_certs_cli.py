@@ -72,7 +72,7 @@ class InitTests(_CLITestCase):
     """``secure-echo-certs init DIR``."""
 
     def test_writes_files_with_modes(self) -> None:
-        """init creates DIR 0700 with the six files: keys 0600, certificates 0644."""
+        """The init command creates DIR 0700 with six files: keys 0600, certificates 0644."""
         self.assertEqual(self.run_cli("init", str(self.directory)), 0)
         self.assertEqual(sorted(p.name for p in self.directory.iterdir()), sorted(INIT_FILES))
         self.assertEqual(_mode(self.directory), 0o700)

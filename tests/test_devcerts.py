@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from secure_echo import certgen, devcerts
 from secure_echo.devcerts import DevCerts, DevCertsError, ensure_dev_certs
@@ -319,14 +319,14 @@ class ErrorTests(SynchronousTestCase):
         except PermissionError:
             pass
         else:
-            raise self.skipTest("this process ignores permissions (root or CAP_DAC_OVERRIDE)")  # type: ignore[misc]
+            raise SkipTest("this process ignores permissions (root or CAP_DAC_OVERRIDE)")
         error = self.assertRaises(DevCertsError, ensure_dev_certs, self.base, now=T0)
         self._assert_one_line(error, str(self.base / "dev-ca"), "permission denied")
 
     def test_write_failure(self) -> None:
         """A failure while writing a file (here a simulated EACCES) is a DevCertsError."""
 
-        def refuse(path: Path, data: bytes) -> None:
+        def refuse(path: Path, _data: bytes) -> None:
             raise PermissionError(13, "Permission denied", str(path))
 
         self.patch(certgen, "write_private", refuse)
@@ -341,7 +341,7 @@ class ErrorTests(SynchronousTestCase):
         try:
             os.chown(directory, 65534, 65534)
         except PermissionError:
-            raise self.skipTest("only root can give a directory to another user") from None  # type: ignore[misc]
+            raise SkipTest("only root can give a directory to another user") from None
         error = self.assertRaises(DevCertsError, ensure_dev_certs, self.base, now=T0)
         self._assert_one_line(error, "owned by another user")
         self.assertEqual(list(directory.iterdir()), [])

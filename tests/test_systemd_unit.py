@@ -7,7 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 UNIT = Path(__file__).resolve().parent.parent / "contrib" / "systemd" / "secure-echo.service"
 #: Where the unit expects twistd; documented in the unit's header comment.
@@ -47,7 +47,7 @@ class UnitFileTests(SynchronousTestCase):
         self.directives = _directives(UNIT.read_text(encoding="utf-8"))
 
     def test_foreground_without_pidfile(self) -> None:
-        """twistd runs the secure-echo plugin in the foreground (-n) with no pid file."""
+        """The secure-echo plugin runs under twistd in the foreground (-n), no pid file."""
         (exec_start,) = self.directives["ExecStart"]
         argv = exec_start.split()
         self.assertEqual(argv[:4], [TWISTD, "-n", "--pidfile=", "secure-echo"])
@@ -88,7 +88,7 @@ class SystemdAnalyzeTests(SynchronousTestCase):
     def setUp(self) -> None:
         analyze = shutil.which("systemd-analyze")
         if analyze is None:
-            raise self.skipTest("systemd-analyze is not installed")  # type: ignore[misc]
+            raise SkipTest("systemd-analyze is not installed")
         self.analyze = analyze
         # verify complains when ExecStart's binary is missing, as /usr/local/bin/twistd is
         # on most test machines: check a copy that runs an executable known to exist.
@@ -119,7 +119,7 @@ class SystemdAnalyzeTests(SynchronousTestCase):
         """``systemd-analyze security`` rates the unit's exposure at 2.0 or better."""
         result = self._systemd_analyze("security", "--offline=true", str(self.unit))
         if result.returncode != 0 and "offline" in result.stderr:
-            raise self.skipTest(f"this systemd has no offline security check: {result.stderr}")  # type: ignore[misc]
+            raise SkipTest(f"this systemd has no offline security check: {result.stderr}")
         match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
         self.assertIsNotNone(match, result.stdout + result.stderr)
         assert match is not None  # for mypy

@@ -8,7 +8,10 @@ reactor is passed in (or imported when called), never at module level.
 
 from __future__ import annotations
 
+import shlex
+import shutil
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import MultiService, Service
@@ -114,12 +117,17 @@ def print_dev_banner(cfg: _config.Config) -> None:
     parts = listen.split(":")
     if cfg.listens[0].kind in {"tcp", "tcp6"} and len(parts) > 1 and parts[1].isdigit():
         port = int(parts[1])
+    commands = client_command(dev.ca_cert, "127.0.0.1", port)
+    # Installed in a virtualenv that is not on PATH: name the client by its path.
+    script = Path(sys.executable).with_name("secure-echo-client")
+    if shutil.which("secure-echo-client") is None and script.exists():
+        commands = commands.replace("secure-echo-client", shlex.quote(str(script)), 1)
     sys.stdout.write(
         "secure-echo: using a development certificate for localhost "
         f"({'created' if dev.created else 'reused'}).\n"
         f"secure-echo: CA certificate: {dev.ca_cert}\n"
         "secure-echo: connect with:\n"
-        f"{client_command(dev.ca_cert, '127.0.0.1', port)}\n"
+        f"{commands}\n"
     )
     sys.stdout.flush()
 
