@@ -126,14 +126,15 @@ class _Conn:
         except ssl.SSLWantReadError:
             return
         self.handshaken = True
-        cert = self.tls.getpeercert()
-        common_name = "-"
-        if cert:
-            for rdn in cert.get("subject", ()):
-                for name, value in rdn:
-                    if name == "commonName":
-                        common_name = str(value)
-        _say(f"client-cert {common_name}")
+        cert = self.tls.getpeercert() or {}
+        subject = cert.get("subject", ())
+        names = [
+            str(attribute[1])
+            for rdn in (subject if isinstance(subject, tuple) else ())
+            for attribute in rdn
+            if isinstance(attribute, tuple) and attribute[0] == "commonName"
+        ]
+        _say(f"client-cert {names[-1] if names else '-'}")
 
     def _read_plaintext(self) -> None:
         closing = False
@@ -232,7 +233,7 @@ class _Server:
         """Bring every connection's registration up to date; close the finished ones."""
         for fd, conn in list(self.conns.items()):
             events = 0 if conn.gone else conn.interest(now)
-            if conn.gone:
+            if conn.gone:  # interest() may have just decided so
                 events = 0
             if self.masks.get(fd, 0) != events:
                 if fd in self.masks:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import datetime as dt
+import datetime
 import ipaddress
 import os
 import stat
@@ -17,14 +17,14 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from secure_echo import certgen
 
-NOW = dt.datetime(2030, 6, 1, 12, 0, tzinfo=dt.UTC)
+NOW = datetime.datetime(2030, 6, 1, 12, 0, tzinfo=datetime.UTC)
 
 
 def _verify_server(
     ca: certgen.Issued,
     leaf: certgen.Issued,
     name: x509.DNSName | x509.IPAddress,
-    at: dt.datetime = NOW,
+    at: datetime.datetime = NOW,
 ) -> list[x509.Certificate]:
     verifier = PolicyBuilder().store(Store([ca.certificate])).time(at).build_server_verifier(name)
     return verifier.verify(leaf.certificate, [])
@@ -65,7 +65,7 @@ class CATests(SynchronousTestCase):
         """The CA starts five minutes before ``now`` and lasts ``days`` from ``now``."""
         cert = self.ca.certificate
         self.assertEqual(cert.not_valid_before_utc, NOW - certgen.CLOCK_SKEW)
-        self.assertEqual(cert.not_valid_after_utc, NOW + dt.timedelta(days=10))
+        self.assertEqual(cert.not_valid_after_utc, NOW + datetime.timedelta(days=10))
 
     def test_p256(self) -> None:
         """The CA key is ECDSA P-256."""
@@ -132,7 +132,7 @@ class ServerCertificateTests(SynchronousTestCase):
         """A leaf starts five minutes before ``now`` and ends ``days`` after it."""
         cert = self.server.certificate
         self.assertEqual(cert.not_valid_before_utc, NOW - certgen.CLOCK_SKEW)
-        self.assertEqual(cert.not_valid_after_utc, NOW + dt.timedelta(days=5))
+        self.assertEqual(cert.not_valid_after_utc, NOW + datetime.timedelta(days=5))
 
     def test_chain_verifies_for_every_name(self) -> None:
         """A strict verifier builds leaf -> CA for localhost, 127.0.0.1 and ::1."""
@@ -159,7 +159,7 @@ class ServerCertificateTests(SynchronousTestCase):
 
     def test_chain_rejects_expired(self) -> None:
         """A certificate does not verify after it has expired."""
-        later = NOW + dt.timedelta(days=6)
+        later = NOW + datetime.timedelta(days=6)
         self.assertRaises(
             VerificationError,
             _verify_server,
@@ -171,12 +171,12 @@ class ServerCertificateTests(SynchronousTestCase):
 
     def test_backdating_tolerates_skew(self) -> None:
         """A peer whose clock is up to five minutes behind already accepts the certificate."""
-        behind = NOW - dt.timedelta(minutes=4)
+        behind = NOW - datetime.timedelta(minutes=4)
         _verify_server(self.ca, self.server, x509.DNSName("localhost"), behind)
 
     def test_explicit_not_before(self) -> None:
         """``not_before`` overrides the backdated start."""
-        start = NOW - dt.timedelta(days=3)
+        start = NOW - datetime.timedelta(days=3)
         server = certgen.issue_server(self.ca, days=1, now=NOW, not_before=start)
         self.assertEqual(server.certificate.not_valid_before_utc, start)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import datetime as dt
+import datetime
 import io
 import ipaddress
 import shlex
@@ -91,7 +91,7 @@ class InitTests(_CLITestCase):
             )
         ca = _certificate(self.directory / "ca.pem")
         server = _certificate(self.directory / "server.pem")
-        now = dt.datetime.now(dt.UTC)
+        now = datetime.datetime.now(datetime.UTC)
         for name in (
             x509.DNSName("localhost"),
             x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
@@ -131,7 +131,7 @@ class InitTests(_CLITestCase):
             san.get_values_for_type(x509.IPAddress), [ipaddress.ip_address("10.0.0.7")]
         )
         lifetime = server.not_valid_after_utc - server.not_valid_before_utc
-        self.assertEqual(lifetime, dt.timedelta(days=3) + certgen.CLOCK_SKEW)
+        self.assertEqual(lifetime, datetime.timedelta(days=3) + certgen.CLOCK_SKEW)
         client = _certificate(self.directory / "client.pem")
         self.assertEqual(
             client.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value, "alice"
@@ -263,7 +263,7 @@ class ClientTests(_CLITestCase):
         self.assertEqual((_mode(cert_path), _mode(key_path)), (0o644, 0o600))
         issued = certgen.load_issued(cert_path.read_bytes(), key_path.read_bytes())
         ca = _certificate(self.directory / "ca.pem")
-        verifier = PolicyBuilder().store(Store([ca])).time(dt.datetime.now(dt.UTC))
+        verifier = PolicyBuilder().store(Store([ca])).time(datetime.datetime.now(datetime.UTC))
         verified = verifier.build_client_verifier().verify(issued.certificate, [])
         self.assertEqual(
             verified.subjects,
@@ -315,7 +315,7 @@ class ClientTests(_CLITestCase):
 
     def test_expired_ca(self) -> None:
         """An expired CA is refused with the fix."""
-        past = dt.datetime.now(dt.UTC) - dt.timedelta(days=10)
+        past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10)
         old = certgen.make_ca("old", days=1, now=past)
         certgen.write_pair(old, self.directory / "ca.pem", self.directory / "ca-key.pem")
         status = self.run_cli("client", str(self.directory), "--name", "bob")

@@ -145,15 +145,25 @@ class Peer:
             self.process.stdout.close()
 
 
-def run_client(
-    *args: str, data: bytes = b"", stdin: IO[bytes] | None = None, timeout: float = RUN_TIMEOUT
-) -> subprocess.CompletedProcess[bytes]:
-    """Run ``python -m secure_echo.client ARGS`` with ``data`` (or ``stdin``) as input."""
+def client_env() -> dict[str, str]:
+    """Return the environment for a client subprocess: this checkout's ``src`` first."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO / "src"), env.get("PYTHONPATH", "")) if p
     )
-    command = [sys.executable, "-m", "secure_echo.client", *args]
+    return env
+
+
+def client_command(*args: str) -> list[str]:
+    """Return the command line that runs the client module with ``args``."""
+    return [sys.executable, "-m", "secure_echo.client", *args]
+
+
+def run_client(
+    *args: str, data: bytes = b"", stdin: IO[bytes] | None = None, timeout: float = RUN_TIMEOUT
+) -> subprocess.CompletedProcess[bytes]:
+    """Run ``python -m secure_echo.client ARGS`` with ``data`` (or ``stdin``) as input."""
+    command, env = client_command(*args), client_env()
     if stdin is not None:
         return subprocess.run(
             command, stdin=stdin, capture_output=True, timeout=timeout, env=env, check=False
@@ -161,6 +171,46 @@ def run_client(
     return subprocess.run(
         command, input=data, capture_output=True, timeout=timeout, env=env, check=False
     )
+
+
+def spawn_client(case: SynchronousTestCase, *args: str) -> subprocess.Popen[bytes]:
+    """Start the client with pipes for all three streams; a cleanup reaps it."""
+    process = subprocess.Popen(
+        client_command(*args),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=client_env(),
+    )
+    case.addCleanup(reap, process)
+    return process
+
+
+def reap(process: subprocess.Popen[bytes]) -> None:
+    """Kill ``process`` if it still runs, wait for it, close its pipes."""
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=10)
+    for stream in (process.stdin, process.stdout, process.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def read_exactly(stream: IO[bytes], size: int, timeout: float = 10.0) -> bytes:
+    """Read ``size`` bytes from a pipe, failing after ``timeout`` seconds."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    with selectors.PollSelector() as selector:
+        selector.register(stream.fileno(), selectors.EVENT_READ)
+        while len(data) < size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not selector.select(remaining):
+                raise AssertionError(f"only {data!r} within {timeout} s")
+            chunk = os.read(stream.fileno(), size - len(data))
+            if not chunk:
+                raise AssertionError(f"end of stream after {data!r}")
+            data += chunk
+    return data
 
 
 class ClientTestCase(SynchronousTestCase):
@@ -589,6 +639,27 @@ class EchoTests(ClientTestCase):
         data = b"old but fine\n"
         self.assert_echoed(self.echo(self.peer("--tls12-only"), data), data)
 
+    def test_interactive(self) -> None:
+        """Each line is echoed as soon as it is sent; waiting for input never times out."""
+        peer = self.peer()
+        process = spawn_client(
+            self, f"127.0.0.1:{peer.port}", "--ca", str(self.certs.ca), "--timeout", "0.3"
+        )
+        assert process.stdin is not None
+        assert process.stdout is not None
+        assert process.stderr is not None
+        process.stdin.write(b"first\n")
+        process.stdin.flush()
+        self.assertEqual(read_exactly(process.stdout, 6), b"first\n")
+        time.sleep(1.0)  # idle for longer than --timeout, with nothing owed
+        process.stdin.write(b"second\n")
+        process.stdin.flush()
+        self.assertEqual(read_exactly(process.stdout, 7), b"second\n")
+        process.stdin.close()
+        self.assertEqual(process.wait(timeout=RUN_TIMEOUT), EXIT_OK)
+        self.assertEqual(process.stdout.read(), b"")
+        self.assertEqual(process.stderr.read(), b"")
+
 
 # ----------------------------------------------------------------------------- failures
 
@@ -670,23 +741,9 @@ class FailureTests(ClientTestCase):
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
         port = listener.getsockname()[1]
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "secure_echo.client",
-                f"127.0.0.1:{port}",
-                "--ca",
-                str(self.certs.ca),
-                "--timeout",
-                "5",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        process = spawn_client(
+            self, f"127.0.0.1:{port}", "--ca", str(self.certs.ca), "--timeout", "5"
         )
-        self.addCleanup(_reap, process)
         listener.settimeout(10)
         conn, _ = listener.accept()
         with conn:
@@ -751,12 +808,6 @@ class FailureTests(ClientTestCase):
         self.assert_one_line_error(result, EXIT_CONNECTION, "cannot resolve no-such-host.invalid")
 
 
-def _reap(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.kill()
-    process.communicate(timeout=10)
-
-
 # ----------------------------------------------------------------------------- check
 
 
@@ -795,7 +846,7 @@ class CheckTests(ClientTestCase):
 
     def test_no_reply(self) -> None:
         """No reply within --timeout is a connection failure."""
-        result = self.check(self.peer("--silent"), "--timeout", "0.5")
+        result = self.check(self.peer("--silent"), "--timeout", "1")
         self.assert_one_line_error(result, EXIT_CONNECTION, "no reply from")
 
     def test_refused(self) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import datetime as dt
+import datetime
 import ipaddress
 import os
 import shlex
@@ -17,7 +17,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from secure_echo import certgen, devcerts
 from secure_echo.devcerts import DevCerts, DevCertsError, ensure_dev_certs
 
-T0 = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+T0 = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
 FILES = ("ca.pem", "ca-key.pem", "server.pem", "server-key.pem")
 
 
@@ -33,7 +33,7 @@ def _certificate(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
 
 
-def _assert_consistent(case: SynchronousTestCase, dev: DevCerts, at: dt.datetime) -> None:
+def _assert_consistent(case: SynchronousTestCase, dev: DevCerts, at: datetime.datetime) -> None:
     """The server pair matches, chains to ca.pem for every dev name, and is valid at ``at``."""
     certgen.load_issued(dev.server_cert.read_bytes(), dev.server_key.read_bytes())
     store = Store([_certificate(dev.ca_cert)])
@@ -79,14 +79,14 @@ class EnsureDevCertsTests(SynchronousTestCase):
         dev = ensure_dev_certs(self.state, now=T0)
         ca_end = _certificate(dev.ca_cert).not_valid_after_utc
         server_end = _certificate(dev.server_cert).not_valid_after_utc
-        self.assertEqual(ca_end, T0 + dt.timedelta(days=devcerts.CA_DAYS))
-        self.assertEqual(server_end, T0 + dt.timedelta(days=devcerts.SERVER_DAYS))
+        self.assertEqual(ca_end, T0 + datetime.timedelta(days=devcerts.CA_DAYS))
+        self.assertEqual(server_end, T0 + datetime.timedelta(days=devcerts.SERVER_DAYS))
 
     def test_second_run_reuses(self) -> None:
         """A second call writes nothing: same bytes, ``created`` false."""
         first = ensure_dev_certs(self.state, now=T0)
         before = _snapshot(first)
-        second = ensure_dev_certs(self.state, now=T0 + dt.timedelta(days=30))
+        second = ensure_dev_certs(self.state, now=T0 + datetime.timedelta(days=30))
         self.assertFalse(second.created)
         self.assertEqual(_snapshot(second), before)
         self.assertEqual(second.ca_cert, first.ca_cert)
@@ -94,7 +94,7 @@ class EnsureDevCertsTests(SynchronousTestCase):
     def test_reuses_with_exactly_seven_days_left(self) -> None:
         """A server certificate with exactly RENEW_BEFORE left is still reused."""
         before = _snapshot(ensure_dev_certs(self.state, now=T0))
-        at = T0 + dt.timedelta(days=devcerts.SERVER_DAYS) - devcerts.RENEW_BEFORE
+        at = T0 + datetime.timedelta(days=devcerts.SERVER_DAYS) - devcerts.RENEW_BEFORE
         dev = ensure_dev_certs(self.state, now=at)
         self.assertFalse(dev.created)
         self.assertEqual(_snapshot(dev), before)
@@ -102,7 +102,7 @@ class EnsureDevCertsTests(SynchronousTestCase):
     def test_reissues_expiring_server_certificate(self) -> None:
         """With under 7 days left the server pair is re-issued from the same CA."""
         before = _snapshot(ensure_dev_certs(self.state, now=T0))
-        later = T0 + dt.timedelta(days=devcerts.SERVER_DAYS - 6)
+        later = T0 + datetime.timedelta(days=devcerts.SERVER_DAYS - 6)
         dev = ensure_dev_certs(self.state, now=later)
         after = _snapshot(dev)
         self.assertTrue(dev.created)
@@ -112,14 +112,14 @@ class EnsureDevCertsTests(SynchronousTestCase):
         self.assertNotEqual(after["server-key.pem"], before["server-key.pem"])
         self.assertEqual(
             _certificate(dev.server_cert).not_valid_after_utc,
-            later + dt.timedelta(days=devcerts.SERVER_DAYS),
+            later + datetime.timedelta(days=devcerts.SERVER_DAYS),
         )
         _assert_consistent(self, dev, later)
 
     def test_reissued_server_never_outlives_ca(self) -> None:
         """A server certificate re-issued late in the CA's life ends no later than the CA."""
         ensure_dev_certs(self.state, now=T0)
-        later = T0 + dt.timedelta(days=300)
+        later = T0 + datetime.timedelta(days=300)
         dev = ensure_dev_certs(self.state, now=later)
         ca_end = _certificate(dev.ca_cert).not_valid_after_utc
         server_end = _certificate(dev.server_cert).not_valid_after_utc
@@ -130,7 +130,7 @@ class EnsureDevCertsTests(SynchronousTestCase):
     def test_regenerates_expiring_ca(self) -> None:
         """With under 7 days left on the CA, everything is regenerated."""
         before = _snapshot(ensure_dev_certs(self.state, now=T0))
-        later = T0 + dt.timedelta(days=devcerts.CA_DAYS - 3)
+        later = T0 + datetime.timedelta(days=devcerts.CA_DAYS - 3)
         dev = ensure_dev_certs(self.state, now=later)
         after = _snapshot(dev)
         self.assertTrue(dev.created)
@@ -141,7 +141,7 @@ class EnsureDevCertsTests(SynchronousTestCase):
     def test_regenerates_not_yet_valid(self) -> None:
         """Certificates from the future (the clock went back) are replaced."""
         before = _snapshot(ensure_dev_certs(self.state, now=T0))
-        dev = ensure_dev_certs(self.state, now=T0 - dt.timedelta(days=1))
+        dev = ensure_dev_certs(self.state, now=T0 - datetime.timedelta(days=1))
         self.assertTrue(dev.created)
         self.assertNotEqual(_snapshot(dev)["ca.pem"], before["ca.pem"])
 
@@ -279,7 +279,8 @@ class EnsureDevCertsTests(SynchronousTestCase):
 
     def test_naive_now_rejected(self) -> None:
         """A naive ``now`` is a programming error: ValueError."""
-        self.assertRaises(ValueError, ensure_dev_certs, self.state, now=dt.datetime(2030, 1, 1))  # noqa: DTZ001
+        naive = datetime.datetime(2030, 1, 1)  # noqa: DTZ001 - naive on purpose
+        self.assertRaises(ValueError, ensure_dev_certs, self.state, now=naive)
 
 
 class ErrorTests(SynchronousTestCase):

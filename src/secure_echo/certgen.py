@@ -17,7 +17,7 @@ Contract:
 
 from __future__ import annotations
 
-import datetime as dt
+import datetime
 import ipaddress
 import os
 import tempfile
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
 #: Backdating of ``not_valid_before``, to tolerate clock skew between hosts.
-CLOCK_SKEW = dt.timedelta(minutes=5)
+CLOCK_SKEW = datetime.timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,8 @@ class Issued:
         )
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
 
 
 def _name(common_name: str, organization: str | None = None) -> x509.Name:
@@ -85,7 +85,7 @@ def make_ca(
     common_name: str,
     *,
     days: int = 365,
-    now: dt.datetime | None = None,
+    now: datetime.datetime | None = None,
     organization: str | None = "secure-echo",
 ) -> Issued:
     """Create a self-signed CA certificate that may sign leaves only (path length 0)."""
@@ -100,7 +100,7 @@ def make_ca(
         .public_key(public)
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
-        .not_valid_after(start + CLOCK_SKEW + dt.timedelta(days=days))
+        .not_valid_after(start + CLOCK_SKEW + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -130,12 +130,12 @@ def _issue_leaf(
     names: Sequence[str],
     uris: Sequence[str],
     days: int,
-    now: dt.datetime | None,
-    not_before: dt.datetime | None = None,
+    now: datetime.datetime | None,
+    not_before: datetime.datetime | None = None,
 ) -> Issued:
     key = ec.generate_private_key(ec.SECP256R1())
     start = not_before if not_before is not None else (now or _now()) - CLOCK_SKEW
-    end = (now or _now()) + dt.timedelta(days=days)
+    end = (now or _now()) + datetime.timedelta(days=days)
     public = key.public_key()
     ca_ski = ca.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
     builder = (
@@ -178,8 +178,8 @@ def issue_server(
     names: Sequence[str] = ("localhost", "127.0.0.1", "::1"),
     *,
     days: int = 90,
-    now: dt.datetime | None = None,
-    not_before: dt.datetime | None = None,
+    now: datetime.datetime | None = None,
+    not_before: datetime.datetime | None = None,
 ) -> Issued:
     """Issue a server certificate (EKU serverAuth) for ``names`` (DNS names or IPs)."""
     return _issue_leaf(
@@ -201,7 +201,7 @@ def issue_client(
     dns: Sequence[str] = (),
     uris: Sequence[str] = (),
     days: int = 90,
-    now: dt.datetime | None = None,
+    now: datetime.datetime | None = None,
     usage: x509.ObjectIdentifier = ExtendedKeyUsageOID.CLIENT_AUTH,
 ) -> Issued:
     """Issue a client certificate (EKU clientAuth unless ``usage`` says otherwise)."""

@@ -28,7 +28,7 @@ Contract:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
+import datetime
 import ipaddress
 import re
 import shlex
@@ -178,7 +178,7 @@ def _init(args: argparse.Namespace) -> None:
             "a certificate cannot outlive its CA"
         )
     names: list[str] = args.server_names or list(DEFAULT_SERVER_NAMES)
-    now = dt.datetime.now(dt.UTC)
+    now = datetime.datetime.now(datetime.UTC)
     ca = certgen.make_ca(CA_COMMON_NAME, days=args.ca_days, now=now)
     server = certgen.issue_server(ca, names, days=args.days, now=now)
     client = certgen.issue_client(ca, args.client_name, days=args.days, now=now)
@@ -234,14 +234,14 @@ def _init(args: argparse.Namespace) -> None:
 def _client(args: argparse.Namespace) -> None:
     directory: Path = args.directory
     ca = _load_ca(directory)
-    now = dt.datetime.now(dt.UTC)
+    now = datetime.datetime.now(datetime.UTC)
     left = ca.certificate.not_valid_after_utc - now
-    if left <= dt.timedelta(0):
+    if left <= datetime.timedelta(0):
         raise CertsError(
             f"the CA in {directory} expired on {_date(ca)}; "
             f"run `{PROG} init --force` to replace it"
         )
-    if dt.timedelta(days=args.days) > left:
+    if datetime.timedelta(days=args.days) > left:
         raise CertsError(
             f"--days {args.days}: the CA in {directory} expires on {_date(ca)}, "
             f"in {left.days} days; pass a smaller --days or run `{PROG} init --force` "

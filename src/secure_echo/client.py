@@ -22,6 +22,7 @@ Exit status:
   verification, handshake failure or alert, or a server that closed before answering.
 * 64: bad usage (EX_USAGE), including an unreadable or unusable ``--ca``, ``--cert`` or
   ``--key``.
+* 70: internal error (a bug; reported as one line like the rest).
 * 130: interrupted.
 
 Every failure is exactly one line on standard error, ``secure-echo-client: ...``.  No
@@ -84,6 +85,7 @@ EXIT_WRONG_REPLY = 1
 EXIT_LOCAL_IO = 1
 EXIT_CONNECTION = 2
 EXIT_USAGE = 64
+EXIT_SOFTWARE = 70
 EXIT_INTERRUPTED = 130
 
 DEFAULT_TIMEOUT = 10.0
@@ -333,6 +335,19 @@ def _load_client_pair(context: ssl.SSLContext, cert: str, key: str) -> None:
 # ----------------------------------------------------------------------------- connection
 
 
+def new_selector() -> selectors.BaseSelector:
+    """Return a selector that can watch sockets, pipes, terminals and regular files.
+
+    epoll (Linux's default) refuses regular files, so ``< input.txt`` would fail; poll
+    takes them.  macOS's poll does not work on terminals, so elsewhere use select, whose
+    descriptor limit (1024) is far above the three descriptors this process watches.
+    """
+    platform: str = sys.platform  # a variable: mypy would drop the branch not taken here
+    if platform.startswith("linux"):
+        return selectors.PollSelector()
+    return selectors.SelectSelector()
+
+
 class _Connection:
     """A non-blocking TCP socket with TLS over memory BIOs."""
 
@@ -346,7 +361,7 @@ class _Connection:
             raise UsageError(f"cannot verify the name {server_name!r}: {exc}") from None
         self.net_out = bytearray()
         self.sock: socket.socket | None = None
-        self.selector: selectors.BaseSelector = selectors.PollSelector()
+        self.selector = new_selector()
 
     def close(self) -> None:
         self.selector.close()
@@ -504,13 +519,19 @@ class _Pump:
         self.received_any = False
         self.last_progress = time.monotonic()
         self.last_reply_at = 0.0
+        connection.selector.modify(connection.socket, selectors.EVENT_READ)
         self._masks: dict[int, int] = {connection.socket.fileno(): selectors.EVENT_READ}
 
     # -- state --------------------------------------------------------------------------
 
     def _expecting(self) -> bool:
         """Whether the server owes us something, so the idle timeout runs."""
-        return bool(self.ledger.unanswered or self.conn.net_out or self.close_sent)
+        return bool(
+            self.ledger.unanswered
+            or self.conn.net_out
+            or self.close_sent
+            or self.conn.incoming.pending  # half a record: the rest is due
+        )
 
     def _finished(self) -> bool:
         where = self.conn.address
@@ -718,7 +739,7 @@ def _write_fd(fd: int, data: bytes) -> None:
             written = os.write(fd, view)
         except BlockingIOError:
             # Standard output inherited in non-blocking mode: wait until it drains.
-            with selectors.PollSelector() as selector:
+            with new_selector() as selector:
                 selector.register(fd, selectors.EVENT_WRITE)
                 selector.select()
             continue
@@ -889,6 +910,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_status
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug; still one line, never a traceback
+        _complain(f"internal error: {type(exc).__name__}: {exc}")
+        return EXIT_SOFTWARE
 
 
 if __name__ == "__main__":

@@ -107,7 +107,13 @@ def validate_listen(description: str) -> Listen:
     try:
         # Only parses; the reactor argument is not used until listen().
         endpoints.serverFromString(None, description)
-    except (ValueError, TypeError, KeyError) as error:
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
+        if kind == "systemd" and isinstance(error, KeyError | IndexError):
+            # The systemd parser looks the socket up already: none was passed.
+            raise usage.UsageError(
+                f"--listen {description}: systemd passed no such socket; "
+                "start under socket activation or use tcp:PORT"
+            ) from None
         raise usage.UsageError(
             f"--listen {description}: not a valid endpoint ({error}); "
             "e.g. tcp:8443:interface=127.0.0.1"

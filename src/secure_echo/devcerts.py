@@ -33,7 +33,8 @@ Rules, applied under the lock on every call:
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
+import datetime
+import errno
 import fcntl
 import ipaddress
 import os
@@ -58,7 +59,7 @@ CA_DAYS = 365
 #: Lifetime of a newly issued development server certificate (capped at the CA's).
 SERVER_DAYS = 90
 #: A certificate with less validity left than this is replaced.
-RENEW_BEFORE = dt.timedelta(days=7)
+RENEW_BEFORE = datetime.timedelta(days=7)
 #: Common name of the development CA.
 CA_COMMON_NAME = "secure-echo development CA"
 
@@ -113,7 +114,7 @@ def default_state_dir() -> Path:
     return home / ".local" / "state" / "secure-echo"
 
 
-def ensure_dev_certs(state_dir: Path, *, now: dt.datetime | None = None) -> DevCerts:
+def ensure_dev_certs(state_dir: Path, *, now: datetime.datetime | None = None) -> DevCerts:
     """Make, repair or reuse the development CA and server certificate under ``state_dir``.
 
     ``now`` (timezone-aware; default the current time) is the moment validity is
@@ -121,7 +122,7 @@ def ensure_dev_certs(state_dir: Path, *, now: dt.datetime | None = None) -> DevC
     layout and the rules.  Safe to call from several processes at once.  Raises
     :class:`DevCertsError` (one line) on any filesystem failure.
     """
-    moment = now if now is not None else dt.datetime.now(dt.UTC)
+    moment = now if now is not None else datetime.datetime.now(datetime.UTC)
     if moment.tzinfo is None:
         msg = "now must be timezone-aware"
         raise ValueError(msg)
@@ -226,7 +227,9 @@ def _make_private_directory(directory: Path) -> None:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     info = directory.stat()
     if info.st_uid != os.geteuid():
-        raise PermissionError(1, "the directory is owned by another user", os.fspath(directory))
+        raise PermissionError(
+            errno.EPERM, "the directory is owned by another user", os.fspath(directory)
+        )
     if stat.S_IMODE(info.st_mode) & 0o077:
         directory.chmod(0o700)
 
@@ -242,7 +245,7 @@ def _locked(path: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def _ensure(paths: _Paths, now: dt.datetime) -> bool:
+def _ensure(paths: _Paths, now: datetime.datetime) -> bool:
     """Apply the module's rules 1-3 in ``paths``; return whether anything was written."""
     ca = _reusable_ca(paths, now)
     regenerate = ca is None
@@ -258,7 +261,7 @@ def _ensure(paths: _Paths, now: dt.datetime) -> bool:
     return True
 
 
-def _reusable_ca(paths: _Paths, now: dt.datetime) -> certgen.Issued | None:
+def _reusable_ca(paths: _Paths, now: datetime.datetime) -> certgen.Issued | None:
     ca = _load(paths.ca_cert, paths.ca_key)
     if ca is None or not _fresh(ca.certificate, now):
         return None
@@ -269,7 +272,7 @@ def _reusable_ca(paths: _Paths, now: dt.datetime) -> certgen.Issued | None:
     return ca if constraints.value.ca else None
 
 
-def _reusable_server(paths: _Paths, ca: certgen.Issued, now: dt.datetime) -> bool:
+def _reusable_server(paths: _Paths, ca: certgen.Issued, now: datetime.datetime) -> bool:
     server = _load(paths.server_cert, paths.server_key)
     if server is None or not _fresh(server.certificate, now):
         return False
@@ -282,17 +285,18 @@ def _reusable_server(paths: _Paths, ca: certgen.Issued, now: dt.datetime) -> boo
         return False
     named = {*san.get_values_for_type(x509.DNSName)}
     named |= {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
-    return named.issuperset(str(_canonical(name)) for name in DEV_NAMES)
+    return named.issuperset(_canonical(name) for name in DEV_NAMES)
 
 
 def _canonical(name: str) -> str:
+    """Spell an IP address as :class:`ipaddress` prints it; leave DNS names alone."""
     try:
         return str(ipaddress.ip_address(name))
     except ValueError:
         return name
 
 
-def _fresh(certificate: x509.Certificate, now: dt.datetime) -> bool:
+def _fresh(certificate: x509.Certificate, now: datetime.datetime) -> bool:
     return (
         certificate.not_valid_before_utc <= now
         and certificate.not_valid_after_utc - now >= RENEW_BEFORE

@@ -53,6 +53,20 @@ def _default(value: object) -> object:
     return repr(value)
 
 
+def _dumps(value: object) -> str:
+    """Strict JSON (no NaN or Infinity) on one line."""
+    return json.dumps(value, default=_default, ensure_ascii=False, allow_nan=False)
+
+
+def _field(value: object) -> object:
+    """``value`` if JSON can hold it, else its ``repr``."""
+    try:
+        _dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+    return value
+
+
 def event_as_record(event: LogEvent) -> dict[str, Any]:
     """Flatten a twisted.logger event into the record described above."""
     when = event.get("log_time")
@@ -91,7 +105,13 @@ class JSONLinesObserver:
 
     def __call__(self, event: LogEvent) -> None:
         """Write ``event`` as one line."""
-        line = json.dumps(event_as_record(event), default=_default, ensure_ascii=False)
+        record = event_as_record(event)
+        try:
+            line = _dumps(record)
+        except (TypeError, ValueError):
+            # A field JSON cannot hold (non-string keys, a cycle, NaN): write that
+            # field as its repr rather than lose the whole record.
+            line = _dumps({key: _field(value) for key, value in record.items()})
         self._stream.write(line + "\n")
         self._stream.flush()
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final, cast
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger, LogLevel
@@ -252,7 +252,7 @@ class LineProtocol(Protocol):
         record.handler_errors += 1
         terminator = terminator_of(line)
         number = self._line_no if line_no is None else line_no
-        if failure.check(TimeoutError, CancelledError):
+        if failure.check(TimeoutError):
             self.log.warn(
                 "handler for line {line_no} on connection {conn_id} timed out after {timeout} s",
                 event="handler_timeout",

@@ -93,6 +93,9 @@ class TLSService(Service):
 
         def check() -> None:
             if not self._factory.connections:
+                # Leave no timer behind once every connection has closed.
+                if deadline.active():
+                    deadline.cancel()
                 if not done.called:
                     done.callback(None)
                 return
@@ -102,7 +105,7 @@ class TLSService(Service):
             for connection in list(self._factory.connections):
                 connection.abortConnection()
 
-        self._clock.callLater(SHUTDOWN_GRACE, give_up)
+        deadline = self._clock.callLater(SHUTDOWN_GRACE, give_up)
         check()
         return done
 
