@@ -444,6 +444,8 @@ class UsageTests(ClientTestCase):
             (["h:1", "--ca", ca, "--timeout", "nan"], "more than 0"),
             (["h:1", "--ca", ca, "--timeout", "soon"], "number of seconds"),
             (["h:1", "--ca", ca, "--bogus"], "--bogus"),
+            (["h:1", "--ca", ca, "--servername", ""], "is not a server name"),
+            (["h:1", "--ca", ca, "--servername", "a b"], "is not a server name"),
             (["check", "h:1", "--ca", ca, "extra"], "extra"),
             (["h:1", "--ca", ca, "--cert", str(self.certs.client_cert)], "--cert and --key"),
             (["h:1", "--ca", ca, "--key", str(self.certs.client_key)], "--cert and --key"),

@@ -813,6 +813,12 @@ def _address_argument(text: str) -> Address:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _servername_argument(text: str) -> str:
+    if not text or any(ch.isspace() for ch in text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a server name")
+    return text
+
+
 def _timeout_argument(text: str) -> float:
     try:
         value = float(text)
@@ -859,6 +865,7 @@ def _parser(*, check: bool) -> argparse.ArgumentParser:
     parser.add_argument("--key", metavar="KEY.pem", help="unencrypted client private key")
     parser.add_argument(
         "--servername",
+        type=_servername_argument,
         metavar="NAME",
         help="name to send (SNI) and to verify in the certificate (default: HOST)",
     )

@@ -112,6 +112,10 @@ class JSONLinesObserver:
             # A field JSON cannot hold (non-string keys, a cycle, NaN): write that
             # field as its repr rather than lose the whole record.
             line = _dumps({key: _field(value) for key, value in record.items()})
+        if not line.isascii():
+            # A lone surrogate (an undecodable file name) cannot be encoded as UTF-8;
+            # written as a JSON escape it keeps the record.
+            line = line.encode("utf-8", "backslashreplace").decode("utf-8")
         self._stream.write(line + "\n")
         self._stream.flush()
 
