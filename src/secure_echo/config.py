@@ -254,12 +254,12 @@ class Options(usage.Options):
                 raise usage.UsageError(
                     "--key: given without --cert; add --cert with the matching certificate"
                 )
-            state_dir = (
-                Path(self["state-dir"]).expanduser()
-                if self["state-dir"]
-                else devcerts.default_state_dir()
-            )
             try:
+                state_dir = (
+                    Path(self["state-dir"]).expanduser()
+                    if self["state-dir"]
+                    else devcerts.default_state_dir()
+                )
                 dev = devcerts.ensure_dev_certs(state_dir)
             except devcerts.DevCertsError as error:
                 raise usage.UsageError(f"--state-dir: {error}") from None
