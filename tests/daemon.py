@@ -38,7 +38,7 @@ from typing import IO, TYPE_CHECKING, Any
 import secure_echo
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Sequence
 
 #: Python code that runs twistd exactly as the ``twistd`` console script does.
 TWISTD = "from twisted.scripts.twistd import run; run()"
@@ -152,10 +152,13 @@ class Daemon:
         ``--listen`` and ``--log-file`` are added.  Raises :class:`DaemonError`
         (after stopping the child) if no ``listening`` event appears in time.
         """
+        directory = directory.absolute()
         directory.mkdir(parents=True, exist_ok=True)
         log_path = directory / "log.jsonl"
         stdout_path = directory / "stdout.txt"
         stderr_path = directory / "stderr.txt"
+        # A log left by an earlier daemon here would announce a stale port.
+        log_path.unlink(missing_ok=True)
         full_args = ("--listen", listen, "--log-file", str(log_path), *args)
         stdout = stdout_path.open("wb")
         stderr = stderr_path.open("wb")
@@ -168,7 +171,13 @@ class Daemon:
             stderr=stderr,
         )
         daemon = cls(
-            process, directory, log_path, stdout_path, stderr_path, full_args, _files=[stdout, stderr]
+            process,
+            directory,
+            log_path,
+            stdout_path,
+            stderr_path,
+            full_args,
+            _files=[stdout, stderr],
         )
         try:
             listening = daemon.wait_for_event(
@@ -217,7 +226,9 @@ class Daemon:
                 for event in self.events()[since:]:
                     if predicate(event):
                         return event
-                raise DaemonError(f"daemon exited with {self.process.returncode}\n{self.describe()}")
+                raise DaemonError(
+                    f"daemon exited with {self.process.returncode}\n{self.describe()}"
+                )
             if time.monotonic() >= deadline:
                 raise DaemonError(f"no matching event within {timeout} s\n{self.describe()}")
             time.sleep(POLL_INTERVAL)
@@ -270,7 +281,9 @@ class Daemon:
             self.process.kill()
             self.process.wait(timeout=STOP_TIMEOUT)
             self._close_files()
-            raise DaemonError(f"daemon did not exit within {timeout} s\n{self.describe()}") from None
+            raise DaemonError(
+                f"daemon did not exit within {timeout} s\n{self.describe()}"
+            ) from None
         self.returncode = code
         self._close_files()
         return code
@@ -286,9 +299,7 @@ class Daemon:
             handle.close()
 
 
-def start_daemon(
-    case: Any, directory: Path, args: Sequence[str], **kwargs: Any
-) -> Daemon:
+def start_daemon(case: Any, directory: Path, args: Sequence[str], **kwargs: Any) -> Daemon:
     """Start a daemon for one test; ``case.addCleanup`` stops it."""
     daemon = Daemon.start(directory, args, **kwargs)
     case.addCleanup(_stop_quietly, daemon)
@@ -330,14 +341,3 @@ def _stop_shared() -> None:
         daemon.terminate()
     for daemon in daemons:
         _stop_quietly(daemon)
-
-
-@contextlib.contextmanager
-def deadline(seconds: float) -> Iterator[Callable[[], float]]:
-    """Yield a function returning the seconds left (at least 0.001) of ``seconds``."""
-    end = time.monotonic() + seconds
-
-    def left() -> float:
-        return max(end - time.monotonic(), 0.001)
-
-    yield left

@@ -47,9 +47,11 @@ def spki_sha256(cert: x509.Certificate) -> str:
 
 
 def _normalise_spki(value: str) -> str:
-    cleaned = value.strip().lower().replace(":", "")
-    if cleaned.startswith("sha256/") or cleaned.startswith("sha256:"):
+    cleaned = value.strip().lower()
+    # Strip the prefix before the colons, or "sha256:" would never be recognised.
+    if cleaned.startswith(("sha256/", "sha256:")):
         cleaned = cleaned[7:]
+    cleaned = cleaned.replace(":", "")
     if not _HEX64.match(cleaned):
         msg = (
             f"--allow-spki-sha256: {value!r} is not 64 hex digits; give the SHA-256 of "
@@ -77,6 +79,7 @@ class AllowList:
         spki: Iterable[str] = (),
     ) -> AllowList:
         """Validate and normalise the entries; raise :class:`AllowListError`."""
+        uris = tuple(uris)  # iterated twice below; a generator would be used up
         for uri in uris:
             if ":" not in uri:
                 msg = f"--allow-uri: {uri!r} is not a URI; give e.g. spiffe://example.org/svc"
@@ -101,21 +104,22 @@ class AllowList:
             for attribute in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
                 if attribute.value in self.cns:
                     return None
-        if self.dns or self.uris:
-            try:
-                san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            except x509.ExtensionNotFound:
-                san = None
-            if san is not None:
-                if self.dns and any(
-                    name.lower().rstrip(".") in self.dns
-                    for name in san.get_values_for_type(x509.DNSName)
-                ):
-                    return None
-                if self.uris and any(
-                    uri in self.uris for uri in san.get_values_for_type(x509.UniformResourceIdentifier)
-                ):
-                    return None
+        if (self.dns or self.uris) and self._san_matches(cert):
+            return None
         if self.spki_sha256 and spki_sha256(cert) in self.spki_sha256:
             return None
         return f"client certificate {cert.subject.rfc4514_string()} is not on the allow-list"
+
+    def _san_matches(self, cert: x509.Certificate) -> bool:
+        """True if a DNS or URI subjectAltName of ``cert`` is listed."""
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            return False
+        if self.dns and any(
+            name.lower().rstrip(".") in self.dns for name in san.get_values_for_type(x509.DNSName)
+        ):
+            return True
+        return bool(self.uris) and any(
+            uri in self.uris for uri in san.get_values_for_type(x509.UniformResourceIdentifier)
+        )

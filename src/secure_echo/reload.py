@@ -1,0 +1,181 @@
+"""Reloading the TLS material without a restart: SIGHUP and file watching.
+
+A reload is one transaction: the certificate chain, key, client CA and allow-lists
+are read and validated together (:func:`secure_echo.tls.load_and_validate`), a new
+context is built from them, and only then swapped in for new connections.  If any
+step fails the old context stays in use and ``tls_reload_failed`` is logged; open
+connections always keep the context they started with.
+
+Triggers:
+
+* SIGHUP.  twistd installs no handler for it (without one, SIGHUP kills the
+  process), so :class:`ReloadService` installs one while running.  The handler
+  only hops into the reactor (``callFromThread``); the reload runs there.
+* ``--reload-interval SECONDS``: the files' identity (inode, size, mtime) is polled
+  and a change triggers a reload.  Polling is cheap, needs no inotify, and sees
+  ``mv new.pem cert.pem`` renames as well as in-place writes; a half-written file
+  fails validation and is retried at the next change.
+
+After each load (at start too) a certificate that expires within
+``--expiry-warning-days`` logs ``certificate_expiring``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+from typing import TYPE_CHECKING, Any
+
+from twisted.application.service import Service
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from typing_extensions import override
+
+from secure_echo.tls import ContextHolder, LoadedTLS, TLSConfigError, TLSSettings, load_and_validate
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+    from types import FrameType
+
+_FileId = tuple[int, int, int, int] | None
+
+
+def _identity(path: Path | None) -> _FileId:
+    if path is None:
+        return None
+    try:
+        info = os.stat(path)  # noqa: PTH116 - one stat call for all fields
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+def files_of(settings: TLSSettings) -> tuple[Path | None, ...]:
+    """The files a reload reads."""
+    return (settings.cert, settings.key, settings.client_ca)
+
+
+class TLSReloader:
+    """Validates and swaps TLS material; logs what happened."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        holder: ContextHolder,
+        settings: Callable[[], TLSSettings],
+        clock: Any,
+        *,
+        expiry_warning_days: float = 14.0,
+    ) -> None:
+        self.holder = holder
+        self._settings = settings
+        self._clock = clock
+        self.expiry_warning = datetime.timedelta(days=expiry_warning_days)
+        self.reloads = 0
+        self.failures = 0
+
+    def now(self) -> datetime.datetime:
+        """The current time, from the injected clock."""
+        return datetime.datetime.fromtimestamp(self._clock.seconds(), datetime.UTC)
+
+    def reload(self, trigger: str) -> bool:
+        """Reload everything as one transaction; True if the new set is in use."""
+        try:
+            settings = self._settings()
+            loaded = load_and_validate(settings, self.now())
+            self.holder.replace(loaded)
+        except (TLSConfigError, ValueError) as error:
+            self.failures += 1
+            self.log.error(
+                "TLS reload ({trigger}) failed, keeping the current certificate: {error}",
+                event="tls_reload_failed",
+                trigger=trigger,
+                error=str(error),
+                subject=self.holder.loaded.subject,
+                not_after=self.holder.loaded.not_after.isoformat(),
+            )
+            return False
+        except Exception as error:  # an OpenSSL refusal while building the context
+            self.failures += 1
+            self.log.error(
+                "TLS reload ({trigger}) failed, keeping the current certificate: {error}",
+                event="tls_reload_failed",
+                trigger=trigger,
+                error=f"{type(error).__name__}: {error}",
+                subject=self.holder.loaded.subject,
+                not_after=self.holder.loaded.not_after.isoformat(),
+            )
+            return False
+        self.reloads += 1
+        self.log.info(
+            "TLS material reloaded ({trigger}): {subject}, valid until {not_after}",
+            event="tls_reloaded",
+            trigger=trigger,
+            subject=loaded.subject,
+            not_after=loaded.not_after.isoformat(),
+            cert=str(settings.cert),
+            client_ca=str(settings.client_ca) if settings.client_ca else None,
+        )
+        self.warn_if_expiring(loaded)
+        return True
+
+    def warn_if_expiring(self, loaded: LoadedTLS) -> None:
+        """Log ``certificate_expiring`` if the certificate expires soon."""
+        left = loaded.not_after - self.now()
+        if left <= self.expiry_warning:
+            self.log.warn(
+                "the server certificate {subject} expires in {days:.1f} days ({not_after})",
+                event="certificate_expiring",
+                subject=loaded.subject,
+                not_after=loaded.not_after.isoformat(),
+                days=left.total_seconds() / 86400.0,
+            )
+
+
+class ReloadService(Service):
+    """Installs the SIGHUP handler and, optionally, the file watcher."""
+
+    def __init__(self, reloader: TLSReloader, reactor: Any, interval: float = 0.0) -> None:
+        self.reloader = reloader
+        self._reactor = reactor
+        self._interval = interval
+        self._watch: LoopingCall | None = None
+        self._seen: tuple[_FileId, ...] = ()
+        self._previous_handler: Any = None
+
+    @override
+    def startService(self) -> None:
+        super().startService()
+        self._previous_handler = signal.signal(signal.SIGHUP, self._on_sighup)
+        self.reloader.warn_if_expiring(self.reloader.holder.loaded)
+        if self._interval > 0:
+            self._seen = self._identities()
+            self._watch = LoopingCall(self._poll)
+            self._watch.clock = self._reactor
+            self._watch.start(self._interval, now=False)
+
+    @override
+    def stopService(self) -> None:
+        super().stopService()
+        if self._watch is not None and self._watch.running:
+            self._watch.stop()
+        self._watch = None
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGHUP, self._previous_handler)
+            self._previous_handler = None
+
+    def _on_sighup(self, signum: int, frame: FrameType | None) -> None:
+        """Signal context: only schedule the reload in the reactor."""
+        self._reactor.callFromThread(self.reloader.reload, "SIGHUP")
+
+    def _identities(self) -> tuple[_FileId, ...]:
+        return tuple(_identity(path) for path in files_of(self.reloader.holder.loaded.settings))
+
+    def _poll(self) -> None:
+        current = self._identities()
+        if current != self._seen:
+            self._seen = current
+            self.reloader.reload("file-change")

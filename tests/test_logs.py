@@ -1,0 +1,258 @@
+"""Tests for :mod:`secure_echo.logs`: JSON Lines records and the rotating file service."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import stat
+from pathlib import Path
+from typing import Any
+
+from twisted.logger import Logger, LogLevel, LogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from secure_echo.logs import (
+    DEFAULT_EVENT,
+    JSONLinesObserver,
+    JSONLogService,
+    event_as_record,
+    open_log_file,
+)
+
+HEAD = ["time", "level", "event", "namespace", "message"]
+
+
+class RecordTests(SynchronousTestCase):
+    """What one event becomes."""
+
+    def setUp(self) -> None:
+        self.publisher = LogPublisher()
+        self.stream = io.StringIO()
+        self.publisher.addObserver(JSONLinesObserver(self.stream))
+        self.log = Logger(namespace="secure_echo.test", observer=self.publisher)
+
+    def lines(self) -> list[str]:
+        text = self.stream.getvalue()
+        self.assertTrue(text.endswith("\n"))
+        return text.splitlines()
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.lines()]
+
+    def test_head_fields_first(self) -> None:
+        """Every record starts with time, level, event, namespace and message, in order."""
+        self.log.info("hello {name}", event="greeting", name="world")
+        [record] = self.records()
+        self.assertEqual(list(record)[:5], HEAD)
+        self.assertEqual(record["level"], "info")
+        self.assertEqual(record["event"], "greeting")
+        self.assertEqual(record["namespace"], "secure_echo.test")
+        self.assertEqual(record["message"], "hello world")
+        self.assertEqual(record["name"], "world")
+
+    def test_internal_fields_dropped(self) -> None:
+        """Twisted's log_* bookkeeping does not reach the record."""
+        self.log.warn("x {a}", a=1)
+        [record] = self.records()
+        self.assertEqual(sorted(record), sorted([*HEAD, "a"]))
+        self.assertEqual(record["level"], "warn")
+
+    def test_time(self) -> None:
+        """The time is ISO 8601 UTC with microseconds."""
+        record = event_as_record({"log_time": 1.5, "log_format": "x"})
+        self.assertEqual(record["time"], "1970-01-01T00:00:01.500000+00:00")
+
+    def test_missing_time_and_level(self) -> None:
+        """An event without time or level still makes a record (with nulls)."""
+        record = event_as_record({"log_format": "bare"})
+        self.assertEqual(list(record)[:5], HEAD)
+        self.assertIsNone(record["time"])
+        self.assertIsNone(record["level"])
+        self.assertEqual(record["message"], "bare")
+
+    def test_default_event(self) -> None:
+        """An event without an ``event`` field (Twisted's own) gets 'twisted'."""
+        self.log.info("from twisted")
+        [record] = self.records()
+        self.assertEqual(DEFAULT_EVENT, "twisted")
+        self.assertEqual(record["event"], "twisted")
+
+    def test_field_named_like_head_does_not_override(self) -> None:
+        """An event field called ``time`` or ``message`` cannot replace the head fields."""
+        self.log.info("real", event="e", time="bogus", message="bogus")
+        [record] = self.records()
+        self.assertEqual(record["message"], "real")
+        self.assertNotEqual(record["time"], "bogus")
+
+    def test_failure_becomes_traceback(self) -> None:
+        """A logged failure is rendered into ``traceback``."""
+        try:
+            1 / 0  # noqa: B018 - raising on purpose
+        except ZeroDivisionError:
+            self.log.failure("handler crashed", event="handler_error")
+        [record] = self.records()
+        self.assertEqual(record["level"], "critical")
+        self.assertEqual(record["event"], "handler_error")
+        self.assertIn("ZeroDivisionError", record["traceback"])
+        self.assertNotIn("log_failure", record)
+
+    def test_awkward_values(self) -> None:
+        """Bytes, sets, tuples and arbitrary objects are written, not fatal."""
+        marker = object()
+        self.log.info(
+            "values",
+            raw=b"ab\xff\x00",
+            tags={"b"},
+            frozen=frozenset({1}),
+            pair=(1, 2),
+            nested=[{3}],
+            thing=marker,
+        )
+        [record] = self.records()
+        self.assertEqual(record["raw"], "ab\\xff\x00")
+        self.assertEqual(record["tags"], ["b"])
+        self.assertEqual(record["frozen"], [1])
+        self.assertEqual(record["pair"], [1, 2])
+        self.assertEqual(record["nested"], [[3]])
+        self.assertEqual(record["thing"], repr(marker))
+
+    def test_values_json_cannot_hold(self) -> None:
+        """Non-string keys, cycles and NaN become their repr; the record is kept."""
+        cycle: list[object] = []
+        cycle.append(cycle)
+        self.log.info(
+            "odd", event="odd", keyed={(1, 2): "x"}, cycle=cycle, nan=math.nan, inf=math.inf, ok=1
+        )
+        [line] = self.lines()
+        self.assertNotIn("NaN", line)
+        self.assertNotIn("Infinity", line)
+        record = json.loads(line)
+        self.assertEqual(record["event"], "odd")
+        self.assertEqual(record["keyed"], "{(1, 2): 'x'}")
+        self.assertEqual(record["cycle"], "[[...]]")
+        self.assertEqual(record["nan"], "nan")
+        self.assertEqual(record["inf"], "inf")
+        self.assertEqual(record["ok"], 1)
+
+    def test_one_line_no_separator(self) -> None:
+        """Newlines in values are escaped: one record, one line, no \\x1e anywhere."""
+        self.log.info("multi\nline {v}", v="a\nb\r\x1ec")
+        self.log.info("second")
+        text = self.stream.getvalue()
+        self.assertEqual(text.count("\n"), 2)
+        self.assertNotIn("\x1e", text)
+        first, second = self.records()
+        self.assertEqual(first["v"], "a\nb\r\x1ec")
+        self.assertEqual(first["message"], "multi\nline a\nb\r\x1ec")
+        self.assertEqual(second["message"], "second")
+
+    def test_unicode(self) -> None:
+        """Non-ASCII text is written as UTF-8 text and read back unchanged."""
+        self.log.info("caf\u00e9 {who}", who="\u00fc")
+        [record] = self.records()
+        self.assertEqual(record["message"], "caf\u00e9 \u00fc")
+        self.assertIn("caf\u00e9", self.stream.getvalue())
+
+    def test_unformattable_message(self) -> None:
+        """A format string that cannot be rendered still gives a record."""
+        self.log.info("missing {field}", event="broken")
+        [record] = self.records()
+        self.assertEqual(record["event"], "broken")
+        self.assertIsInstance(record["message"], str)
+
+    def test_levels(self) -> None:
+        """Each level is written by its name."""
+        for level in LogLevel.iterconstants():
+            self.log.emit(level, "x")
+        self.assertEqual(
+            [r["level"] for r in self.records()],
+            [level.name for level in LogLevel.iterconstants()],
+        )
+
+
+class LogFileServiceTests(SynchronousTestCase):
+    """The service that attaches the observer on a rotating file."""
+
+    def setUp(self) -> None:
+        self.directory = Path(self.mktemp())
+        self.directory.mkdir()
+        self.path = self.directory / "echo.jsonl"
+        self.publisher = LogPublisher()
+        self.log = Logger(namespace="secure_echo.test", observer=self.publisher)
+
+    def read(self, path: Path | None = None) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in (path or self.path).read_text().splitlines()]
+
+    def test_writes_while_running(self) -> None:
+        """Records go to the file while the service runs and stop after it stops."""
+        service = JSONLogService(self.path, 1_000_000, 3, publisher=self.publisher)
+        service.startService()
+        self.log.info("one", event="first")
+        self.assertEqual([r["event"] for r in self.read()], ["first"])
+        service.stopService()
+        self.log.info("two", event="second")
+        self.assertEqual([r["event"] for r in self.read()], ["first"])
+        self.assertFalse(service.running)
+
+    def test_privileged_start_opens(self) -> None:
+        """The privileged start opens the file (mode 0640); the normal start keeps it."""
+        service = JSONLogService(self.path, 1_000_000, 3, publisher=self.publisher)
+        service.privilegedStartService()
+        self.assertEqual(stat.S_IMODE(self.path.stat().st_mode), 0o640)
+        self.log.info("early", event="early")
+        service.startService()
+        self.log.info("late", event="late")
+        service.stopService()
+        self.assertEqual([r["event"] for r in self.read()], ["early", "late"])
+
+    def test_appends(self) -> None:
+        """A restarted service appends to the existing file."""
+        for name in ("first", "second"):
+            service = JSONLogService(self.path, 1_000_000, 3, publisher=self.publisher)
+            service.startService()
+            self.log.info(name, event=name)
+            service.stopService()
+        self.assertEqual([r["event"] for r in self.read()], ["first", "second"])
+
+    def test_stop_without_start(self) -> None:
+        """Stopping a service that never started does nothing."""
+        service = JSONLogService(self.path, 1_000_000, 3, publisher=self.publisher)
+        service.stopService()
+        self.assertFalse(self.path.exists())
+
+    def test_rotation_keeps_at_most_keep(self) -> None:
+        """At max_bytes the file rotates; only ``keep`` rotated files remain, all whole."""
+        service = JSONLogService(self.path, 1000, 2, publisher=self.publisher)
+        service.startService()
+        for number in range(200):
+            self.log.info("record {number} {padding}", number=number, padding="x" * 50)
+        service.stopService()
+        names = sorted(p.name for p in self.directory.iterdir())
+        self.assertEqual(names, ["echo.jsonl", "echo.jsonl.1", "echo.jsonl.2"])
+        numbers: list[int] = []
+        for path in (self.path.with_name(n) for n in reversed(names)):
+            records = self.read(path)
+            numbers += [r["number"] for r in records]
+        # The newest records, in order, with no gap and none split across files.
+        self.assertEqual(numbers, list(range(200 - len(numbers), 200)))
+        self.assertGreaterEqual(self.path.with_name("echo.jsonl.1").stat().st_size, 1000)
+        self.assertLess(self.path.with_name("echo.jsonl.1").stat().st_size, 1200)
+
+    def test_lone_surrogate(self) -> None:
+        """A field holding an undecodable file name is written as a JSON escape, not lost."""
+        service = JSONLogService(self.path, 1_000_000, 3, publisher=self.publisher)
+        service.startService()
+        self.log.info("loaded {cert}", event="tls_context_loaded", cert="/etc/\udcff.pem")
+        service.stopService()
+        [record] = self.read()
+        self.assertEqual(record["event"], "tls_context_loaded")
+        self.assertEqual(record["cert"], "/etc/\udcff.pem")
+
+    def test_open_log_file(self) -> None:
+        """open_log_file rotates at max_bytes and keeps ``keep`` files."""
+        log_file = open_log_file(self.path, 4096, 7)
+        self.addCleanup(log_file.close)
+        self.assertEqual(log_file.rotateLength, 4096)
+        self.assertEqual(log_file.maxRotatedFiles, 7)
+        self.assertEqual(Path(log_file.path), self.path)

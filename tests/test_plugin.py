@@ -1,0 +1,166 @@
+"""Tests for the twistd plugin: found in place, and found in an installed wheel."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+from unittest import SkipTest
+
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+from twisted.trial.unittest import SynchronousTestCase
+
+from secure_echo import tap
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Upper bounds for the slow steps of the wheel test, in seconds.
+BUILD_TIMEOUT = 180
+STEP_TIMEOUT = 120
+
+_LIST_PLUGINS = """
+import secure_echo
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+from twisted import plugins
+for maker in getPlugins(IServiceMaker, plugins):
+    print("plugin", maker.tapname)
+print("module", secure_echo.__file__)
+"""
+
+
+def _unmet_build_requirements() -> list[str]:
+    """The build-system requirements this interpreter does not satisfy."""
+    try:
+        from packaging.requirements import Requirement  # noqa: PLC0415 - optional
+    except ImportError:
+        return ["packaging (to check the build requirements)"]
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    unmet: list[str] = []
+    for text in requires:
+        requirement = Requirement(text)
+        try:
+            installed = importlib.metadata.version(requirement.name)
+        except importlib.metadata.PackageNotFoundError:
+            unmet.append(f"{text} (not installed)")
+            continue
+        if installed not in requirement.specifier:
+            unmet.append(f"{text} (found {installed})")
+    return unmet
+
+
+def _run(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run a command with a clean environment: no PYTHONPATH, no user site."""
+    env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "PYTHONHOME"}}
+    env["PYTHONNOUSERSITE"] = "1"
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    return subprocess.run(
+        args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+class PluginTests(SynchronousTestCase):
+    """The plugin as seen from this environment."""
+
+    def test_listed(self) -> None:
+        """getPlugins lists exactly one 'secure-echo' maker whose options are tap.Options."""
+        makers = [m for m in getPlugins(IServiceMaker) if m.tapname == "secure-echo"]
+        self.assertEqual(len(makers), 1)
+        [maker] = makers
+        self.assertIs(maker.options, tap.Options)
+        self.assertTrue(maker.description)
+        self.assertIs(maker.makeService, tap.makeService)  # type: ignore[comparison-overlap]
+
+
+class WheelTests(SynchronousTestCase):
+    """A non-editable install of the built wheel lists the plugin."""
+
+    def test_installed_wheel_lists_plugin(self) -> None:
+        """Build the wheel, install it into a fresh venv, and find the plugin there."""
+        if not (ROOT / "pyproject.toml").is_file():
+            raise SkipTest(f"no pyproject.toml in {ROOT}: not running from a source tree")
+        unmet = _unmet_build_requirements()
+        if unmet:
+            raise SkipTest(
+                "cannot build the wheel without build isolation here; unmet build "
+                "requirements: " + ", ".join(unmet)
+            )
+        work = Path(tempfile.mkdtemp(prefix="secure-echo-wheel-"))
+        self.addCleanup(shutil.rmtree, work, ignore_errors=True)
+        # Build from a copy so that the build leaves nothing in the source tree.
+        source = work / "source"
+        source.mkdir()
+        for name in ("pyproject.toml", "README.md", "LICENSE"):
+            if (ROOT / name).is_file():
+                shutil.copy2(ROOT / name, source / name)
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "dropin.cache", "*.egg-info")
+        shutil.copytree(ROOT / "src", source / "src", ignore=ignore)
+        shutil.copytree(ROOT / "twisted", source / "twisted", ignore=ignore)
+
+        dist = work / "dist"
+        built = _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--no-deps",
+                "--no-build-isolation",
+                "--no-index",
+                "-w",
+                str(dist),
+                str(source),
+            ],
+            work,
+            BUILD_TIMEOUT,
+        )
+        self.assertEqual(built.returncode, 0, built.stdout + built.stderr)
+        wheels = sorted(dist.glob("secure_echo-*.whl"))
+        self.assertEqual(len(wheels), 1, wheels)
+
+        venv = work / "venv"
+        made = _run(
+            [sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
+            work,
+            STEP_TIMEOUT,
+        )
+        self.assertEqual(made.returncode, 0, made.stderr)
+        python = venv / "bin" / "python"
+        installed = _run(
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "--no-deps",
+                "--no-build-isolation",
+                "--no-index",
+                str(wheels[0]),
+            ],
+            work,
+            STEP_TIMEOUT,
+        )
+        self.assertEqual(installed.returncode, 0, installed.stdout + installed.stderr)
+
+        listed = _run([str(python), "-c", _LIST_PLUGINS], work, STEP_TIMEOUT)
+        self.assertEqual(listed.returncode, 0, listed.stderr)
+        lines = listed.stdout.splitlines()
+        self.assertIn("plugin secure-echo", lines)
+        [module] = [line.removeprefix("module ") for line in lines if line.startswith("module ")]
+        site = _run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            work,
+            STEP_TIMEOUT,
+        )
+        purelib = Path(site.stdout.strip()).resolve()
+        self.assertTrue(
+            Path(module).resolve().is_relative_to(purelib),
+            f"secure_echo imported from {module}, not from the venv's {purelib}",
+        )
+        self.assertTrue((purelib / "twisted" / "plugins" / "secure_echo_plugin.py").is_file())
+        self.assertFalse((purelib / "twisted" / "plugins" / "__init__.py").exists())

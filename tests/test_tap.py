@@ -1,0 +1,295 @@
+"""Tests for :mod:`secure_echo.tap`: the service tree, start-up events and shutdown."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+from twisted.application.service import MultiService
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from secure_echo import tap
+from secure_echo.handler import EchoHandler
+from secure_echo.logs import JSONLogService
+from secure_echo.protocol import LineFactory, LineSettings
+from secure_echo.record import CloseReason
+from secure_echo.service import ListeningService
+from secure_echo.transport import TLSServerConnection, TLSServerFactory
+from tests.helpers import make_pki
+
+if TYPE_CHECKING:
+    from secure_echo.config import Config
+
+
+class FakeConnection:
+    """Just enough of a TLSServerConnection for shutdown: close and abort."""
+
+    def __init__(self, factory: TLSServerFactory, *, closes: bool) -> None:
+        self.factory = factory
+        self.closes = closes
+        self.close_reasons: list[CloseReason] = []
+        self.aborted = False
+
+    def close(self, reason: CloseReason) -> None:
+        """Record the reason; a cooperative connection goes away at once."""
+        self.close_reasons.append(reason)
+        if self.closes:
+            self.gone()
+
+    def abortConnection(self) -> None:
+        """Record the abort; the connection goes away."""
+        self.aborted = True
+        self.gone()
+
+    def gone(self) -> None:
+        """Leave the factory's set, as a closed connection does."""
+        self.factory.connections.discard(cast("TLSServerConnection", self))
+
+
+class TapTestCase(SynchronousTestCase):
+    """Options built from a test PKI, with stdout captured."""
+
+    def setUp(self) -> None:
+        self.pki = make_pki(self.mktemp())
+        self.stdout = io.StringIO()
+        self.patch(sys, "stdout", self.stdout)
+        self.events = EventLoggingObserver()
+        globalLogPublisher.addObserver(self.events)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events)
+
+    def options(self, *args: str, dev: bool = False) -> tap.Options:
+        options = tap.Options()
+        if dev:
+            tls_args = ["--state-dir", self.mktemp()]
+        else:
+            tls_args = ["--cert", str(self.pki.server_cert), "--key", str(self.pki.server_key)]
+        options.parseOptions([*tls_args, *args])
+        return options
+
+    def start(self, top: MultiService) -> None:
+        top.privilegedStartService()
+        top.startService()
+        self.addCleanup(top.stopService)
+
+    def named_events(self, name: str) -> list[dict[str, object]]:
+        return [dict(e) for e in self.events if e.get("event") == name]
+
+
+class MakeServiceTests(TapTestCase):
+    """makeService builds, never starts, the daemon's services."""
+
+    def test_services(self) -> None:
+        """The tree is a MultiService of TLSService and ListeningService."""
+        top = tap.makeService(self.options(), reactor=MemoryReactorClock())
+        self.assertIsInstance(top, MultiService)
+        self.assertEqual([type(c) for c in top], [tap.TLSService, ListeningService])
+        self.assertFalse(top.running)
+
+    def test_log_service_first(self) -> None:
+        """With --log-file the JSON log service comes first, so it sees start-up events."""
+        log_file = Path(self.mktemp())
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        top = tap.makeService(
+            self.options("--log-file", str(log_file)), reactor=MemoryReactorClock()
+        )
+        children = list(top)
+        self.assertEqual(
+            [type(c) for c in children], [JSONLogService, tap.TLSService, ListeningService]
+        )
+        log_service = children[0]
+        assert isinstance(log_service, JSONLogService)
+        self.assertEqual(log_service.path, log_file.absolute())
+
+    def test_start_writes_log_file(self) -> None:
+        """Starting with --log-file writes the listening and TLS events to the file."""
+        log_file = Path(self.mktemp())
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        top = tap.makeService(
+            self.options("--log-file", str(log_file), "--listen", "tcp:9443"),
+            reactor=MemoryReactorClock(),
+        )
+        top.privilegedStartService()
+        top.startService()
+        top.stopService()
+        names = [json.loads(line)["event"] for line in log_file.read_text().splitlines()]
+        self.assertIn("listening", names)
+        self.assertIn("tls_context_loaded", names)
+
+    def test_listen_recorded(self) -> None:
+        """Starting listens on the configured port with backlog 1024 and logs it."""
+        reactor = MemoryReactorClock()
+        top = tap.makeService(
+            self.options("--listen", "tcp:9443:interface=127.0.0.1"), reactor=reactor
+        )
+        self.assertEqual(reactor.tcpServers, [])
+        self.start(top)
+        [(port, factory, backlog, interface)] = reactor.tcpServers
+        self.assertEqual((port, backlog, interface), (9443, 1024, "127.0.0.1"))
+        self.assertIsInstance(factory, TLSServerFactory)
+        [event] = self.named_events("listening")
+        self.assertEqual(event["port"], 9443)
+
+    def test_default_listen(self) -> None:
+        """Without --listen the daemon listens on 127.0.0.1:8443."""
+        reactor = MemoryReactorClock()
+        self.start(tap.makeService(self.options(), reactor=reactor))
+        [(port, _, backlog, interface)] = reactor.tcpServers
+        self.assertEqual((port, backlog, interface), (8443, 1024, "127.0.0.1"))
+
+    def test_several_listens(self) -> None:
+        """Every --listen endpoint is listened on with the same factory."""
+        reactor = MemoryReactorClock()
+        top = tap.makeService(
+            self.options("--listen", "tcp:9443", "--listen", "tcp:9444:backlog=7"),
+            reactor=reactor,
+        )
+        self.start(top)
+        self.assertEqual([(s[0], s[2]) for s in reactor.tcpServers], [(9443, 1024), (9444, 7)])
+        self.assertIs(reactor.tcpServers[0][1], reactor.tcpServers[1][1])
+
+    def test_tls_context_loaded(self) -> None:
+        """Start-up logs tls_context_loaded with the certificate's facts."""
+        options = self.options("--client-ca", str(self.pki.ca_cert))
+        self.start(tap.makeService(options, reactor=MemoryReactorClock()))
+        [event] = self.named_events("tls_context_loaded")
+        self.assertEqual(event["log_level"], LogLevel.info)
+        self.assertEqual(event["subject"], "CN=localhost")
+        self.assertEqual(event["profile"], "intermediate")
+        self.assertEqual(event["client_auth"], "required")
+        self.assertEqual(event["client_ca"], str(self.pki.ca_cert))
+        self.assertEqual(event["cert"], str(self.pki.server_cert))
+        self.assertEqual(event["not_after"], options.config.tls.not_after.isoformat())
+        self.assertEqual(self.named_events("dev_certificate"), [])
+        self.assertEqual(self.stdout.getvalue(), "")
+
+    def test_dev_certificate(self) -> None:
+        """With development certificates start-up warns with dev_certificate."""
+        options = self.options(dev=True)
+        self.start(tap.makeService(options, reactor=MemoryReactorClock()))
+        dev = options.config.dev_certs
+        assert dev is not None
+        [event] = self.named_events("dev_certificate")
+        self.assertEqual(event["log_level"], LogLevel.warn)
+        self.assertEqual(event["ca_cert"], str(dev.ca_cert))
+        self.assertEqual(event["cert"], str(dev.server_cert))
+        self.assertIs(event["created"], True)
+        self.assertEqual(len(self.named_events("tls_context_loaded")), 1)
+
+    def test_dev_banner_from_make_service(self) -> None:
+        """Building with development certificates prints where the CA is."""
+        options = self.options("--listen", "tcp:9443", dev=True)
+        tap.makeService(options, reactor=MemoryReactorClock())
+        dev = options.config.dev_certs
+        assert dev is not None
+        output = self.stdout.getvalue()
+        self.assertIn(f"CA certificate: {dev.ca_cert}", output)
+        self.assertIn("127.0.0.1:9443", output)
+
+
+class DevBannerTests(TapTestCase):
+    """print_dev_banner."""
+
+    def config(self, *args: str, dev: bool = True) -> Config:
+        return self.options(*args, dev=dev).config
+
+    def test_names_ca_and_port(self) -> None:
+        """The banner names the CA file and a client command for the listening port."""
+        cfg = self.config("--listen", "tcp:9555:interface=127.0.0.1")
+        self.stdout.truncate(0)
+        tap.print_dev_banner(cfg)
+        output = self.stdout.getvalue()
+        assert cfg.dev_certs is not None
+        self.assertIn(str(cfg.dev_certs.ca_cert), output)
+        self.assertIn("127.0.0.1:9555", output)
+        self.assertIn("(created)", output)
+
+    def test_reused(self) -> None:
+        """A second run says the certificates were reused."""
+        state = self.mktemp()
+        tap.Options().parseOptions(["--state-dir", state])
+        options = tap.Options()
+        options.parseOptions(["--state-dir", state])
+        tap.print_dev_banner(options.config)
+        self.assertIn("(reused)", self.stdout.getvalue())
+
+    def test_default_port_for_unix(self) -> None:
+        """For a non-TCP first endpoint the banner falls back to port 8443."""
+        path = Path(self.mktemp()).absolute()
+        tap.print_dev_banner(self.config("--listen", f"unix:{path}"))
+        self.assertIn("127.0.0.1:8443", self.stdout.getvalue())
+
+    def test_silent_with_real_certificate(self) -> None:
+        """With --cert there is no banner."""
+        tap.print_dev_banner(self.config(dev=False))
+        self.assertEqual(self.stdout.getvalue(), "")
+
+
+class ShutdownTests(TapTestCase):
+    """TLSService.stopService closes every open connection with server_shutdown."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.clock = Clock()
+        cfg = self.options().config
+        self.factory = TLSServerFactory(
+            cfg.contexts, LineFactory(EchoHandler(), LineSettings(), self.clock), self.clock
+        )
+        self.service = tap.TLSService(cfg, self.factory, self.clock)
+        self.service.startService()
+
+    def add(self, *, closes: bool) -> FakeConnection:
+        connection = FakeConnection(self.factory, closes=closes)
+        self.factory.connections.add(cast("TLSServerConnection", connection))
+        return connection
+
+    def test_no_connections(self) -> None:
+        """With nothing open, stopping is immediate and leaves no timer."""
+        stopped = self.service.stopService()
+        self.assertIsNone(self.successResultOf(stopped))
+        self.assertFalse(self.service.running)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_closes_with_server_shutdown(self) -> None:
+        """Each open connection is closed with server_shutdown; done when all are gone."""
+        connections = [self.add(closes=True) for _ in range(3)]
+        stopped = self.service.stopService()
+        for connection in connections:
+            self.assertEqual(connection.close_reasons, [CloseReason.SERVER_SHUTDOWN])
+            self.assertFalse(connection.aborted)
+        self.assertIsNone(self.successResultOf(stopped))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_waits_for_slow_connections(self) -> None:
+        """Stopping waits while a connection is still closing, then finishes."""
+        slow = self.add(closes=False)
+        stopped = self.service.stopService()
+        self.assertNoResult(stopped)
+        self.assertEqual(slow.close_reasons, [CloseReason.SERVER_SHUTDOWN])
+        self.clock.advance(1)
+        self.assertNoResult(stopped)
+        slow.gone()
+        self.clock.advance(0.1)
+        self.assertIsNone(self.successResultOf(stopped))
+        self.assertFalse(slow.aborted)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_aborts_after_grace(self) -> None:
+        """A connection that does not close within the grace period is aborted."""
+        stuck = self.add(closes=False)
+        polite = self.add(closes=True)
+        stopped = self.service.stopService()
+        self.clock.advance(tap.SHUTDOWN_GRACE - 0.1)
+        self.assertNoResult(stopped)
+        self.assertFalse(stuck.aborted)
+        self.clock.advance(0.2)
+        self.assertTrue(stuck.aborted)
+        self.assertFalse(polite.aborted)
+        self.clock.advance(0.1)
+        self.assertIsNone(self.successResultOf(stopped))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
