@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -24,13 +25,15 @@ BUILD_TIMEOUT = 180
 STEP_TIMEOUT = 120
 
 _LIST_PLUGINS = """
+import sys
 import secure_echo
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
-from twisted import plugins
-for maker in getPlugins(IServiceMaker, plugins):
+for maker in getPlugins(IServiceMaker):
     print("plugin", maker.tapname)
 print("module", secure_echo.__file__)
+plugin = sys.modules.get("twisted.plugins.secure_echo_plugin")
+print("dropin", plugin.__file__ if plugin else "-")
 """
 
 
@@ -64,17 +67,44 @@ def _run(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProc
     )
 
 
+#: Modules the installed package needs at import time; each is found where it is now.
+_DEPENDENCIES = ("twisted", "OpenSSL", "cryptography", "zope.interface", "typing_extensions")
+
+
+def _dependency_dirs() -> list[str]:
+    """The directories this interpreter imports secure-echo's dependencies from."""
+    found: list[str] = []
+    for name in _DEPENDENCIES:
+        spec = importlib.util.find_spec(name)
+        assert spec is not None
+        assert spec.origin is not None
+        depth = len(name.split(".")) - (spec.submodule_search_locations is None)
+        directory = str(Path(spec.origin).parents[depth])
+        if directory not in found and not Path(directory).is_relative_to(ROOT):
+            found.append(directory)
+    return found
+
+
+def _purelib(python: Path, cwd: Path) -> str:
+    """The pure-Python site-packages directory of ``python``'s environment."""
+    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    found = _run([str(python), "-c", code], cwd, STEP_TIMEOUT)
+    if found.returncode != 0:
+        raise AssertionError(found.stderr)
+    return found.stdout.strip()
+
+
 class PluginTests(SynchronousTestCase):
     """The plugin as seen from this environment."""
 
     def test_listed(self) -> None:
-        """getPlugins lists exactly one 'secure-echo' maker whose options are tap.Options."""
+        """The plugin system lists one 'secure-echo' maker whose options are tap.Options."""
         makers = [m for m in getPlugins(IServiceMaker) if m.tapname == "secure-echo"]
         self.assertEqual(len(makers), 1)
         [maker] = makers
         self.assertIs(maker.options, tap.Options)
         self.assertTrue(maker.description)
-        self.assertIs(maker.makeService, tap.makeService)  # type: ignore[comparison-overlap]
+        self.assertIs(maker.makeService, tap.makeService)
 
 
 class WheelTests(SynchronousTestCase):
@@ -123,22 +153,26 @@ class WheelTests(SynchronousTestCase):
         wheels = sorted(dist.glob("secure_echo-*.whl"))
         self.assertEqual(len(wheels), 1, wheels)
 
+        # A venv of its own for secure-echo; its dependencies come from this
+        # environment through a .pth file, which puts them after the venv's own
+        # site-packages, so the installed wheel is what gets imported.
         venv = work / "venv"
-        made = _run(
-            [sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
-            work,
-            STEP_TIMEOUT,
-        )
+        made = _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], work, STEP_TIMEOUT)
         self.assertEqual(made.returncode, 0, made.stderr)
         python = venv / "bin" / "python"
+        purelib = Path(_purelib(python, work)).resolve()
+        (purelib / "secure_echo_test_deps.pth").write_text(
+            "".join(f"{d}\n" for d in _dependency_dirs())
+        )
         installed = _run(
             [
-                str(python),
+                sys.executable,
                 "-m",
                 "pip",
+                "--python",
+                str(python),
                 "install",
                 "--no-deps",
-                "--no-build-isolation",
                 "--no-index",
                 str(wheels[0]),
             ],
@@ -150,17 +184,12 @@ class WheelTests(SynchronousTestCase):
         listed = _run([str(python), "-c", _LIST_PLUGINS], work, STEP_TIMEOUT)
         self.assertEqual(listed.returncode, 0, listed.stderr)
         lines = listed.stdout.splitlines()
-        self.assertIn("plugin secure-echo", lines)
-        [module] = [line.removeprefix("module ") for line in lines if line.startswith("module ")]
-        site = _run(
-            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            work,
-            STEP_TIMEOUT,
-        )
-        purelib = Path(site.stdout.strip()).resolve()
-        self.assertTrue(
-            Path(module).resolve().is_relative_to(purelib),
-            f"secure_echo imported from {module}, not from the venv's {purelib}",
-        )
+        self.assertIn("plugin secure-echo", lines, f"the installed wheel lists: {lines}")
+        found = dict(line.split(" ", 1) for line in lines if not line.startswith("plugin "))
+        for what in ("module", "dropin"):
+            self.assertTrue(
+                Path(found[what]).resolve().is_relative_to(purelib),
+                f"{what} imported from {found[what]}, not from the venv's {purelib}",
+            )
         self.assertTrue((purelib / "twisted" / "plugins" / "secure_echo_plugin.py").is_file())
         self.assertFalse((purelib / "twisted" / "plugins" / "__init__.py").exists())

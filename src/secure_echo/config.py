@@ -91,7 +91,10 @@ def _positive_float(name: str, value: str) -> float:
 
 def validate_listen(description: str) -> Listen:
     """Check one ``--listen`` endpoint string and add an explicit backlog."""
-    kind = description.split(":", 1)[0].strip().lower()
+    head, sep, rest = description.partition(":")
+    kind = head.strip().lower()
+    # Twisted's parser wants the type in lower case; accept "TCP:8443" too.
+    description = f"{kind}{sep}{rest}"
     if kind in {"ssl", "tls", "le", "lets"}:
         raise usage.UsageError(
             f"--listen {description}: TLS is added by secure-echo itself; "

@@ -80,7 +80,6 @@ TLS13_CIPHERS: Final = (
 GROUPS: Final = ("X25519MLKEM768", "X25519", "P-256", "P-384")
 
 
-
 class TLSConfigError(Exception):
     """A TLS option is unusable; ``str()`` is one line: option, problem, fix."""
 
