@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from twisted.trial.unittest import FailTest, SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests.daemon import Daemon, Event, run_twistd, shared_daemon, start_daemon
 from tests.helpers import PKI, make_pki, write_expired_server
@@ -37,22 +37,6 @@ IO_TIMEOUT: Final = 10.0
 #: Seconds an ``openssl`` child may run.
 OPENSSL_TIMEOUT: Final = 15.0
 HEX64: Final = re.compile(r"[0-9a-f]{64}")
-
-# Known daemon bugs; their tests are marked todo until the daemon is fixed.
-BUG_LISTEN_ERROR_NOT_ON_STDERR: Final = (
-    "daemon bug: ListeningService.privilegedStartService writes its one line to "
-    "sys.stderr, which twistd has already redirected into its log, so the message "
-    "lands on stdout (or the log file) and stderr stays empty"
-)
-BUG_BANNER_PORT_ZERO: Final = (
-    "daemon bug: print_dev_banner runs in makeService, before listening, and prints "
-    "the port of the --listen string (0), not the bound one"
-)
-BUG_SHUTDOWN_RECORDS_NOT_LOGGED: Final = (
-    "daemon bug: MultiService stops all children at once, so JSONLogService removes "
-    "its observer before the connections TLSService closes have logged "
-    "connection_closed (the text log on stdout has it, the JSON log does not)"
-)
 
 _pki: PKI | None = None
 
@@ -881,8 +865,6 @@ class ConfigErrorTests(SynchronousTestCase):
             )
         self.assertIn("already in use", line)
 
-    test_busy_port.todo = (FailTest, BUG_LISTEN_ERROR_NOT_ON_STDERR)  # type: ignore[attr-defined]
-
     def test_unknown_tls_profile(self) -> None:
         """An unknown --tls-profile is refused."""
         self.assert_config_error(
@@ -956,8 +938,6 @@ class DevCertificateTests(IntegrationCase):
         for command in commands:
             self.assertIn(f" 127.0.0.1:{daemon.port} ", command)
 
-    test_banner_command_names_bound_port.todo = (FailTest, BUG_BANNER_PORT_ZERO)  # type: ignore[attr-defined]
-
 
 class ShutdownTests(IntegrationCase):
     """SIGTERM with connections open."""
@@ -997,5 +977,3 @@ class ShutdownTests(IntegrationCase):
         )
         self.assertEqual(len(closed), 1, daemon.describe())
         self.assertEqual(closed[0]["close_reason"], "server_shutdown")
-
-    test_sigterm_logs_server_shutdown.todo = (FailTest, BUG_SHUTDOWN_RECORDS_NOT_LOGGED)  # type: ignore[attr-defined]

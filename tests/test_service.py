@@ -44,6 +44,8 @@ class ListeningServiceTests(TestCase):
         self.factory = Factory.forProtocol(Protocol)
         self.stderr = io.StringIO()
         self.patch(sys, "stderr", self.stderr)
+        # Listen failures go to the original stderr, which twistd leaves alone.
+        self.patch(sys, "__stderr__", self.stderr)
 
     def service(self, *descriptions: str) -> ListeningService:
         listens = tuple(validate_listen(d) for d in descriptions)

@@ -59,6 +59,8 @@ class TapTestCase(SynchronousTestCase):
         self.pki = make_pki(self.mktemp())
         self.stdout = io.StringIO()
         self.patch(sys, "stdout", self.stdout)
+        # The banner goes to the original stdout, which twistd leaves alone.
+        self.patch(sys, "__stdout__", self.stdout)
         self.events = EventLoggingObserver()
         globalLogPublisher.addObserver(self.events)
         self.addCleanup(globalLogPublisher.removeObserver, self.events)
@@ -182,9 +184,11 @@ class MakeServiceTests(TapTestCase):
         self.assertEqual(len(self.named_events("tls_context_loaded")), 1)
 
     def test_dev_banner_from_make_service(self) -> None:
-        """Building with development certificates prints where the CA is."""
+        """Once listening with development certificates, the daemon prints where the CA is."""
         options = self.options("--listen", "tcp:9443", dev=True)
-        tap.makeService(options, reactor=MemoryReactorClock())
+        top = tap.makeService(options, reactor=MemoryReactorClock())
+        self.assertEqual(self.stdout.getvalue(), "", "nothing is printed before listening")
+        self.start(top)
         dev = options.config.dev_certs
         assert dev is not None
         output = self.stdout.getvalue()

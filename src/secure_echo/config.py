@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -46,6 +46,8 @@ class Listen:
 
     description: str
     kind: str
+    #: What the operator typed, for messages (``description`` has the backlog added).
+    given: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -91,25 +93,26 @@ def _positive_float(name: str, value: str) -> float:
 
 def validate_listen(description: str) -> Listen:
     """Check one ``--listen`` endpoint string and add an explicit backlog."""
+    given = description
     head, sep, rest = description.partition(":")
     kind = head.strip().lower()
     # Twisted's parser wants the type in lower case; accept "TCP:8443" too.
     description = f"{kind}{sep}{rest}"
     if kind in {"ssl", "tls", "le", "lets"}:
         raise usage.UsageError(
-            f"--listen {description}: TLS is added by secure-echo itself; "
+            f"--listen {given}: TLS is added by secure-echo itself; "
             "give a plain endpoint such as tcp:8443:interface=127.0.0.1"
         )
     if kind not in _ENDPOINT_TYPES:
         raise usage.UsageError(
-            f"--listen {description}: unsupported endpoint type {kind!r}; "
+            f"--listen {given}: unsupported endpoint type {kind!r}; "
             "use tcp:PORT, tcp6:PORT, unix:PATH or systemd:domain=INET:index=0"
         )
     if kind in _BACKLOG_TYPES and "backlog=" not in description:
         description = f"{description}:backlog={DEFAULT_BACKLOG}"
     try:
         # Only parses; the reactor argument is not used until listen().
-        endpoints.serverFromString(None, description)
+        endpoint = endpoints.serverFromString(None, description)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
         if kind == "systemd" and isinstance(error, KeyError | IndexError):
             # The systemd parser looks the socket up already: none was passed.
@@ -118,10 +121,14 @@ def validate_listen(description: str) -> Listen:
                 "start under socket activation or use tcp:PORT"
             ) from None
         raise usage.UsageError(
-            f"--listen {description}: not a valid endpoint ({error}); "
-            "e.g. tcp:8443:interface=127.0.0.1"
+            f"--listen {given}: not a valid endpoint ({error}); e.g. tcp:8443:interface=127.0.0.1"
         ) from None
-    return Listen(description, kind)
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 <= port <= 65535:  # noqa: PLR2004 - the TCP port range
+        raise usage.UsageError(
+            f"--listen {given}: port {port} is out of range; give a port from 0 to 65535"
+        )
+    return Listen(description, kind, given)
 
 
 def _log_path(value: str) -> Path:

@@ -32,7 +32,13 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from typing_extensions import override
 
-from secure_echo.tls import ContextHolder, LoadedTLS, TLSConfigError, TLSSettings, load_and_validate
+from secure_echo.tls import (
+    ContextHolder,
+    LoadedTLS,
+    TLSConfigError,
+    TLSSettings,
+    load_and_validate,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -167,7 +173,7 @@ class ReloadService(Service):
             signal.signal(signal.SIGHUP, self._previous_handler)
             self._previous_handler = None
 
-    def _on_sighup(self, signum: int, frame: FrameType | None) -> None:
+    def _on_sighup(self, _signum: int, _frame: FrameType | None) -> None:
         """Signal context: only schedule the reload in the reactor."""
         self._reactor.callFromThread(self.reloader.reload, "SIGHUP")
 

@@ -23,6 +23,8 @@ from typing_extensions import override
 from secure_echo.transport import format_address
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 
     from secure_echo.config import Listen
@@ -62,11 +64,16 @@ class ListeningService(Service):
     log = Logger()
 
     def __init__(
-        self, reactor: Any, listens: tuple[Listen, ...], factory: IProtocolFactory
+        self,
+        reactor: Any,
+        listens: tuple[Listen, ...],
+        factory: IProtocolFactory,
+        on_listening: Callable[[list[IListeningPort]], object] | None = None,
     ) -> None:
         self._reactor = reactor
         self._listens = listens
         self._factory = factory
+        self._on_listening = on_listening
         self.ports: list[IListeningPort] = []
 
     @override
@@ -74,9 +81,14 @@ class ListeningService(Service):
         try:
             self.listen_all()
         except ListenError as error:
-            sys.stderr.write(f"twistd secure-echo: {error}\n")
-            sys.stderr.flush()
+            # twistd has pointed sys.stderr at its log by now; the operator who
+            # started us must see why we stop, so write to the original stream.
+            stream = sys.__stderr__ or sys.stderr
+            stream.write(f"twistd secure-echo: {error}\n")
+            stream.flush()
             raise SystemExit(1) from None
+        if self._on_listening is not None:
+            self._on_listening(list(self.ports))
         super().privilegedStartService()
 
     def listen_all(self) -> None:
@@ -102,9 +114,10 @@ class ListeningService(Service):
                 continue
             self._close_ports()
             if isinstance(result, Failure):
-                message = describe_listen_failure(listen.description, result)
+                message = describe_listen_failure(listen.given or listen.description, result)
             else:  # pragma: no cover - every endpoint type we allow listens synchronously
-                message = f"--listen {listen.description}: did not start listening at once"
+                given = listen.given or listen.description
+                message = f"--listen {given}: did not start listening at once"
             raise ListenError(message)
 
     def _close_ports(self) -> None:

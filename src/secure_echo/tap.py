@@ -12,7 +12,7 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
@@ -31,6 +31,8 @@ from secure_echo.transport import TLSServerFactory
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    from twisted.internet.interfaces import IListeningPort
 
 #: Seconds to wait at shutdown for connections to finish closing before aborting.
 SHUTDOWN_GRACE = 5.0
@@ -110,29 +112,65 @@ class TLSService(Service):
         return done
 
 
-def print_dev_banner(cfg: _config.Config) -> None:
-    """Tell a first-time user where the CA is and how to connect."""
+def print_dev_banner(
+    cfg: _config.Config, port: int | None = None, stream: TextIO | None = None
+) -> None:
+    """Tell a first-time user where the CA is and how to connect.
+
+    ``port`` is the bound port (so ``tcp:0`` prints the real one); without it the
+    port is read from the first ``--listen``.  The banner goes to the original
+    stdout, which twistd has not redirected into its log.
+    """
     dev = cfg.dev_certs
     if dev is None:
         return
-    listen = cfg.listens[0].description
-    port = 8443
-    parts = listen.split(":")
-    if cfg.listens[0].kind in {"tcp", "tcp6"} and len(parts) > 1 and parts[1].isdigit():
-        port = int(parts[1])
+    if port is None:
+        port = 8443
+        parts = cfg.listens[0].description.split(":")
+        if cfg.listens[0].kind in {"tcp", "tcp6"} and len(parts) > 1 and parts[1].isdigit():
+            port = int(parts[1])
     commands = client_command(dev.ca_cert, "127.0.0.1", port)
     # Installed in a virtualenv that is not on PATH: name the client by its path.
     script = Path(sys.executable).with_name("secure-echo-client")
     if shutil.which("secure-echo-client") is None and script.exists():
         commands = commands.replace("secure-echo-client", shlex.quote(str(script)), 1)
-    sys.stdout.write(
+    out = stream or sys.__stdout__ or sys.stdout
+    out.write(
         "secure-echo: using a development certificate for localhost "
         f"({'created' if dev.created else 'reused'}).\n"
         f"secure-echo: CA certificate: {dev.ca_cert}\n"
         "secure-echo: connect with:\n"
         f"{commands}\n"
     )
-    sys.stdout.flush()
+    out.flush()
+
+
+def _first_tcp_port(ports: list[IListeningPort]) -> int | None:
+    for port in ports:
+        number = getattr(port.getHost(), "port", None)
+        if isinstance(number, int):
+            return number
+    return None
+
+
+class OrderedMultiService(MultiService):
+    """A MultiService that stops its children one at a time, last added first.
+
+    ``MultiService`` stops every child at once; the log service must outlive the
+    services whose shutdown it records (every ``connection_closed`` of a drain).
+    """
+
+    @override
+    def stopService(self) -> defer.Deferred[None]:
+        Service.stopService(self)
+        children = list(self)
+        children.reverse()
+
+        async def stop_each() -> None:
+            for child in children:
+                await defer.maybeDeferred(child.stopService)
+
+        return defer.Deferred.fromCoroutine(stop_each())
 
 
 def makeService(options: _config.Options, reactor: Any = None) -> MultiService:
@@ -142,7 +180,7 @@ def makeService(options: _config.Options, reactor: Any = None) -> MultiService:
 
         reactor = default_reactor
     cfg = options.config
-    top = MultiService()
+    top = OrderedMultiService()
     if cfg.log_file is not None:
         JSONLogService(cfg.log_file, cfg.log_max_bytes, cfg.log_keep).setServiceParent(top)
     contexts = cfg.contexts
@@ -158,6 +196,10 @@ def makeService(options: _config.Options, reactor: Any = None) -> MultiService:
         handshake_timeout=cfg.handshake_timeout,
     )
     TLSService(cfg, factory, reactor).setServiceParent(top)
-    ListeningService(reactor, cfg.listens, factory).setServiceParent(top)
-    print_dev_banner(cfg)
+    ListeningService(
+        reactor,
+        cfg.listens,
+        factory,
+        on_listening=lambda ports: print_dev_banner(cfg, _first_tcp_port(ports)),
+    ).setServiceParent(top)
     return top
