@@ -43,13 +43,13 @@ class DefaultsTests(ConfigTestCase):
     """What an operator gets without options."""
 
     def test_defaults(self) -> None:
-        """Loopback port 8443 with backlog 1024, intermediate, 64 KiB lines, no client auth."""
+        """Loopback port 8443 with backlog 4096, intermediate, 64 KiB lines, no client auth."""
         cfg = self.parse()
         self.assertEqual(
             cfg.listens,
             (Listen(f"tcp:8443:interface=127.0.0.1:backlog={DEFAULT_BACKLOG}", "tcp"),),
         )
-        self.assertEqual(DEFAULT_BACKLOG, 1024)
+        self.assertEqual(DEFAULT_BACKLOG, 4096)
         self.assertIs(cfg.tls.settings.profile, TLSProfile.INTERMEDIATE)
         self.assertEqual(cfg.max_line_length, 65536)
         self.assertEqual(cfg.max_pending, 256)
@@ -120,8 +120,8 @@ class ListenTests(ConfigTestCase):
         self.assertEqual(
             cfg.listens,
             (
-                Listen("tcp:0:interface=127.0.0.1:backlog=1024", "tcp"),
-                Listen("tcp6:0:backlog=1024", "tcp6"),
+                Listen("tcp:0:interface=127.0.0.1:backlog=4096", "tcp"),
+                Listen("tcp6:0:backlog=4096", "tcp6"),
             ),
         )
 
@@ -133,7 +133,7 @@ class ListenTests(ConfigTestCase):
         """A UNIX socket endpoint is allowed and gets the default backlog."""
         path = str(Path(self.mktemp()).absolute())
         self.assertEqual(
-            validate_listen(f"unix:{path}"), Listen(f"unix:{path}:backlog=1024", "unix")
+            validate_listen(f"unix:{path}"), Listen(f"unix:{path}:backlog=4096", "unix")
         )
 
     def test_bad_port(self) -> None:

@@ -80,7 +80,7 @@ class ListeningServiceTests(TestCase):
         self.assertEqual(event["port"], port)
         self.assertEqual(event["host"], "127.0.0.1")
         self.assertEqual(event["address"], f"127.0.0.1:{port}")
-        self.assertEqual(event["endpoint"], "tcp:0:interface=127.0.0.1:backlog=1024")
+        self.assertEqual(event["endpoint"], "tcp:0:interface=127.0.0.1:backlog=4096")
         self.assertEqual(self.stderr.getvalue(), "")
 
     def test_listens_on_every_endpoint(self) -> None:

@@ -18,7 +18,8 @@ from secure_echo import tap
 from secure_echo.handler import EchoHandler
 from secure_echo.logs import JSONLogService
 from secure_echo.protocol import LineFactory, LineSettings
-from secure_echo.record import CloseReason
+from secure_echo.record import CloseReason, ConnectionRecord
+from secure_echo.reload import ReloadService
 from secure_echo.service import ListeningService
 from secure_echo.transport import TLSServerConnection, TLSServerFactory
 from tests.helpers import make_pki
@@ -28,17 +29,20 @@ if TYPE_CHECKING:
 
 
 class FakeConnection:
-    """Just enough of a TLSServerConnection for shutdown: close and abort."""
+    """Just enough of a TLSServerConnection for shutdown: drain and abort."""
 
     def __init__(self, factory: TLSServerFactory, *, closes: bool) -> None:
         self.factory = factory
         self.closes = closes
         self.close_reasons: list[CloseReason] = []
         self.aborted = False
+        self.peer_key = "127.0.0.1"
+        self.record = ConnectionRecord(1, "127.0.0.1:1", "127.0.0.1:2", 0.0)
 
-    def close(self, reason: CloseReason) -> None:
+    def drain(self, reason: CloseReason) -> None:
         """Record the reason; a cooperative connection goes away at once."""
         self.close_reasons.append(reason)
+        self.record.close_reason = reason
         if self.closes:
             self.gone()
 
@@ -48,8 +52,8 @@ class FakeConnection:
         self.gone()
 
     def gone(self) -> None:
-        """Leave the factory's set, as a closed connection does."""
-        self.factory.connections.discard(cast("TLSServerConnection", self))
+        """Report the end to the factory, as a closed connection does."""
+        self.factory.connection_closed(cast("TLSServerConnection", self))
 
 
 class TapTestCase(SynchronousTestCase):
@@ -87,10 +91,10 @@ class MakeServiceTests(TapTestCase):
     """makeService builds, never starts, the daemon's services."""
 
     def test_services(self) -> None:
-        """The tree is a MultiService of TLSService and ListeningService."""
+        """The tree is a MultiService of TLSService, ReloadService and ListeningService."""
         top = tap.makeService(self.options(), reactor=MemoryReactorClock())
         self.assertIsInstance(top, MultiService)
-        self.assertEqual([type(c) for c in top], [tap.TLSService, ListeningService])
+        self.assertEqual([type(c) for c in top], [tap.TLSService, ReloadService, ListeningService])
         self.assertFalse(top.running)
 
     def test_log_service_first(self) -> None:
@@ -102,7 +106,8 @@ class MakeServiceTests(TapTestCase):
         )
         children = list(top)
         self.assertEqual(
-            [type(c) for c in children], [JSONLogService, tap.TLSService, ListeningService]
+            [type(c) for c in children],
+            [JSONLogService, tap.TLSService, ReloadService, ListeningService],
         )
         log_service = children[0]
         assert isinstance(log_service, JSONLogService)
@@ -124,7 +129,7 @@ class MakeServiceTests(TapTestCase):
         self.assertIn("tls_context_loaded", names)
 
     def test_listen_recorded(self) -> None:
-        """Starting listens on the configured port with backlog 1024 and logs it."""
+        """Starting listens on the configured port with backlog 4096 and logs it."""
         reactor = MemoryReactorClock()
         top = tap.makeService(
             self.options("--listen", "tcp:9443:interface=127.0.0.1"), reactor=reactor
@@ -132,7 +137,7 @@ class MakeServiceTests(TapTestCase):
         self.assertEqual(reactor.tcpServers, [])
         self.start(top)
         [(port, factory, backlog, interface)] = reactor.tcpServers
-        self.assertEqual((port, backlog, interface), (9443, 1024, "127.0.0.1"))
+        self.assertEqual((port, backlog, interface), (9443, 4096, "127.0.0.1"))
         self.assertIsInstance(factory, TLSServerFactory)
         [event] = self.named_events("listening")
         self.assertEqual(event["port"], 9443)
@@ -142,7 +147,7 @@ class MakeServiceTests(TapTestCase):
         reactor = MemoryReactorClock()
         self.start(tap.makeService(self.options(), reactor=reactor))
         [(port, _, backlog, interface)] = reactor.tcpServers
-        self.assertEqual((port, backlog, interface), (8443, 1024, "127.0.0.1"))
+        self.assertEqual((port, backlog, interface), (8443, 4096, "127.0.0.1"))
 
     def test_several_listens(self) -> None:
         """Every --listen endpoint is listened on with the same factory."""
@@ -152,7 +157,7 @@ class MakeServiceTests(TapTestCase):
             reactor=reactor,
         )
         self.start(top)
-        self.assertEqual([(s[0], s[2]) for s in reactor.tcpServers], [(9443, 1024), (9444, 7)])
+        self.assertEqual([(s[0], s[2]) for s in reactor.tcpServers], [(9443, 4096), (9444, 7)])
         self.assertIs(reactor.tcpServers[0][1], reactor.tcpServers[1][1])
 
     def test_tls_context_loaded(self) -> None:
@@ -288,7 +293,7 @@ class ShutdownTests(TapTestCase):
         stuck = self.add(closes=False)
         polite = self.add(closes=True)
         stopped = self.service.stopService()
-        self.clock.advance(tap.SHUTDOWN_GRACE - 0.1)
+        self.clock.advance(10 - 0.1)
         self.assertNoResult(stopped)
         self.assertFalse(stuck.aborted)
         self.clock.advance(0.2)

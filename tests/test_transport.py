@@ -265,7 +265,9 @@ class HandshakeTests(TransportTestsMixin, SynchronousTestCase):
         """A completed handshake cancels the timer."""
         pair = TLSPair(self.factory, client_context(self.pki))
         pair.handshake()
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(6)
+        self.assertFalse(pair.transport.aborted)
+        self.assertFalse(pair.transport.disconnecting)
 
     def test_old_protocol_refused(self) -> None:
         """A TLS 1.1 client fails the handshake, and the failure is logged with a reason."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -21,6 +21,7 @@ from twisted.python import usage
 from typing_extensions import override
 
 from secure_echo import devcerts
+from secure_echo.allowlist import AllowList, AllowListError
 from secure_echo.tls import (
     ClientAuth,
     ContextHolder,
@@ -35,9 +36,12 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 DEFAULT_LISTEN: Final = "tcp:8443:interface=127.0.0.1"
-DEFAULT_BACKLOG: Final = 1024
+#: Enough for a burst of a few thousand connects; the kernel caps it at
+#: net.core.somaxconn.
+DEFAULT_BACKLOG: Final = 4096
 _ENDPOINT_TYPES: Final = frozenset({"tcp", "tcp6", "unix", "systemd"})
 _BACKLOG_TYPES: Final = frozenset({"tcp", "tcp6", "unix"})
+_ALLOW_OPTIONS: Final = ("allow-cn", "allow-dns", "allow-uri", "allow-spki-sha256")
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,14 @@ class Config:
     log_max_bytes: int
     log_keep: int
     dev_certs: devcerts.DevCerts | None
+    idle_timeout: float = 300.0
+    write_stall_timeout: float = 30.0
+    max_connection_age: float = 0.0
+    max_connections: int = 0
+    max_connections_per_ip: int = 0
+    drain_timeout: float = 10.0
+    reload_interval: float = 0.0
+    expiry_warning_days: float = 14.0
 
 
 def _positive_int(name: str, value: str, *, minimum: int = 1) -> int:
@@ -91,7 +103,19 @@ def _positive_float(name: str, value: str) -> float:
     return number
 
 
-def validate_listen(description: str) -> Listen:
+def _seconds_or_off(name: str, value: str) -> float:
+    """A number of seconds where 0 switches the feature off."""
+    if value.strip() in {"0", "0.0", "off"}:
+        return 0.0
+    return _positive_float(name, value)
+
+
+def _count_or_off(name: str, value: str) -> int:
+    """A whole number where 0 means no limit."""
+    return _positive_int(name, value, minimum=0)
+
+
+def validate_listen(description: str, backlog: int = DEFAULT_BACKLOG) -> Listen:
     """Check one ``--listen`` endpoint string and add an explicit backlog."""
     given = description
     head, sep, rest = description.partition(":")
@@ -109,7 +133,7 @@ def validate_listen(description: str) -> Listen:
             "use tcp:PORT, tcp6:PORT, unix:PATH or systemd:domain=INET:index=0"
         )
     if kind in _BACKLOG_TYPES and "backlog=" not in description:
-        description = f"{description}:backlog={DEFAULT_BACKLOG}"
+        description = f"{description}:backlog={backlog}"
     try:
         # Only parses; the reactor argument is not used until listen().
         endpoint = endpoints.serverFromString(None, description)
@@ -180,23 +204,61 @@ class Options(usage.Options):
         ["log-max-bytes", None, str(10 * 1024 * 1024), "Rotate the log file at this size."],
         ["log-keep", None, "5", "Rotated log files to keep."],
         ["state-dir", None, None, "Where development certificates are kept."],
+        ["idle-timeout", None, "300", "Close a connection silent this long (seconds; 0: off)."],
+        [
+            "write-stall-timeout",
+            None,
+            "30",
+            "Drop a client whose unsent replies made no progress this long (s; 0: off).",
+        ],
+        ["max-connection-age", None, "0", "Drain a connection this old (seconds; 0: off)."],
+        [
+            "max-connections",
+            None,
+            "0",
+            "Open connections at most (0: the file-descriptor limit less a reserve).",
+        ],
+        ["max-connections-per-ip", None, "0", "Per client IP (IPv6: per /64); 0: no limit."],
+        ["backlog", None, str(DEFAULT_BACKLOG), "Listen backlog added to tcp/unix endpoints."],
+        ["drain-timeout", None, "10", "Seconds to finish replies at shutdown before closing."],
+        ["reload-interval", None, "0", "Poll the TLS files and reload on change (s; 0: off)."],
+        ["expiry-warning-days", None, "14", "Warn when the certificate expires this soon."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        for name in _ALLOW_OPTIONS:
+            self[name] = []
         self.config: Config
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to listen on, repeatable (default tcp:8443:interface=127.0.0.1)."""
         self["listen"].append(description)
 
+    def opt_allow_cn(self, value: str) -> None:
+        """Admit client certificates with this subject CN (repeatable)."""
+        self["allow-cn"].append(value)
+
+    def opt_allow_dns(self, value: str) -> None:
+        """Admit client certificates with this DNS subjectAltName (repeatable)."""
+        self["allow-dns"].append(value)
+
+    def opt_allow_uri(self, value: str) -> None:
+        """Admit client certificates with this URI SAN, e.g. a SPIFFE ID (repeatable)."""
+        self["allow-uri"].append(value)
+
+    def opt_allow_spki_sha256(self, value: str) -> None:
+        """Admit client keys with this SHA-256 SubjectPublicKeyInfo pin (repeatable)."""
+        self["allow-spki-sha256"].append(value)
+
     @override
     def postOptions(self) -> None:
         self.config = self._validate()
 
     def _validate(self) -> Config:
-        listens = tuple(validate_listen(d) for d in (self["listen"] or [DEFAULT_LISTEN]))
+        backlog = _positive_int("backlog", self["backlog"])
+        listens = tuple(validate_listen(d, backlog) for d in (self["listen"] or [DEFAULT_LISTEN]))
         max_line_length = _positive_int("max-line-length", self["max-line-length"])
         max_pending = _positive_int("max-pending", self["max-pending"], minimum=2)
         handshake_timeout = _positive_float("handshake-timeout", self["handshake-timeout"])
@@ -213,6 +275,7 @@ class Options(usage.Options):
             ) from None
         client_auth = self._client_auth()
         settings, dev = self._tls_files(profile, client_auth)
+        settings = replace(settings, allow=self._allow_list(client_auth))
         try:
             tls = load_tls(settings)
         except TLSConfigError as error:
@@ -236,7 +299,38 @@ class Options(usage.Options):
             log_max_bytes=log_max_bytes,
             log_keep=log_keep,
             dev_certs=dev,
+            idle_timeout=_seconds_or_off("idle-timeout", self["idle-timeout"]),
+            write_stall_timeout=_seconds_or_off(
+                "write-stall-timeout", self["write-stall-timeout"]
+            ),
+            max_connection_age=_seconds_or_off("max-connection-age", self["max-connection-age"]),
+            max_connections=_count_or_off("max-connections", self["max-connections"]),
+            max_connections_per_ip=_count_or_off(
+                "max-connections-per-ip", self["max-connections-per-ip"]
+            ),
+            drain_timeout=_positive_float("drain-timeout", self["drain-timeout"]),
+            reload_interval=_seconds_or_off("reload-interval", self["reload-interval"]),
+            expiry_warning_days=_positive_float(
+                "expiry-warning-days", self["expiry-warning-days"]
+            ),
         )
+
+    def _allow_list(self, client_auth: ClientAuth) -> AllowList:
+        given = [name for name in _ALLOW_OPTIONS if self[name]]
+        if given and client_auth is ClientAuth.NONE:
+            raise usage.UsageError(
+                f"--{given[0]}: allow-lists apply to client certificates; "
+                "add --client-ca CA.pem (and --client-auth required)"
+            )
+        try:
+            return AllowList.build(
+                cns=self["allow-cn"],
+                dns=self["allow-dns"],
+                uris=self["allow-uri"],
+                spki=self["allow-spki-sha256"],
+            )
+        except AllowListError as error:
+            raise usage.UsageError(str(error)) from None
 
     def _client_auth(self) -> ClientAuth:
         value = self["client-auth"]

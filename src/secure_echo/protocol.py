@@ -130,6 +130,15 @@ class LineProtocol(Protocol):
     def writeConnectionLost(self) -> None:
         """Not used: the transport never half-closes our side."""
 
+    def drain(self) -> None:
+        """The server is stopping: answer the lines already read, then close.
+
+        Unlike :meth:`readConnectionLost` an unfinished line is not a line: the
+        client did not end it, so it gets no reply.
+        """
+        self._input_ended = True
+        self._close_if_done()
+
     @override
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._lost = True

@@ -30,8 +30,16 @@ class CloseReason(StrEnum):
     PLAINTEXT_CLIENT = "plaintext_client"
     #: A TLS error after the handshake (a corrupt record, an unexpected message).
     TLS_ERROR = "tls_error"
-    #: The server is shutting down.
+    #: The server is shutting down (drain): replies were finished where possible.
     SERVER_SHUTDOWN = "server_shutdown"
+    #: No data from the client for the idle timeout after the handshake.
+    IDLE_TIMEOUT = "idle_timeout"
+    #: The connection reached --max-connection-age and was closed after its
+    #: pending replies.
+    MAX_CONNECTION_AGE = "max_connection_age"
+    #: The client stopped reading: unsent output made no progress for the
+    #: write-stall timeout.
+    SLOW_READER = "slow_reader"
 
 
 class ConnectionRecord:

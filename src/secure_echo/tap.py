@@ -23,9 +23,15 @@ from typing_extensions import override
 from secure_echo import config as _config
 from secure_echo.devcerts import client_command
 from secure_echo.handler import EchoHandler
+from secure_echo.limits import (
+    ConnectionLimiter,
+    RefusalLog,
+    default_max_connections,
+    raise_fd_limit,
+)
 from secure_echo.logs import JSONLogService
 from secure_echo.protocol import LineFactory, LineSettings
-from secure_echo.record import CloseReason
+from secure_echo.reload import ReloadService, TLSReloader
 from secure_echo.service import ListeningService
 from secure_echo.transport import TLSServerFactory
 
@@ -33,9 +39,6 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from twisted.internet.interfaces import IListeningPort
-
-#: Seconds to wait at shutdown for connections to finish closing before aborting.
-SHUTDOWN_GRACE = 5.0
 
 
 class Options(_config.Options):
@@ -54,10 +57,17 @@ class TLSService(Service):
 
     log = Logger()
 
-    def __init__(self, cfg: _config.Config, factory: TLSServerFactory, clock: Any) -> None:
+    def __init__(
+        self,
+        cfg: _config.Config,
+        factory: TLSServerFactory,
+        clock: Any,
+        fd_limits: tuple[int, int] | None = None,
+    ) -> None:
         self._config = cfg
         self._factory = factory
         self._clock = clock
+        self._fd_limits = fd_limits
 
     @override
     def startService(self) -> None:
@@ -81,35 +91,27 @@ class TLSService(Service):
             cert=str(loaded.settings.cert),
             client_ca=str(loaded.settings.client_ca) if loaded.settings.client_ca else None,
             client_auth=str(loaded.settings.client_auth),
+            allow_list=loaded.settings.allow.active,
+        )
+        limiter = self._factory.limiter
+        self.log.info(
+            "limits: {max_connections} connections, {max_per_ip} per IP; "
+            "file descriptors {fd_soft}/{fd_hard}",
+            event="limits",
+            max_connections=limiter.max_total if limiter else None,
+            max_per_ip=limiter.max_per_ip if limiter else None,
+            fd_soft=self._fd_limits[0] if self._fd_limits else None,
+            fd_hard=self._fd_limits[1] if self._fd_limits else None,
+            handshake_timeout=self._factory.handshake_timeout,
+            idle_timeout=self._factory.idle_timeout,
+            write_stall_timeout=self._factory.write_stall_timeout,
+            max_connection_age=self._factory.max_connection_age,
         )
 
     @override
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
-        connections = list(self._factory.connections)
-        for connection in connections:
-            connection.close(CloseReason.SERVER_SHUTDOWN)
-        if not self._factory.connections:
-            return defer.succeed(None)
-        done: defer.Deferred[None] = defer.Deferred()
-
-        def check() -> None:
-            if not self._factory.connections:
-                # Leave no timer behind once every connection has closed.
-                if deadline.active():
-                    deadline.cancel()
-                if not done.called:
-                    done.callback(None)
-                return
-            self._clock.callLater(0.05, check)
-
-        def give_up() -> None:
-            for connection in list(self._factory.connections):
-                connection.abortConnection()
-
-        deadline = self._clock.callLater(SHUTDOWN_GRACE, give_up)
-        check()
-        return done
+        return self._factory.drain(self._config.drain_timeout)
 
 
 def print_dev_banner(
@@ -184,6 +186,11 @@ def makeService(options: _config.Options, reactor: Any = None) -> MultiService:
     if cfg.log_file is not None:
         JSONLogService(cfg.log_file, cfg.log_max_bytes, cfg.log_keep).setServiceParent(top)
     contexts = cfg.contexts
+    fd_limits = raise_fd_limit()
+    limiter = ConnectionLimiter(
+        cfg.max_connections or default_max_connections(fd_limits[0]),
+        cfg.max_connections_per_ip,
+    )
     settings = LineSettings(
         max_line_length=cfg.max_line_length,
         max_pending=cfg.max_pending,
@@ -194,8 +201,21 @@ def makeService(options: _config.Options, reactor: Any = None) -> MultiService:
         LineFactory(EchoHandler(), settings, reactor),
         reactor,
         handshake_timeout=cfg.handshake_timeout,
+        idle_timeout=cfg.idle_timeout,
+        write_stall_timeout=cfg.write_stall_timeout,
+        max_connection_age=cfg.max_connection_age,
+        limiter=limiter,
+        refusals=RefusalLog(reactor),
     )
-    TLSService(cfg, factory, reactor).setServiceParent(top)
+    TLSService(cfg, factory, reactor, fd_limits).setServiceParent(top)
+    settings_now = cfg.tls.settings
+    reloader = TLSReloader(
+        contexts,
+        lambda: settings_now,
+        reactor,
+        expiry_warning_days=cfg.expiry_warning_days,
+    )
+    ReloadService(reloader, reactor, cfg.reload_interval).setServiceParent(top)
     ListeningService(
         reactor,
         cfg.listens,

@@ -33,6 +33,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from OpenSSL import SSL
 from OpenSSL.crypto import X509
 
+from secure_echo.allowlist import AllowList
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from pathlib import Path
@@ -99,6 +101,7 @@ class TLSSettings:
     client_ca: Path | None = None
     client_auth: ClientAuth = ClientAuth.NONE
     profile: TLSProfile = TLSProfile.INTERMEDIATE
+    allow: AllowList = field(default_factory=AllowList)
 
 
 @dataclass(frozen=True)
@@ -253,15 +256,27 @@ def verify_error_text(code: int) -> str:
 
 
 def _verify_callback(
-    connection: SSL.Connection, _cert: object, errno: int, depth: int, ok: int
+    connection: SSL.Connection, cert: X509, errno: int, depth: int, ok: int
 ) -> bool:
-    """Record why a client certificate was refused; never overrides OpenSSL."""
+    """Apply the allow-list to a verified leaf; record why a certificate is refused.
+
+    OpenSSL has already checked the chain, dates and purpose (``ok``); this only
+    narrows further, never widens.  The allow-list is the one of the context the
+    connection was made from (its app data), so a reload cannot mix old and new.
+    """
+    reason: str | None = None
     if not ok:
-        data = connection.get_app_data()
-        note = getattr(data, "note_verify_error", None)
-        if note is not None:
-            note(verify_error_text(errno), depth)
-    return bool(ok)
+        reason = f"{verify_error_text(errno)} (depth {depth})"
+    elif depth == 0:
+        allow = connection.get_context().get_app_data()
+        if isinstance(allow, AllowList) and allow.active:
+            reason = allow.check(cert.to_cryptography())
+    if reason is None:
+        return True
+    note = getattr(connection.get_app_data(), "note_verify_error", None)
+    if note is not None:
+        note(reason)
+    return False
 
 
 def build_context(loaded: LoadedTLS) -> SSL.Context:
@@ -297,6 +312,7 @@ def build_context(loaded: LoadedTLS) -> SSL.Context:
         if settings.client_auth is ClientAuth.REQUIRED:
             mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
         context.set_verify(mode, _verify_callback)
+        context.set_app_data(settings.allow)
     return context
 
 

@@ -33,8 +33,21 @@ State rules (everything that changes them lives in this module):
    stream transport closes once its buffer is written.
 7. Reading is paused while either the application asks (its pending replies are
    over its bound) or the stream transport's send buffer is full (a client that
-   does not read); see :meth:`_update_reading`.
-8. One ``connection_closed`` event per accepted connection, at the very end.
+   does not read); see :meth:`_update_reading`.  While the buffer is full, the
+   unsent byte count must shrink within ``write_stall_timeout`` or the connection
+   is dropped (``slow_reader``); a close that cannot flush within that time is
+   dropped too.
+8. Deadlines, one timer per phase: the handshake must finish within
+   ``handshake_timeout`` (``handshake_timeout``); after it, a client silent for
+   ``idle_timeout`` is closed (``idle_timeout``) and one older than
+   ``max_connection_age`` is drained (``max_connection_age``).  The idle check
+   costs one clock read per socket read, no timer reset.
+9. Drain (shutdown): reading stops, the application finishes the replies to what
+   it has read, then the connection closes with close_notify
+   (``server_shutdown``).
+10. One ``connection_closed`` event per accepted connection, at the very end.
+    Connections refused by a limit never become a connection; the factory's
+    :class:`~secure_echo.limits.RefusalLog` records them.
 """
 
 from __future__ import annotations
@@ -45,6 +58,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from OpenSSL import SSL
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IPushProducer,
@@ -56,6 +70,7 @@ from twisted.logger import Logger
 from typing_extensions import override
 from zope.interface import implementer
 
+from secure_echo.limits import DRAINING, ConnectionLimiter, RefusalLog, peer_key
 from secure_echo.record import CloseReason, ConnectionRecord
 from secure_echo.tls import fingerprint_sha256
 
@@ -127,9 +142,10 @@ class TLSServerConnection(TwistedProtocol):
     log = Logger()
     factory: TLSServerFactory
 
-    def __init__(self, factory: TLSServerFactory, conn_id: int) -> None:
+    def __init__(self, factory: TLSServerFactory, conn_id: int, peer_key: str = "") -> None:
         self.factory = factory
         self.conn_id = conn_id
+        self.peer_key = peer_key
         self.record: ConnectionRecord
         self._tls: SSL.Connection
         self._app: IProtocol | None = None
@@ -138,13 +154,17 @@ class TLSServerConnection(TwistedProtocol):
         self._in_read = False
         self._out: list[bytes] = []
         self._closing = False
+        self._stream_closing = False
         self._lost = False
         self._read_ended = False
         self._peer_finished: CloseReason | None = None
         self._app_paused = False
         self._write_full = False
         self._reading_paused = False
-        self._handshake_timer: IDelayedCall | None = None
+        self._timer: IDelayedCall | None = None
+        self._stall_timer: IDelayedCall | None = None
+        self._stall_unsent: int | None = None
+        self._last_read = 0.0
         self._verify_error: str | None = None
 
     # -- stream side ------------------------------------------------------------
@@ -171,9 +191,7 @@ class TLSServerConnection(TwistedProtocol):
         self._tls = SSL.Connection(factory.contexts.context, None)
         self._tls.set_accept_state()
         self._tls.set_app_data(self)
-        self._handshake_timer = clock.callLater(
-            factory.handshake_timeout, self._handshake_timed_out
-        )
+        self._timer = clock.callLater(factory.handshake_timeout, self._handshake_timed_out)
         cast("Any", transport).registerProducer(_WriteSide(self), True)
         factory.connection_opened(self)
 
@@ -191,6 +209,7 @@ class TLSServerConnection(TwistedProtocol):
             if not self._continue_handshake():
                 return
         else:
+            self._last_read = self.factory.clock.seconds()
             self._tls.bio_write(data)
         self._read_application_data()
 
@@ -213,9 +232,8 @@ class TLSServerConnection(TwistedProtocol):
         if self._lost:  # pragma: no cover - the stream transport calls this once
             return
         self._lost = True
-        if self._handshake_timer is not None and self._handshake_timer.active():
-            self._handshake_timer.cancel()
-        self._handshake_timer = None
+        self._cancel_timer()
+        self._cancel_stall_timer()
         record = self.record
         if record.close_reason is None:
             if not self._handshake_done:
@@ -252,16 +270,16 @@ class TLSServerConnection(TwistedProtocol):
         self._handshake_completed()
         return True
 
-    def note_verify_error(self, text: str, depth: int) -> None:
-        """Called by the context's verify callback with OpenSSL's reason."""
-        self._verify_error = f"{text} (depth {depth})"
+    def note_verify_error(self, reason: str) -> None:
+        """Called by the context's verify callback with why it refused a certificate."""
+        self._verify_error = reason
 
     def _handshake_completed(self) -> None:
         self._handshake_done = True
         factory = self.factory
-        if self._handshake_timer is not None and self._handshake_timer.active():
-            self._handshake_timer.cancel()
-        self._handshake_timer = None
+        self._cancel_timer()
+        self._last_read = factory.clock.seconds()
+        self._arm_established()
         tls = self._tls
         record = self.record
         record.handshake_ms = round((factory.clock.seconds() - record.started) * 1000.0, 3)
@@ -297,10 +315,106 @@ class TLSServerConnection(TwistedProtocol):
         self._close_stream()
 
     def _handshake_timed_out(self) -> None:
-        self._handshake_timer = None
+        self._timer = None
         record = self.record
         record.close_reason = CloseReason.HANDSHAKE_TIMEOUT
         record.tls_error = f"no handshake within {self.factory.handshake_timeout:g} s"
+        self._abort_stream()
+
+    # -- deadlines ----------------------------------------------------------------
+
+    def _cancel_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _arm_established(self) -> None:
+        """Arm the timer for the nearer of the idle and the age deadline."""
+        factory = self.factory
+        deadlines: list[float] = []
+        if factory.idle_timeout > 0:
+            deadlines.append(self._last_read + factory.idle_timeout)
+        if factory.max_connection_age > 0:
+            deadlines.append(self.record.started + factory.max_connection_age)
+        if deadlines:
+            delay = max(min(deadlines) - factory.clock.seconds(), 0.0)
+            self._timer = factory.clock.callLater(delay, self._established_deadline)
+
+    def _established_deadline(self) -> None:
+        self._timer = None
+        if self._closing or self._lost:
+            return
+        factory = self.factory
+        now = factory.clock.seconds()
+        age = factory.max_connection_age
+        if age > 0 and now >= self.record.started + age:
+            self.drain(CloseReason.MAX_CONNECTION_AGE)
+            return
+        if factory.idle_timeout > 0 and now >= self._last_read + factory.idle_timeout:
+            self.close(CloseReason.IDLE_TIMEOUT)
+            return
+        self._arm_established()
+
+    def drain(self, reason: CloseReason = CloseReason.SERVER_SHUTDOWN) -> None:
+        """Stop reading, let the application finish its replies, then close."""
+        if self._closing or self._lost:
+            return
+        if self.record.close_reason is None:
+            self.record.close_reason = reason
+        if not self._handshake_done:
+            self._abort_stream()
+            return
+        self._app_paused = True
+        self._update_reading()
+        drain = getattr(self._app, "drain", None)
+        if drain is not None:
+            drain()
+        else:
+            self.loseConnection()
+
+    def _unsent(self) -> int | None:
+        """Bytes the stream transport still holds, if it says (Twisted's TCP does)."""
+        transport = self.transport
+        data = getattr(transport, "dataBuffer", None)
+        offset = getattr(transport, "offset", None)
+        pending = getattr(transport, "_tempDataLen", None)
+        if data is None or not isinstance(offset, int) or not isinstance(pending, int):
+            return None
+        return len(data) - offset + pending
+
+    def _cancel_stall_timer(self) -> None:
+        timer, self._stall_timer = self._stall_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _arm_stall_timer(self) -> None:
+        if self._stall_timer is None and self.factory.write_stall_timeout > 0:
+            self._stall_unsent = self._unsent()
+            self._stall_timer = self.factory.clock.callLater(
+                self.factory.write_stall_timeout, self._stall_check
+            )
+
+    def _stall_check(self) -> None:
+        """State rule 7: no progress for the whole timeout means a slow reader."""
+        self._stall_timer = None
+        if self._lost:
+            return
+        unsent = self._unsent()
+        before = self._stall_unsent
+        if unsent is not None and before is not None and unsent < before:
+            self._arm_stall_timer()
+            return
+        record = self.record
+        if record.close_reason is None:
+            record.close_reason = CloseReason.SLOW_READER
+        self.factory.log.info(
+            "connection {conn_id} from {peer}: client stopped reading for {timeout:g} s",
+            event="slow_reader",
+            conn_id=self.conn_id,
+            peer=record.peer,
+            timeout=self.factory.write_stall_timeout,
+            unsent=unsent,
+        )
         self._abort_stream()
 
     def _plaintext_client(self) -> None:
@@ -481,6 +595,10 @@ class TLSServerConnection(TwistedProtocol):
 
     def _set_write_full(self, *, full: bool) -> None:
         self._write_full = full
+        if full:
+            self._arm_stall_timer()
+        else:
+            self._cancel_stall_timer()
         self._update_reading()
 
     def _update_reading(self) -> None:
@@ -498,23 +616,35 @@ class TLSServerConnection(TwistedProtocol):
             transport.resumeProducing()
 
     def _close_stream(self) -> None:
+        if self._lost or self._stream_closing:
+            return
+        self._stream_closing = True
         self._closing = True
         transport = cast("Any", self.transport)
         transport.unregisterProducer()
         transport.loseConnection()
+        # The stream closes once its buffer is written; a client that does not
+        # read would keep it open forever, so the stall check stays on.
+        self._cancel_timer()
+        self._cancel_stall_timer()
+        self._arm_stall_timer()
 
     def _abort_stream(self) -> None:
+        if self._lost:
+            return
         self._closing = True
+        self._cancel_timer()
+        self._cancel_stall_timer()
         transport = cast("Any", self.transport)
         transport.unregisterProducer()
         transport.abortConnection()
 
 
 class TLSServerFactory(Factory):
-    """Builds :class:`TLSServerConnection`\\ s and logs each one's end.
+    """Builds :class:`TLSServerConnection`\\ s, applies limits, logs each one's end.
 
     ``contexts`` is asked for its current context at every accept.  ``connections``
-    holds the open connections (for drain and limits).
+    holds the open connections (for drain and limits).  Timeouts of 0 are off.
     """
 
     log = Logger()
@@ -527,32 +657,102 @@ class TLSServerFactory(Factory):
         clock: IReactorTime,
         *,
         handshake_timeout: float = 10.0,
+        idle_timeout: float = 300.0,
+        write_stall_timeout: float = 30.0,
+        max_connection_age: float = 0.0,
+        limiter: ConnectionLimiter | None = None,
+        refusals: RefusalLog | None = None,
         plaintext_hint: str = "secure-echo-client HOST:PORT --ca CA.pem",
     ) -> None:
         self.contexts = contexts
         self.app_factory = app_factory
         self.clock = clock
         self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        self.write_stall_timeout = write_stall_timeout
+        self.max_connection_age = max_connection_age
+        self.limiter = limiter
+        self.refusals = refusals if refusals is not None else RefusalLog(clock)
         self.plaintext_reply = (
             f"-ERR tls-required this port speaks TLS; try: {plaintext_hint}\n".encode()
         )
         self.connections: set[TLSServerConnection] = set()
+        self.draining = False
+        self._drained: Deferred[None] | None = None
+        self._drain_timer: IDelayedCall | None = None
         self._ids = itertools.count(1)
 
     @override
-    def buildProtocol(self, addr: IAddress | None) -> TLSServerConnection:  # type: ignore[override]
-        return TLSServerConnection(self, next(self._ids))
+    def buildProtocol(self, addr: IAddress | None) -> TLSServerConnection | None:  # type: ignore[override]
+        key = peer_key(addr) if addr is not None else "unknown"
+        reason: str | None = DRAINING if self.draining else None
+        if reason is None and self.limiter is not None:
+            reason = self.limiter.acquire(key)
+        if reason is not None:
+            # Returning None makes the port close the socket at once.
+            peer = format_address(addr) if addr is not None else "unknown"
+            self.refusals.refused_connection(reason, peer, key)
+            return None
+        return TLSServerConnection(self, next(self._ids), key)
 
     def connection_opened(self, connection: TLSServerConnection) -> None:
         """Track an accepted connection."""
         self.connections.add(connection)
 
     def connection_closed(self, connection: TLSServerConnection) -> None:
-        """Forget a connection and log its ``connection_closed`` record."""
+        """Forget a connection, free its limit slot and log ``connection_closed``."""
         self.connections.discard(connection)
+        if self.limiter is not None:
+            self.limiter.release(connection.peer_key)
         fields = connection.record.close_fields(self.clock.seconds())
         self.log.info(
             "connection {conn_id} from {peer} closed: {close_reason}",
             event="connection_closed",
             **fields,
         )
+        if self.draining and not self.connections:
+            self._finish_drain()
+
+    def drain(self, timeout: float) -> Deferred[None]:
+        """Refuse new connections and drain the open ones; fire when all are gone.
+
+        Connections still open after ``timeout`` seconds are aborted.
+        """
+        self.draining = True
+        if self._drained is None:
+            self._drained = Deferred()
+            open_now = len(self.connections)
+            self.log.info(
+                "draining {connections} connections (at most {timeout:g} s)",
+                event="drain_started",
+                connections=open_now,
+                timeout=timeout,
+            )
+            for connection in list(self.connections):
+                connection.drain(CloseReason.SERVER_SHUTDOWN)
+            if self.connections:
+                self._drain_timer = self.clock.callLater(timeout, self._drain_expired)
+            else:
+                self._finish_drain()
+        return self._drained
+
+    def _drain_expired(self) -> None:
+        self._drain_timer = None
+        remaining = list(self.connections)
+        self.log.warn(
+            "drain timeout: closing {remaining} connections that are still open",
+            event="drain_timeout",
+            remaining=len(remaining),
+        )
+        for connection in remaining:
+            connection.abortConnection()
+
+    def _finish_drain(self) -> None:
+        timer, self._drain_timer = self._drain_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        self.refusals.stop()
+        drained = self._drained
+        if drained is not None and not drained.called:
+            self.log.info("drain finished", event="drain_finished")
+            drained.callback(None)
