@@ -142,10 +142,19 @@ class TLSServerConnection(TwistedProtocol):
     log = Logger()
     factory: TLSServerFactory
 
-    def __init__(self, factory: TLSServerFactory, conn_id: int, peer_key: str = "") -> None:
+    def __init__(
+        self,
+        factory: TLSServerFactory,
+        conn_id: int,
+        peer_key: str = "",
+        peer_address: IAddress | None = None,
+    ) -> None:
         self.factory = factory
         self.conn_id = conn_id
         self.peer_key = peer_key
+        #: The client's address as the factory was told it (the PROXY protocol's
+        #: source, when a balancer sent one); else the stream transport's peer.
+        self.peer_address = peer_address
         self.record: ConnectionRecord
         self._tls: SSL.Connection
         self._app: IProtocol | None = None
@@ -184,7 +193,7 @@ class TLSServerConnection(TwistedProtocol):
                 set_no_delay(True)
         self.record = ConnectionRecord(
             self.conn_id,
-            format_address(transport.getPeer()),
+            format_address(self.peer_address or transport.getPeer()),
             format_address(transport.getHost()),
             clock.seconds(),
         )
@@ -557,7 +566,9 @@ class TLSServerConnection(TwistedProtocol):
         self._abort_stream()
 
     def getPeer(self) -> IAddress:
-        """The client's address."""
+        """The client's address (the PROXY protocol's source, if one was given)."""
+        if self.peer_address is not None:
+            return self.peer_address
         transport = self.transport
         assert transport is not None
         return transport.getPeer()
@@ -693,7 +704,7 @@ class TLSServerFactory(Factory):
             peer = format_address(addr) if addr is not None else "unknown"
             self.refusals.refused_connection(reason, peer, key)
             return None
-        return TLSServerConnection(self, next(self._ids), key)
+        return TLSServerConnection(self, next(self._ids), key, addr)
 
     def connection_opened(self, connection: TLSServerConnection) -> None:
         """Track an accepted connection."""
