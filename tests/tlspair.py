@@ -8,12 +8,15 @@ implementation's view of what the server sends.
 from __future__ import annotations
 
 import ssl
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from secure_echo.handler import EchoHandler, ILineHandler
 from secure_echo.protocol import LineFactory, LineSettings
@@ -24,17 +27,19 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from twisted.internet.task import Clock
+    from twisted.trial.unittest import SynchronousTestCase
 
+    from secure_echo.limits import ConnectionLimiter, RefusalLog
     from tests.helpers import PKI
 
 
 class CountingTransport(StringTransport):
     """A StringTransport that counts writes and accepts TCP_NODELAY."""
 
-    def __init__(self) -> None:
+    def __init__(self, peer: IPv4Address | None = None) -> None:
         super().__init__(
             hostAddress=IPv4Address("TCP", "127.0.0.1", 8443),
-            peerAddress=IPv4Address("TCP", "127.0.0.1", 50000),
+            peerAddress=peer or IPv4Address("TCP", "127.0.0.1", 50000),
         )
         self.writes = 0
         self.nodelay = False
@@ -52,6 +57,47 @@ class CountingTransport(StringTransport):
         super().abortConnection()
 
 
+class StreamTransport(CountingTransport):
+    """A CountingTransport that reports unsent bytes the way Twisted's TCP does.
+
+    ``dataBuffer``, ``offset`` and ``_tempDataLen`` are the attributes of
+    ``twisted.internet.abstract.FileDescriptor`` that the transport's write-stall
+    check reads; tests set them to simulate a send buffer that is (not) draining.
+    ``unregisterProducer`` is as lenient as ``FileDescriptor``'s: a close followed
+    by an abort unregisters twice.
+    """
+
+    def __init__(self, peer: IPv4Address | None = None) -> None:
+        super().__init__(peer)
+        self.dataBuffer = b""
+        self.offset = 0
+        self._tempDataLen = 0
+
+    def set_unsent(self, count: int) -> None:
+        """Pretend ``count`` bytes wait in the send buffer."""
+        self.dataBuffer = b"x" * count
+        self.offset = 0
+        self._tempDataLen = 0
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+        self.streaming = None
+
+
+@implementer(ILineHandler)
+class HeldHandler:
+    """Returns a Deferred per line that the test fires."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[bytes, Deferred[bytes]]] = []
+
+    def handle_line(self, line: bytes) -> Deferred[bytes]:
+        """Hold the line; the test fires ``pending[i][1]`` with the reply."""
+        deferred: Deferred[bytes] = Deferred()
+        self.pending.append((line, deferred))
+        return deferred
+
+
 def server_factory(
     pki: PKI,
     clock: Clock,
@@ -60,14 +106,31 @@ def server_factory(
     handler: ILineHandler | None = None,
     line_settings: LineSettings | None = None,
     handshake_timeout: float = 10.0,
+    idle_timeout: float = 300.0,
+    write_stall_timeout: float = 30.0,
+    max_connection_age: float = 0.0,
+    limiter: ConnectionLimiter | None = None,
+    refusals: RefusalLog | None = None,
+    contexts: ContextHolder | None = None,
 ) -> TLSServerFactory:
-    """A TLS server factory for ``pki``'s server certificate, echoing lines."""
-    tls = load_and_validate(settings or TLSSettings(pki.server_cert, pki.server_key))
+    """A TLS server factory for ``pki``'s server certificate, echoing lines.
+
+    ``contexts`` replaces the holder made from ``settings`` (e.g. one shared with a
+    reloader).
+    """
+    if contexts is None:
+        tls = load_and_validate(settings or TLSSettings(pki.server_cert, pki.server_key))
+        contexts = ContextHolder(tls)
     return TLSServerFactory(
-        ContextHolder(tls),
+        contexts,
         LineFactory(handler or EchoHandler(), line_settings or LineSettings(), clock),
         clock,
         handshake_timeout=handshake_timeout,
+        idle_timeout=idle_timeout,
+        write_stall_timeout=write_stall_timeout,
+        max_connection_age=max_connection_age,
+        limiter=limiter,
+        refusals=refusals,
     )
 
 
@@ -79,9 +142,12 @@ class TLSPair:
         factory: TLSServerFactory,
         client_context: ssl.SSLContext,
         server_hostname: str | None = "localhost",
+        transport: CountingTransport | None = None,
     ) -> None:
-        self.transport = CountingTransport()
-        self.server = factory.buildProtocol(self.transport.getPeer())
+        self.transport = transport if transport is not None else CountingTransport()
+        server = factory.buildProtocol(self.transport.getPeer())
+        assert server is not None, "the factory refused the connection"
+        self.server = server
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
         self.client = client_context.wrap_bio(
@@ -163,3 +229,16 @@ def client_context(
     if cert is not None:
         context.load_cert_chain(str(cert), str(key) if key else None)
     return context
+
+
+def capture_events(case: SynchronousTestCase) -> EventLoggingObserver:
+    """Record every log event for the duration of ``case``."""
+    events = EventLoggingObserver()
+    globalLogPublisher.addObserver(events)
+    case.addCleanup(globalLogPublisher.removeObserver, events)
+    return events
+
+
+def named(events: EventLoggingObserver, name: str) -> list[dict[str, Any]]:
+    """The recorded events whose ``event`` field is ``name``."""
+    return [dict(event) for event in events if event.get("event") == name]

@@ -28,6 +28,7 @@ State rules (all of them live in this module):
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -71,7 +72,7 @@ class _Slot:
 class LineSettings:
     """Per-connection limits, shared by every protocol of a factory."""
 
-    __slots__ = ("handler_timeout", "max_line_length", "max_pending")
+    __slots__ = ("handler_timeout", "info_line", "max_line_length", "max_pending")
 
     def __init__(
         self,
@@ -79,10 +80,14 @@ class LineSettings:
         max_line_length: int = 65536,
         max_pending: int = 256,
         handler_timeout: float = 30.0,
+        info_line: bytes | None = None,
     ) -> None:
         self.max_line_length = max_line_length
         self.max_pending = max_pending
         self.handler_timeout = handler_timeout
+        #: Opt-in: a line with exactly this content gets :meth:`info_reply`
+        #: instead of the handler's reply (off, so echo stays byte-exact).
+        self.info_line = info_line
 
 
 @implementer(IHalfCloseableProtocol)
@@ -173,12 +178,16 @@ class LineProtocol(Protocol):
     def _dispatch_events(self, events: list[bytes | Overlong], batch: list[bytes]) -> None:
         """Call the handler for each event; ready replies go to ``batch`` or the FIFO."""
         handle = self._handler.handle_line
+        info = self._settings.info_line
         fifo = self._fifo
         record = self.record
         for event in events:
             self._line_no += 1
             record.lines_in += 1
             if type(event) is bytes:
+                if info is not None and len(event) <= len(info) + 2 and self._is_info(event):
+                    self._queue_reply(self._info_reply(event), batch)
+                    continue
                 try:
                     result = handle(event)
                 except Exception:
@@ -240,6 +249,22 @@ class LineProtocol(Protocol):
 
         deferred.addBoth(done)
         return slot
+
+    def _is_info(self, line: bytes) -> bool:
+        """True if ``line``'s content is exactly the configured info line."""
+        return line[: len(line) - len(terminator_of(line))] == self._settings.info_line
+
+    def _queue_reply(self, reply: bytes, batch: list[bytes]) -> None:
+        """A ready reply: into the batch, or behind the waiting ones (state rule 1)."""
+        if self._fifo:
+            self._fifo.append(_Slot(reply))
+        else:
+            batch.append(reply)
+
+    def _info_reply(self, line: bytes) -> bytes:
+        """One JSON line describing the connection, ended like ``line``."""
+        text = json.dumps(self.record.info(), separators=(",", ":"), sort_keys=True)
+        return text.encode() + (terminator_of(line) or LF)
 
     def _flush_ready(self) -> None:
         """Write every reply at the head of the FIFO that is ready (state rule 1)."""

@@ -50,6 +50,8 @@ class ConnectionRecord:
         "bytes_in",
         "bytes_out",
         "cipher",
+        "client_cert_not_after",
+        "client_cert_sans",
         "client_cert_sha256",
         "client_cert_subject",
         "close_reason",
@@ -82,6 +84,8 @@ class ConnectionRecord:
         self.resumed: bool | None = None
         self.client_cert_subject: str | None = None
         self.client_cert_sha256: str | None = None
+        self.client_cert_sans: list[str] | None = None
+        self.client_cert_not_after: str | None = None
         self.handshake_ms: float | None = None
         self.bytes_in = 0
         self.bytes_out = 0
@@ -91,6 +95,25 @@ class ConnectionRecord:
         self.handler_errors = 0
         self.close_reason: CloseReason | None = None
         self.tls_error: str | None = None
+
+    def info(self) -> dict[str, Any]:
+        """The connection as the server sees it, for the opt-in info line."""
+        return {
+            "conn_id": self.conn_id,
+            "peer": self.peer,
+            "local": self.local,
+            "tls_version": self.tls_version,
+            "cipher": self.cipher,
+            "group": self.group,
+            "sni": self.sni,
+            "alpn": self.alpn,
+            "resumed": self.resumed,
+            "client_cert_subject": self.client_cert_subject,
+            "client_cert_sans": self.client_cert_sans,
+            "client_cert_sha256": self.client_cert_sha256,
+            "client_cert_not_after": self.client_cert_not_after,
+            "handshake_ms": self.handshake_ms,
+        }
 
     def close_fields(self, now: float) -> dict[str, Any]:
         """The fields of the ``connection_closed`` event."""

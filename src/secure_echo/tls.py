@@ -316,6 +316,29 @@ def build_context(loaded: LoadedTLS) -> SSL.Context:
     return context
 
 
+def session_reused(connection: SSL.Connection) -> bool | None:
+    """Whether the handshake resumed a session (pyOpenSSL has no public call)."""
+    from OpenSSL._util import lib  # noqa: PLC0415 - private API, confined here
+
+    reused = getattr(lib, "SSL_session_reused", None)
+    if reused is None:  # pragma: no cover - depends on the installed pyOpenSSL
+        return None
+    return bool(reused(connection._ssl))
+
+
+def subject_alt_names(cert: x509.Certificate) -> list[str]:
+    """The SANs as ``DNS:name``, ``IP:addr``, ``URI:uri``, ``email:addr`` strings."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    names = [f"DNS:{name}" for name in san.get_values_for_type(x509.DNSName)]
+    names += [f"IP:{ip}" for ip in san.get_values_for_type(x509.IPAddress)]
+    names += [f"URI:{uri}" for uri in san.get_values_for_type(x509.UniformResourceIdentifier)]
+    names += [f"email:{mail}" for mail in san.get_values_for_type(x509.RFC822Name)]
+    return names
+
+
 def fingerprint_sha256(cert: x509.Certificate) -> str:
     """Hex SHA-256 of the DER certificate (the usual pinning fingerprint)."""
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()

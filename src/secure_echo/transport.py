@@ -72,7 +72,7 @@ from zope.interface import implementer
 
 from secure_echo.limits import DRAINING, ConnectionLimiter, RefusalLog, peer_key
 from secure_echo.record import CloseReason, ConnectionRecord
-from secure_echo.tls import fingerprint_sha256
+from secure_echo.tls import fingerprint_sha256, session_reused, subject_alt_names
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, IReactorTime
@@ -303,6 +303,9 @@ class TLSServerConnection(TwistedProtocol):
         if peer_cert is not None:
             record.client_cert_subject = peer_cert.subject.rfc4514_string()
             record.client_cert_sha256 = fingerprint_sha256(peer_cert)
+            record.client_cert_sans = subject_alt_names(peer_cert)
+            record.client_cert_not_after = peer_cert.not_valid_after_utc.isoformat()
+        record.resumed = session_reused(tls)
         self._flush_tls()
         app = factory.app_factory.build(record)
         self._app = app
