@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import datetime
 import json
+import signal
 from typing import TYPE_CHECKING, Any, TextIO
 
 from twisted.application.service import Service
-from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, Logger, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 from typing_extensions import override
@@ -135,7 +136,14 @@ def open_log_file(path: Path, max_bytes: int, keep: int) -> LogFile:
 
 
 class JSONLogService(Service):
-    """Attach a :class:`JSONLinesObserver` on a rotating file while running."""
+    """Attach a :class:`JSONLinesObserver` on a rotating file while running.
+
+    SIGUSR1 reopens the file, for external rotation (logrotate renames the file,
+    then signals): the handler only hops into the reactor, which reopens.  A
+    handler installed before (twistd's, when it logs to a file) is still called.
+    """
+
+    log = Logger()
 
     def __init__(
         self,
@@ -143,13 +151,32 @@ class JSONLogService(Service):
         max_bytes: int,
         keep: int,
         publisher: LogPublisher | None = None,
+        reactor: Any = None,
     ) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.keep = keep
         self._publisher = publisher if publisher is not None else globalLogPublisher
+        self.log = Logger(observer=self._publisher)
+        self._reactor = reactor
         self._file: LogFile | None = None
         self._observer: JSONLinesObserver | None = None
+        self._previous_usr1: Any = None
+
+    def reopen(self) -> None:
+        """Close and reopen the log file at its path (after an external rename)."""
+        if self._file is not None:
+            self._file.reopen()
+            self.log.info(
+                "log file reopened: {path}", event="log_reopened", path=str(self.path)
+            )
+
+    def _on_sigusr1(self, signum: int, frame: Any) -> None:
+        if self._reactor is not None:
+            self._reactor.callFromThread(self.reopen)
+        previous = self._previous_usr1
+        if callable(previous):
+            previous(signum, frame)
 
     @override
     def privilegedStartService(self) -> None:
@@ -165,10 +192,15 @@ class JSONLogService(Service):
         if self._file is None:
             self.privilegedStartService()
         super().startService()
+        if self._reactor is not None:
+            self._previous_usr1 = signal.signal(signal.SIGUSR1, self._on_sigusr1)
 
     @override
     def stopService(self) -> None:
         super().stopService()
+        if self._reactor is not None and self._previous_usr1 is not None:
+            signal.signal(signal.SIGUSR1, self._previous_usr1)
+            self._previous_usr1 = None
         if self._observer is not None:
             self._publisher.removeObserver(self._observer)
             self._observer = None

@@ -184,7 +184,9 @@ def makeService(options: _config.Options, reactor: Any = None) -> MultiService:
     cfg = options.config
     top = OrderedMultiService()
     if cfg.log_file is not None:
-        JSONLogService(cfg.log_file, cfg.log_max_bytes, cfg.log_keep).setServiceParent(top)
+        JSONLogService(
+            cfg.log_file, cfg.log_max_bytes, cfg.log_keep, reactor=reactor
+        ).setServiceParent(top)
     contexts = cfg.contexts
     fd_limits = raise_fd_limit()
     limiter = ConnectionLimiter(

@@ -168,6 +168,7 @@ class TLSServerConnection(TwistedProtocol):
         self._read_ended = False
         self._peer_finished: CloseReason | None = None
         self._app_paused = False
+        self._draining = False
         self._write_full = False
         self._reading_paused = False
         self._timer: IDelayedCall | None = None
@@ -376,7 +377,10 @@ class TLSServerConnection(TwistedProtocol):
         if not self._handshake_done:
             self._abort_stream()
             return
-        self._app_paused = True
+        # Reading stays off for good (the app's resumeProducing must not restart
+        # it), so silence is ours: the idle deadline must not cut the replies short.
+        self._cancel_timer()
+        self._draining = True
         self._update_reading()
         drain = getattr(self._app, "drain", None)
         if drain is not None:
@@ -619,7 +623,7 @@ class TLSServerConnection(TwistedProtocol):
         """Read while nobody objects: state rule 7."""
         if self._lost:
             return
-        want_paused = self._app_paused or self._write_full
+        want_paused = self._app_paused or self._write_full or self._draining
         if want_paused == self._reading_paused:
             return
         self._reading_paused = want_paused

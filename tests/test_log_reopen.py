@@ -1,0 +1,67 @@
+"""SIGUSR1 reopens the JSON log file, for external rotation (logrotate)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from twisted.logger import Logger, LogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from secure_echo.logs import JSONLogService
+
+
+class ImmediateReactor:
+    """Runs callFromThread calls at once and records them."""
+
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+
+    def callFromThread(self, function: Any, *args: Any) -> None:
+        self.calls.append(function)
+        function(*args)
+
+
+class ReopenTests(SynchronousTestCase):
+    """Reopening after a rename writes to a fresh file at the configured path."""
+
+    def setUp(self) -> None:
+        directory = Path(self.mktemp())
+        directory.mkdir(parents=True)
+        self.path = directory / "log.jsonl"
+        self.publisher = LogPublisher()
+        self.reactor = ImmediateReactor()
+        self.service = JSONLogService(
+            self.path, 1 << 20, 3, publisher=self.publisher, reactor=self.reactor
+        )
+        self.previous = signal.getsignal(signal.SIGUSR1)
+        self.service.startService()
+        self.addCleanup(self.stop)
+        self.log = Logger(observer=self.publisher)
+
+    def stop(self) -> None:
+        if self.service.running:
+            self.service.stopService()
+
+    def events(self, path: Path) -> list[str]:
+        return [json.loads(line)["event"] for line in path.read_text().splitlines()]
+
+    def test_sigusr1_reopens(self) -> None:
+        """After logrotate renames the file, SIGUSR1 makes new records go to a new file."""
+        self.log.info("one", event="first")
+        rotated = self.path.with_name("log.jsonl.1")
+        self.path.rename(rotated)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        self.log.info("two", event="second")
+        self.assertEqual(self.events(rotated), ["first"])
+        self.assertEqual(self.events(self.path), ["log_reopened", "second"])
+        self.assertEqual(len(self.reactor.calls), 1)
+
+    def test_handler_restored(self) -> None:
+        """Stopping the service puts the previous SIGUSR1 handler back."""
+        self.assertNotEqual(signal.getsignal(signal.SIGUSR1), self.previous)
+        self.service.stopService()
+        self.assertEqual(signal.getsignal(signal.SIGUSR1), self.previous)
