@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from secure_echo.protocol import LineSettings
-from secure_echo.transport import TLSServerFactory
 from tests.helpers import make_pki
 from tests.tlspair import (
     HeldHandler,
@@ -17,6 +18,9 @@ from tests.tlspair import (
     named,
     server_factory,
 )
+
+if TYPE_CHECKING:
+    from secure_echo.transport import TLSServerFactory
 
 
 class IdleTimeoutTests(SynchronousTestCase):
@@ -95,13 +99,20 @@ class MaxConnectionAgeTests(SynchronousTestCase):
         self.clock = Clock()
         self.events = capture_events(self)
 
-    def factory(self, handler: HeldHandler | None = None, **kwargs: float) -> TLSServerFactory:
+    def factory(
+        self,
+        handler: HeldHandler | None = None,
+        *,
+        idle_timeout: float,
+        max_connection_age: float = 0.0,
+    ) -> TLSServerFactory:
         return server_factory(
             self.pki,
             self.clock,
             handler=handler,
             line_settings=LineSettings(handler_timeout=1000),
-            **kwargs,
+            idle_timeout=idle_timeout,
+            max_connection_age=max_connection_age,
         )
 
     def test_pending_reply_delivered_then_closed(self) -> None:

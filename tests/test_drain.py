@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl
+from typing import TYPE_CHECKING
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -11,7 +12,6 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from secure_echo.limits import ConnectionLimiter
 from secure_echo.protocol import LineSettings
-from secure_echo.transport import TLSServerConnection, TLSServerFactory
 from tests.helpers import make_pki
 from tests.tlspair import (
     CountingTransport,
@@ -22,6 +22,9 @@ from tests.tlspair import (
     named,
     server_factory,
 )
+
+if TYPE_CHECKING:
+    from secure_echo.transport import TLSServerConnection, TLSServerFactory
 
 
 class DrainTests(SynchronousTestCase):
@@ -209,9 +212,7 @@ class FactoryLimitTests(SynchronousTestCase):
         self.clock = Clock()
         self.events = capture_events(self)
         self.limiter = ConnectionLimiter(2, 1)
-        self.factory: TLSServerFactory = server_factory(
-            self.pki, self.clock, limiter=self.limiter
-        )
+        self.factory: TLSServerFactory = server_factory(self.pki, self.clock, limiter=self.limiter)
 
     def connect(self, host: str, port: int = 40000) -> TLSServerConnection | None:
         address = IPv4Address("TCP", host, port)

@@ -1,0 +1,304 @@
+"""The ``--config`` file: every option of ``twistd secure-echo`` in one TOML file.
+
+Format (``contrib/secure-echo.toml`` documents every key with its default):
+
+* Keys are the long option names, dashes included: ``max-line-length = 65536``
+  (TOML allows dashes in bare keys).  This is the only spelling: ``max_line_length``
+  is refused with a suggestion, so one file cannot hold an option twice.
+* Keys are top-level; there are no ``[tables]``.
+* Values have TOML types (:class:`Kind`): whole numbers are integers, durations are
+  integers or floats (``"off"`` too where 0 switches a feature off), names and paths
+  are strings, repeatable options are arrays of strings, flags are booleans.
+* A relative path (``cert``, ``key``, ``client-ca``, ``log-file``, ``state-dir``) is
+  relative to the directory holding the file, not to the working directory.
+  Endpoint strings (``listen``, ``metrics``) are used as written.
+* ``config`` and ``print-config`` are command-line only.
+
+Precedence: defaults < file < command line.  A repeatable option given on the command
+line replaces the file's array; it does not extend it.
+
+Errors: this module checks the file itself (readable, UTF-8, TOML syntax, known keys,
+value types).  Values are then validated by :class:`secure_echo.config.Options` like
+command-line values, and an error about a value from the file is reworded to name
+the file and the key.  Every error is one line::
+
+    --config /etc/secure-echo.toml: unknown key "max-line-lenght"; did you mean "max-line-length"?
+
+Reload: :func:`reload_tls_settings` re-reads the file and rebuilds the TLS settings
+(certificate, key, client CA, client-auth, profile, allow-lists) as one set, with the
+command-line values captured at start still taking precedence.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+import tomllib
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+from twisted.python import usage
+
+from secure_echo.tls import TLSConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from secure_echo.config import Config
+    from secure_echo.tls import TLSSettings
+
+#: A value ready for :class:`usage.Options`: a string for a parameter, a tuple of
+#: strings for a repeatable option, a bool for a flag.
+OptionValue = str | tuple[str, ...] | bool
+
+#: Options that make no sense inside the file, and why.
+COMMAND_LINE_ONLY: Final = {
+    "config": "a config file cannot name another one",
+    "print-config": "it would stop every start of the daemon",
+    "help": "it is a command-line action",
+    "version": "it is a command-line action",
+}
+
+_TOML_POSITION: Final = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
+
+
+class Kind(StrEnum):
+    """The TOML type a key takes."""
+
+    INTEGER = "integer"
+    NUMBER = "number"
+    NUMBER_OR_OFF = "number-or-off"
+    STRING = "string"
+    PATH = "path"
+    STRINGS = "strings"
+    FLAG = "flag"
+
+
+_KIND_TEXT: Final = {
+    Kind.INTEGER: "a whole number",
+    Kind.NUMBER: "a number",
+    Kind.NUMBER_OR_OFF: 'a number or "off"',
+    Kind.STRING: "a string",
+    Kind.PATH: "a path string",
+    Kind.STRINGS: "an array of strings",
+    Kind.FLAG: "true or false",
+}
+
+
+@dataclass(frozen=True)
+class Key:
+    """How one option is written in the file: its kind and an example (TOML text)."""
+
+    kind: Kind
+    example: str
+
+
+class ConfigFileError(usage.UsageError):
+    """A problem with the ``--config`` file; ``str()`` is one line naming the file."""
+
+    def __init__(self, path: Path, message: str, key: str | None = None) -> None:
+        super().__init__(f"--config {path}: {message}")
+        self.path = path
+        self.key = key
+
+
+@dataclass(frozen=True)
+class ConfigFile:
+    """A read and type-checked config file."""
+
+    path: Path
+    #: Hex SHA-256 of the file's bytes, to tell whether it changed.
+    sha256: str
+    #: Option name to value, in the form the command line would give it.
+    values: Mapping[str, OptionValue]
+
+
+def _type_name(value: object) -> str:
+    names = (
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a float"),
+        (str, "a string"),
+        (list, "an array"),
+        (dict, "a table"),
+    )
+    for kind, name in names:
+        if isinstance(value, kind):
+            return name
+    return "a date or time"
+
+
+def _shown(value: object) -> str:
+    """A short TOML-ish rendering of ``value`` for a message."""
+    text = f'"{value}"' if isinstance(value, str) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."  # noqa: PLR2004 - one-line messages
+
+
+def _read_bytes(path: Path) -> bytes:
+    fix = "give --config the path of a readable TOML file"
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigFileError(path, f"no such file; {fix}") from None
+    except PermissionError:
+        raise ConfigFileError(
+            path, "cannot read it: permission denied; make it readable by this user"
+        ) from None
+    except IsADirectoryError:
+        raise ConfigFileError(path, f"is a directory; {fix}") from None
+    except OSError as error:
+        raise ConfigFileError(path, f"cannot read it ({error.strerror}); {fix}") from None
+
+
+def _parse(path: Path, data: bytes) -> dict[str, object]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ConfigFileError(
+            path, f"line {line} is not UTF-8 text; save the file as UTF-8"
+        ) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        problem = str(error)
+        position = _TOML_POSITION.search(problem)
+        if position is not None:
+            problem = problem[: position.start()]
+            where = f"line {position[1]}, column {position[2]}"
+        else:
+            where = f"line {text.count(chr(10)) + 1}"
+        raise ConfigFileError(
+            path,
+            f"TOML syntax error at {where}: {problem}; "
+            'fix that line (keys are option names: max-line-length = 65536, cert = "x.pem")',
+        ) from None
+
+
+def _unknown_key(path: Path, key: str, value: object, known: Mapping[str, Key]) -> ConfigFileError:
+    if key in COMMAND_LINE_ONLY:
+        return ConfigFileError(
+            path,
+            f'key "{key}" is command-line only ({COMMAND_LINE_ONLY[key]}); '
+            f"remove it from the file and give --{key} on the command line",
+            key,
+        )
+    dashed = key.replace("_", "-").lower()
+    if dashed in known:
+        match = dashed
+    elif isinstance(value, dict):
+        return ConfigFileError(
+            path,
+            f"unknown table [{key}]; write options as top-level keys, "
+            "above any [table] header (e.g. max-line-length = 65536)",
+            key,
+        )
+    else:
+        matches = difflib.get_close_matches(key, list(known), n=1)
+        if not matches:
+            return ConfigFileError(
+                path,
+                f'unknown key "{key}"; keys are the long option names that '
+                "`twistd secure-echo --help` lists, without the dashes in front",
+                key,
+            )
+        match = matches[0]
+    return ConfigFileError(path, f'unknown key "{key}"; did you mean "{match}"?', key)
+
+
+def _convert(path: Path, key: str, value: object, spec: Key) -> OptionValue:
+    """Check the TOML type of ``value`` and turn it into what the command line gives."""
+    kind = spec.kind
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is Kind.INTEGER and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if kind in {Kind.NUMBER, Kind.NUMBER_OR_OFF} and number:
+        return str(value)
+    if kind is Kind.NUMBER_OR_OFF and value == "off":
+        return "off"
+    if kind is Kind.STRING and isinstance(value, str):
+        return value
+    if kind is Kind.PATH and isinstance(value, str):
+        if not value:
+            return value
+        # Relative to the file, so the file means the same from any working directory.
+        return str(path.parent / Path(value).expanduser())
+    if (
+        kind is Kind.STRINGS
+        and isinstance(value, list)
+        and all(isinstance(item, str) for item in value)
+    ):
+        return tuple(value)
+    if kind is Kind.FLAG and isinstance(value, bool):
+        return value
+    if kind is Kind.STRINGS and isinstance(value, list):
+        problem = "must be an array of strings, and not every item is a string"
+    else:
+        problem = f"must be {_KIND_TEXT[kind]}, not {_type_name(value)} ({_shown(value)})"
+    raise ConfigFileError(path, f'key "{key}" {problem}; write e.g. {key} = {spec.example}', key)
+
+
+def fingerprint(data: bytes) -> str:
+    """Hex SHA-256 of a config file's bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def read(path: Path, keys: Mapping[str, Key]) -> ConfigFile:
+    """Read, parse and type-check the config file at ``path`` (absolute).
+
+    ``keys`` is every key the file may hold.  Raises :class:`ConfigFileError`.
+    """
+    data = _read_bytes(path)
+    document = _parse(path, data)
+    values: dict[str, OptionValue] = {}
+    for key, value in document.items():
+        spec = keys.get(key)
+        if spec is None:
+            raise _unknown_key(path, key, value, keys)
+        values[key] = _convert(path, key, value, spec)
+    return ConfigFile(path, fingerprint(data), values)
+
+
+def in_file_terms(error: usage.UsageError, path: Path, key: str) -> ConfigFileError:
+    """Reword an option's error (``--KEY...: problem; fix``) to name the file and key."""
+    text = str(error)
+    rest = text.removeprefix(f"--{key}").removeprefix(":").lstrip()
+    return ConfigFileError(path, f'key "{key}": {rest}', key)
+
+
+def _as_tls_error(error: usage.UsageError) -> TLSConfigError:
+    """The same one line as a :class:`TLSConfigError`, which a reload reports."""
+    option, _, rest = str(error).partition(": ")
+    problem, separator, fix = rest.rpartition("; ")
+    if not separator:
+        problem, fix = rest, "correct it and reload again"
+    return TLSConfigError(option, problem, fix)
+
+
+def reload_tls_settings(cfg: Config) -> TLSSettings:
+    """Re-read ``cfg``'s config file and build the TLS settings it now asks for.
+
+    The certificate, key, client CA, client-auth mode, profile and allow-lists come
+    from the file as it is now, except where the command line gave them at start
+    (``cfg.command_line``), which still wins.  The whole file is checked again
+    (syntax, keys, types), but only the TLS options are validated and used; other
+    changed keys take effect at the next start.  Without a config file this rebuilds
+    the settings from the command line alone.
+
+    Raises :class:`TLSConfigError` (one line, naming the file and key where the
+    problem is in the file), so a caller can keep the current settings.
+    """
+    # config imports this module to read the file; the Options it builds are needed
+    # only here, at reload time.
+    from secure_echo.config import Options  # noqa: PLC0415
+
+    options = Options()
+    try:
+        options.apply_sources(cfg.config_file, cfg.command_line)
+        settings, _ = options.tls_settings()
+    except usage.UsageError as error:
+        raise _as_tls_error(options.in_file_terms(error)) from None
+    return settings

@@ -1,0 +1,321 @@
+"""Tests for :mod:`secure_echo.reload`: one-transaction reloads, SIGHUP and file polling."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+from typing import TYPE_CHECKING, Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from secure_echo import certgen
+from secure_echo.reload import ReloadService, TLSReloader
+from secure_echo.tls import TLSSettings
+from tests.helpers import make_pki, write_expired_server
+from tests.tlspair import TLSPair, capture_events, client_context, named, server_factory
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+    from types import FrameType
+
+    from secure_echo.transport import TLSServerFactory
+
+
+def wall_clock() -> Clock:
+    """A Clock set to the real time: certificates are checked against its time."""
+    clock = Clock()
+    clock.advance(datetime.datetime.now(datetime.UTC).timestamp())
+    return clock
+
+
+def der(path: Path) -> bytes:
+    """The DER form of the (first) certificate in a PEM file."""
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+class FakeReactor:
+    """Records ``callFromThread`` calls instead of running them."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Callable[..., object], tuple[object, ...]]] = []
+
+    def callFromThread(self, f: Callable[..., object], *args: object) -> None:
+        self.calls.append((f, args))
+
+
+class ReloaderTestsMixin:
+    """A PKI, a server factory on its files and a reloader sharing its holder."""
+
+    def set_up(self, case: SynchronousTestCase, expiry_warning_days: float = 1.0) -> None:
+        self.case = case
+        self.pki = make_pki(case.mktemp())
+        self.clock = wall_clock()
+        self.events = capture_events(case)
+        self.tls_settings = TLSSettings(self.pki.server_cert, self.pki.server_key)
+        self.factory: TLSServerFactory = server_factory(self.pki, self.clock)
+        self.reloader = TLSReloader(
+            self.factory.contexts,
+            lambda: self.tls_settings,
+            self.clock,
+            expiry_warning_days=expiry_warning_days,
+        )
+
+    def new_server_cert(self, days: int = 2) -> None:
+        """Write a new server certificate and key, from the same CA, over the old files."""
+        issued = certgen.issue_server(self.pki.ca, ("localhost",), days=days)
+        certgen.write_pair(issued, self.pki.server_cert, self.pki.server_key)
+
+    def connected(self) -> TLSPair:
+        pair = TLSPair(self.factory, client_context(self.pki))
+        pair.handshake()
+        return pair
+
+
+class TLSReloaderTests(ReloaderTestsMixin, SynchronousTestCase):
+    """A reload swaps in a whole new valid set, or nothing."""
+
+    def setUp(self) -> None:
+        self.set_up(self)
+
+    def test_good_set_used_by_new_connections(self) -> None:
+        """A valid new certificate is used for new connections; old ones keep working."""
+        old_der = der(self.pki.server_cert)
+        old = self.connected()
+        self.assertEqual(old.client.getpeercert(binary_form=True), old_der)
+        self.new_server_cert()
+        self.assertTrue(self.reloader.reload("SIGHUP"))
+        (reloaded,) = named(self.events, "tls_reloaded")
+        self.assertEqual(reloaded["trigger"], "SIGHUP")
+        self.assertEqual(reloaded["subject"], "CN=localhost")
+        self.assertEqual(reloaded["cert"], str(self.pki.server_cert))
+        self.assertEqual(self.reloader.reloads, 1)
+        new = self.connected()
+        new_der = der(self.pki.server_cert)
+        self.assertNotEqual(new_der, old_der)
+        self.assertEqual(new.client.getpeercert(binary_form=True), new_der)
+        old.send(b"still here\n")
+        old.pump()
+        self.assertEqual(old.received, b"still here\n")
+        new.send(b"new\n")
+        new.pump()
+        self.assertEqual(new.received, b"new\n")
+
+    def assert_failed(self, trigger: str, *fragments: str) -> None:
+        """A reload fails, names the problem and leaves the context alone."""
+        holder = self.factory.contexts
+        context, loaded = holder.context, holder.loaded
+        self.assertFalse(self.reloader.reload(trigger))
+        self.assertIs(holder.context, context)
+        self.assertIs(holder.loaded, loaded)
+        self.assertEqual(self.reloader.failures, 1)
+        self.assertEqual(self.reloader.reloads, 0)
+        self.assertEqual(named(self.events, "tls_reloaded"), [])
+        (failed,) = named(self.events, "tls_reload_failed")
+        self.assertEqual(failed["trigger"], trigger)
+        self.assertEqual(failed["subject"], loaded.subject)
+        for fragment in fragments:
+            self.assertIn(fragment, failed["error"])
+
+    def test_key_not_matching(self) -> None:
+        """A key that does not belong to the certificate fails the reload."""
+        stranger = certgen.issue_server(self.pki.ca, ("localhost",), days=2)
+        certgen.write_private(self.pki.server_key, stranger.key_pem())
+        self.assert_failed("SIGHUP", "--key", "does not match the certificate")
+
+    def test_new_cert_with_old_key(self) -> None:
+        """Half a rotation (new certificate, old key) fails as a whole."""
+        fresh = certgen.issue_server(self.pki.ca, ("localhost",), days=2)
+        certgen.write_public(self.pki.server_cert, fresh.cert_pem())
+        self.assert_failed("file-change", "does not match")
+
+    def test_expired_cert(self) -> None:
+        """An expired certificate fails the reload."""
+        cert, key = write_expired_server(self.pki.directory, self.pki.ca)
+        self.tls_settings = TLSSettings(cert, key)
+        self.assert_failed("SIGHUP", "--cert", "expired on")
+
+    def test_missing_file(self) -> None:
+        """A missing key file fails the reload."""
+        self.pki.server_key.unlink()
+        self.assert_failed("SIGHUP", "--key", "does not exist")
+
+    def test_garbage_pem(self) -> None:
+        """A certificate file without PEM certificates fails the reload."""
+        self.pki.server_cert.write_bytes(b"-----BEGIN GARBAGE-----\nnot a cert\n")
+        self.assert_failed("SIGHUP", "--cert", "holds no PEM certificate")
+
+    def test_garbage_key(self) -> None:
+        """A key file that is not a PEM key fails the reload."""
+        self.pki.server_key.write_bytes(b"garbage")
+        self.assert_failed("SIGHUP", "--key", "no usable PEM private key")
+
+    def test_failed_reload_keeps_serving_old_cert(self) -> None:
+        """After a failed reload new connections still get the old certificate."""
+        old_der = der(self.pki.server_cert)
+        self.pki.server_cert.write_bytes(b"garbage")
+        self.assertFalse(self.reloader.reload("SIGHUP"))
+        pair = self.connected()
+        self.assertEqual(pair.client.getpeercert(binary_form=True), old_der)
+
+    def test_recovers_after_failure(self) -> None:
+        """Once the files are fixed, the next reload succeeds."""
+        self.pki.server_key.write_bytes(b"garbage")
+        self.assertFalse(self.reloader.reload("SIGHUP"))
+        self.new_server_cert()
+        self.assertTrue(self.reloader.reload("SIGHUP"))
+        self.assertEqual((self.reloader.failures, self.reloader.reloads), (1, 1))
+
+
+class ExpiryWarningTests(ReloaderTestsMixin, SynchronousTestCase):
+    """``certificate_expiring`` after a load whose certificate expires soon."""
+
+    def setUp(self) -> None:
+        self.set_up(self, expiry_warning_days=14)
+
+    def test_expiring_cert_warns(self) -> None:
+        """A new certificate valid for 5 more days, with a 14-day warning, warns."""
+        self.new_server_cert(days=5)
+        self.assertTrue(self.reloader.reload("SIGHUP"))
+        (expiring,) = named(self.events, "certificate_expiring")
+        self.assertEqual(expiring["subject"], "CN=localhost")
+        self.assertAlmostEqual(expiring["days"], 5.0, places=2)
+
+    def test_long_lived_cert_does_not_warn(self) -> None:
+        """A certificate valid for longer than the warning period does not warn."""
+        self.new_server_cert(days=30)
+        self.assertTrue(self.reloader.reload("SIGHUP"))
+        self.assertEqual(named(self.events, "certificate_expiring"), [])
+
+    def test_warning_follows_the_clock(self) -> None:
+        """The remaining time is measured on the injected clock."""
+        self.new_server_cert(days=30)
+        self.assertTrue(self.reloader.reload("SIGHUP"))
+        self.assertEqual(named(self.events, "certificate_expiring"), [])
+        self.clock.advance(datetime.timedelta(days=20).total_seconds())
+        self.reloader.warn_if_expiring(self.factory.contexts.loaded)
+        (expiring,) = named(self.events, "certificate_expiring")
+        self.assertAlmostEqual(expiring["days"], 10.0, places=2)
+
+
+class ReloadServiceSignalTests(ReloaderTestsMixin, SynchronousTestCase):
+    """While running, the service owns SIGHUP; the handler only hops into the reactor."""
+
+    def setUp(self) -> None:
+        self.set_up(self)
+        original = signal.getsignal(signal.SIGHUP)
+        self.addCleanup(signal.signal, signal.SIGHUP, original)
+        self.previous_calls: list[int] = []
+        signal.signal(signal.SIGHUP, self.previous)
+        self.reactor = FakeReactor()
+        self.service = ReloadService(self.reloader, self.reactor)
+
+    def previous(self, signum: int, _frame: FrameType | None) -> None:
+        self.previous_calls.append(signum)
+
+    def test_installs_and_restores_handler(self) -> None:
+        """StartService installs the service's SIGHUP handler; stopService restores the old."""
+        self.service.startService()
+        self.assertEqual(signal.getsignal(signal.SIGHUP), self.service._on_sighup)
+        self.service.stopService()
+        self.assertEqual(signal.getsignal(signal.SIGHUP), self.previous)
+
+    def test_handler_schedules_reload_in_reactor(self) -> None:
+        """The handler runs no reload itself: it passes reload("SIGHUP") to callFromThread."""
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        handler: Any = signal.getsignal(signal.SIGHUP)
+        self.new_server_cert()
+        handler(signal.SIGHUP, None)
+        self.assertEqual(self.reactor.calls, [(self.reloader.reload, ("SIGHUP",))])
+        self.assertEqual(named(self.events, "tls_reloaded"), [])
+        function, args = self.reactor.calls[0]
+        function(*args)
+        (reloaded,) = named(self.events, "tls_reloaded")
+        self.assertEqual(reloaded["trigger"], "SIGHUP")
+        self.assertEqual(self.previous_calls, [])
+
+    def test_real_signal_reaches_handler(self) -> None:
+        """A real SIGHUP to the process lands in the reactor queue, not in a crash."""
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        # Without a handler SIGHUP would kill the test run: fail instead.
+        self.assertEqual(signal.getsignal(signal.SIGHUP), self.service._on_sighup)
+        os.kill(os.getpid(), signal.SIGHUP)
+        self.assertEqual(self.reactor.calls, [(self.reloader.reload, ("SIGHUP",))])
+
+    def test_start_warns_about_expiring_cert(self) -> None:
+        """Starting checks the current certificate's expiry once."""
+        self.reloader.expiry_warning = datetime.timedelta(days=14)
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        self.assertEqual(len(named(self.events, "certificate_expiring")), 1)
+
+
+class ReloadServicePollTests(ReloaderTestsMixin, SynchronousTestCase):
+    """With an interval, a change of any file's identity triggers a reload."""
+
+    def setUp(self) -> None:
+        self.set_up(self)
+        original = signal.getsignal(signal.SIGHUP)
+        self.addCleanup(signal.signal, signal.SIGHUP, original)
+        self.service = ReloadService(self.reloader, self.clock, interval=5)
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+
+    def reloads(self) -> list[dict[str, Any]]:
+        return named(self.events, "tls_reloaded")
+
+    def test_unchanged_files_do_not_reload(self) -> None:
+        """Polls that see the same files reload nothing."""
+        for _ in range(10):
+            self.clock.advance(5)
+        self.assertEqual(self.reloads(), [])
+        self.assertEqual(named(self.events, "tls_reload_failed"), [])
+
+    def test_touch_reloads_on_next_poll(self) -> None:
+        """A new mtime on the certificate file reloads at the next poll, once."""
+        info = self.pki.server_cert.stat()
+        later = info.st_mtime_ns + 10**9
+        os.utime(self.pki.server_cert, ns=(later, later))
+        self.clock.advance(4.9)
+        self.assertEqual(self.reloads(), [])
+        self.clock.advance(0.2)
+        (reloaded,) = self.reloads()
+        self.assertEqual(reloaded["trigger"], "file-change")
+        self.clock.advance(50)
+        self.assertEqual(len(self.reloads()), 1)
+
+    def test_replaced_files_reload(self) -> None:
+        """Certificate and key renamed into place are picked up and used."""
+        self.new_server_cert()
+        self.clock.advance(5)
+        self.assertEqual(len(self.reloads()), 1)
+        pair = self.connected()
+        self.assertEqual(pair.client.getpeercert(binary_form=True), der(self.pki.server_cert))
+
+    def test_bad_change_fails_then_retries_on_next_change(self) -> None:
+        """A half-written file fails once; the next change reloads."""
+        context = self.factory.contexts.context
+        self.pki.server_cert.write_bytes(b"-----BEGIN CERTIFICATE-----\n")
+        self.clock.advance(5)
+        self.assertEqual(len(named(self.events, "tls_reload_failed")), 1)
+        self.clock.advance(5)
+        self.assertEqual(len(named(self.events, "tls_reload_failed")), 1, "no retry unchanged")
+        self.assertIs(self.factory.contexts.context, context)
+        self.new_server_cert()
+        self.clock.advance(5)
+        self.assertEqual(len(self.reloads()), 1)
+
+    def test_stop_ends_polling(self) -> None:
+        """After stopService no poll runs."""
+        self.service.stopService()
+        self.new_server_cert()
+        self.clock.advance(50)
+        self.assertEqual(self.reloads(), [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
