@@ -257,3 +257,31 @@ class WriteStallTests(SynchronousTestCase):
         self.clock.advance(100)
         self.assertFalse(self.stream.aborted)
         self.assertEqual(named(self.events, "slow_reader"), [])
+
+
+class IdleWithPendingReplyTests(SynchronousTestCase):
+    """The idle timeout does not cut off a reply the server still owes."""
+
+    def test_pending_reply_defers_idle_close(self) -> None:
+        """A handler slower than the idle timeout still gets its reply delivered."""
+        pki = make_pki(self.mktemp())
+        clock = Clock()
+        handler = HeldHandler()
+        factory = server_factory(
+            pki,
+            clock,
+            handler=handler,
+            idle_timeout=5,
+            line_settings=LineSettings(handler_timeout=60),
+        )
+        pair = TLSPair(factory, client_context(pki))
+        pair.handshake()
+        pair.send(b"slow\n")
+        pair.to_server()
+        clock.advance(6)
+        self.assertFalse(pair.transport.disconnecting)
+        handler.pending[0][1].callback(b"slow\n")
+        pair.pump()
+        self.assertEqual(pair.received, b"slow\n")
+        clock.advance(6)
+        self.assertTrue(pair.transport.disconnecting)

@@ -5,35 +5,51 @@ checks every one of them, resolving them into a :class:`Config`.  Every problem 
 ``usage.UsageError`` whose text is one line: the option, the problem, the fix.
 Nothing here listens or starts anything; a busy port is found when the listening
 service starts (see :mod:`secure_echo.service`).
+
+Sources, lowest precedence first: the defaults declared below, a ``--config`` TOML
+file (:mod:`secure_echo.configfile`; keys are the long option names), the command
+line.  ``parseOptions`` reads the file before twistd's parser applies the command
+line, so a command-line value always wins and a repeatable option given there
+replaces the file's list.  :attr:`Config.sources` records where each value came
+from; :func:`effective_settings` is what ``--print-config`` shows.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from types import MappingProxyType
+from typing import IO, TYPE_CHECKING, Any, ClassVar, Final
 
 from OpenSSL import SSL
 from twisted.internet import endpoints
 from twisted.python import usage
 from typing_extensions import override
 
-from secure_echo import devcerts
+from secure_echo import configfile, devcerts
 from secure_echo.allowlist import AllowList, AllowListError
+from secure_echo.configfile import Key, Kind, OptionValue
 from secure_echo.tls import (
+    GROUPS,
+    TLS12_CIPHERS,
+    TLS13_CIPHERS,
     ClientAuth,
     ContextHolder,
     LoadedTLS,
     TLSConfigError,
     TLSProfile,
     TLSSettings,
+    fingerprint_sha256,
 )
 from secure_echo.tls import load_and_validate as load_tls
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Collection, Mapping, Sequence
 
 DEFAULT_LISTEN: Final = "tcp:8443:interface=127.0.0.1"
 #: Enough for a burst of a few thousand connects; the kernel caps it at
@@ -42,6 +58,53 @@ DEFAULT_BACKLOG: Final = 4096
 _ENDPOINT_TYPES: Final = frozenset({"tcp", "tcp6", "unix", "systemd"})
 _BACKLOG_TYPES: Final = frozenset({"tcp", "tcp6", "unix"})
 _ALLOW_OPTIONS: Final = ("allow-cn", "allow-dns", "allow-uri", "allow-spki-sha256")
+_REPEATABLE: Final = ("listen", *_ALLOW_OPTIONS, "proxy-trusted")
+PROXY_PROTOCOL_MODES: Final = ("off", "optional", "required")
+LOG_STDOUT_FORMATS: Final = ("json", "text")
+_OPTION_IN_ERROR: Final = re.compile(r"--([a-z0-9-]+)")
+
+#: Every key a ``--config`` file may hold: each option but the command-line-only
+#: ones (``config``, ``print-config``), with its TOML kind and an example value.
+FILE_KEYS: Final[Mapping[str, Key]] = MappingProxyType(
+    {
+        "listen": Key(Kind.STRINGS, f'["{DEFAULT_LISTEN}"]'),
+        "backlog": Key(Kind.INTEGER, str(DEFAULT_BACKLOG)),
+        "cert": Key(Kind.PATH, '"/etc/secure-echo/server.pem"'),
+        "key": Key(Kind.PATH, '"/etc/secure-echo/server-key.pem"'),
+        "client-ca": Key(Kind.PATH, '"/etc/secure-echo/client-ca.pem"'),
+        "client-auth": Key(Kind.STRING, '"required"'),
+        "tls-profile": Key(Kind.STRING, '"intermediate"'),
+        "allow-cn": Key(Kind.STRINGS, '["client.example.org"]'),
+        "allow-dns": Key(Kind.STRINGS, '["client.example.org"]'),
+        "allow-uri": Key(Kind.STRINGS, '["spiffe://example.org/ns/prod/sa/web"]'),
+        "allow-spki-sha256": Key(Kind.STRINGS, '["<64 hex digits>"]'),
+        "state-dir": Key(Kind.PATH, '"/var/lib/secure-echo"'),
+        "max-line-length": Key(Kind.INTEGER, "65536"),
+        "max-pending": Key(Kind.INTEGER, "256"),
+        "handshake-timeout": Key(Kind.NUMBER, "10"),
+        "handler-timeout": Key(Kind.NUMBER, "30"),
+        "idle-timeout": Key(Kind.NUMBER_OR_OFF, "300"),
+        "write-stall-timeout": Key(Kind.NUMBER_OR_OFF, "30"),
+        "max-connection-age": Key(Kind.NUMBER_OR_OFF, "3600"),
+        "max-connections": Key(Kind.INTEGER, "10000"),
+        "max-connections-per-ip": Key(Kind.INTEGER, "100"),
+        "drain-timeout": Key(Kind.NUMBER, "10"),
+        "reload-interval": Key(Kind.NUMBER_OR_OFF, "60"),
+        "expiry-warning-days": Key(Kind.NUMBER, "14"),
+        "log-file": Key(Kind.PATH, '"/var/log/secure-echo/secure-echo.jsonl"'),
+        "log-max-bytes": Key(Kind.INTEGER, str(10 * 1024 * 1024)),
+        "log-keep": Key(Kind.INTEGER, "5"),
+        "log-stdout": Key(Kind.STRING, '"json"'),
+        "metrics": Key(Kind.STRING, '"tcp:9100:interface=127.0.0.1"'),
+        "proxy-protocol": Key(Kind.STRING, '"required"'),
+        "proxy-trusted": Key(Kind.STRINGS, '["10.0.0.0/8"]'),
+        "proxy-timeout": Key(Kind.NUMBER, "5"),
+        "info-line": Key(Kind.STRING, '"INFO"'),
+    }
+)
+
+#: Where an option's value came from, lowest precedence first.
+SOURCES: Final = ("default", "file", "command-line")
 
 
 @dataclass(frozen=True)

@@ -167,9 +167,7 @@ class JSONLogService(Service):
         """Close and reopen the log file at its path (after an external rename)."""
         if self._file is not None:
             self._file.reopen()
-            self.log.info(
-                "log file reopened: {path}", event="log_reopened", path=str(self.path)
-            )
+            self.log.info("log file reopened: {path}", event="log_reopened", path=str(self.path))
 
     def _on_sigusr1(self, signum: int, frame: Any) -> None:
         if self._reactor is not None:

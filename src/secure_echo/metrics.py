@@ -331,9 +331,7 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.state = MetricsState()
         r = self.registry
-        self._active = Gauge(
-            "secure_echo_connections_active", "Open connections.", registry=r
-        )
+        self._active = Gauge("secure_echo_connections_active", "Open connections.", registry=r)
         self._active.set_function(lambda: float(active_connections()))
         self._connections = Counter(
             "secure_echo_connections_total",
@@ -405,9 +403,9 @@ class Metrics:
         self._not_after.set_function(
             lambda: state.not_after if state.not_after is not None else math.nan
         )
-        Info(
-            "secure_echo_build", "Versions of secure-echo and its TLS stack.", registry=r
-        ).info(build_versions())
+        Info("secure_echo_build", "Versions of secure-echo and its TLS stack.", registry=r).info(
+            build_versions()
+        )
         if process_metrics:
             ProcessCollector(registry=r)
         # Every known label value is exported from the start, at 0, so rate() and

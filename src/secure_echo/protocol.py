@@ -135,6 +135,11 @@ class LineProtocol(Protocol):
     def writeConnectionLost(self) -> None:
         """Not used: the transport never half-closes our side."""
 
+    @property
+    def pending(self) -> int:
+        """Lines whose replies are not written yet."""
+        return len(self._fifo)
+
     def drain(self) -> None:
         """The server is stopping: answer the lines already read, then close.
 

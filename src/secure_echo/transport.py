@@ -364,8 +364,13 @@ class TLSServerConnection(TwistedProtocol):
             self.drain(CloseReason.MAX_CONNECTION_AGE)
             return
         if factory.idle_timeout > 0 and now >= self._last_read + factory.idle_timeout:
-            self.close(CloseReason.IDLE_TIMEOUT)
-            return
+            if getattr(self._app, "pending", 0):
+                # We still owe replies: the silence is ours, not the client's.
+                # The handler timeout bounds the wait; look again after it.
+                self._last_read = now
+            else:
+                self.close(CloseReason.IDLE_TIMEOUT)
+                return
         self._arm_established()
 
     def drain(self, reason: CloseReason = CloseReason.SERVER_SHUTDOWN) -> None:
