@@ -184,11 +184,13 @@ class Burst:
         self.count = count
         self.connections: list[Connection] = []
         self._selector = selectors.DefaultSelector()
+        #: Monotonic time the first connect started, and how long opening took.
+        self.started = 0.0
         self.opened_in = 0.0
 
     def open(self, timeout: float) -> None:
         """Start every connect, then wait (at most ``timeout`` s) until each completed."""
-        started = time.monotonic()
+        started = self.started = time.monotonic()
         selector = self._selector
         for _ in range(self.count):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -281,7 +283,38 @@ class Burst:
 def encrypt(client: TLSClient, data: bytes) -> bytes:
     """Encrypt ``data`` on ``client``'s TLS session; return the records (not sent)."""
     client.write(data)
-    return client._outgoing.read()  # noqa: SLF001 - the records go out by our own loop
+    # The records go out by the caller's own loop, not TLSClient.pump.
+    return client._outgoing.read()
+
+
+def read_slowly(
+    client: TLSClient, timeout: float, *, chunk: int = 16384, pause: float = 0.005
+) -> bytes:
+    """Read ``client`` to the end of the stream, ``chunk`` bytes per ``pause`` s.
+
+    A slow but steady reader: the server's replies back up in the socket buffers
+    while it reads.  A reset counts as the end.  Returns all plaintext received.
+    """
+    sock = client.sock
+    end = time.monotonic() + timeout
+    while not client.eof and not client.close_notify:
+        left = end - time.monotonic()
+        if left <= 0:
+            msg = f"still open after {timeout} s; received {len(client.received)} bytes"
+            raise TimeoutError(msg)
+        sock.settimeout(left)
+        try:
+            data = sock.recv(chunk)
+        except ConnectionResetError:
+            data = b""
+        if data:
+            client._incoming.write(data)
+        else:
+            client.eof = True
+            client._incoming.write_eof()
+        client._read_tls()
+        time.sleep(pause)
+    return bytes(client.received)
 
 
 def peer_certificate_der(client: TLSClient) -> bytes:

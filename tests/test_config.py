@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import ipaddress
 import os
 import sys
 from pathlib import Path
@@ -351,3 +352,98 @@ class TapOptionsTests(SynchronousTestCase):
         options.parseOptions(["--cert", str(pki.server_cert), "--key", str(pki.server_key)])
         self.assertEqual(stderr.getvalue(), "")
         self.assertIsInstance(options.config, config.Config)
+
+
+class NewOptionTests(ConfigTestCase):
+    """--metrics, --proxy-*, --log-stdout and --info-line."""
+
+    def test_defaults(self) -> None:
+        """Metrics off, PROXY protocol off with 5 s timeout, twistd's log, no info line."""
+        cfg = self.parse()
+        self.assertIsNone(cfg.metrics)
+        self.assertEqual(cfg.proxy_protocol, "off")
+        self.assertEqual(cfg.proxy_trusted, ())
+        self.assertEqual(cfg.proxy_timeout, 5.0)
+        self.assertIsNone(cfg.log_stdout)
+        self.assertIsNone(cfg.info_line)
+        self.assertEqual(cfg.backlog, DEFAULT_BACKLOG)
+
+    def test_metrics(self) -> None:
+        """--metrics keeps a plain endpoint, type lower-cased, without a backlog added."""
+        cfg = self.parse("--metrics", "TCP:9100:interface=127.0.0.1")
+        self.assertEqual(cfg.metrics, "tcp:9100:interface=127.0.0.1")
+        path = str(Path(self.mktemp()).absolute())
+        self.assertEqual(self.parse("--metrics", f"unix:{path}").metrics, f"unix:{path}")
+
+    def test_metrics_invalid(self) -> None:
+        """A TLS, unknown or malformed metrics endpoint is one line naming --metrics."""
+        self.assert_usage_error("--metrics", "--metrics", "ssl:9100", words=("plain HTTP",))
+        self.assert_usage_error("--metrics", "--metrics", "udp:9100", words=("unsupported",))
+        self.assert_usage_error("--metrics", "--metrics", "tcp:x", words=("not a valid",))
+        self.assert_usage_error("--metrics", "--metrics", "tcp:70000", words=("out of range",))
+
+    def test_proxy_protocol(self) -> None:
+        """Modes optional and required take trusted networks (host bits allowed, v4 and v6)."""
+        for mode in ("optional", "required"):
+            cfg = self.parse(
+                "--proxy-protocol",
+                mode,
+                "--proxy-trusted",
+                "10.1.2.3/8",
+                "--proxy-trusted",
+                "2001:db8::1",
+                "--proxy-timeout",
+                "0.5",
+            )
+            self.assertEqual(cfg.proxy_protocol, mode)
+            self.assertEqual(
+                cfg.proxy_trusted,
+                (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::1/128")),
+            )
+            self.assertEqual(cfg.proxy_timeout, 0.5)
+
+    def test_proxy_errors(self) -> None:
+        """Unknown mode, missing or stray --proxy-trusted, bad network, bad timeout."""
+        self.assert_usage_error(
+            "--proxy-protocol", "--proxy-protocol", "on", words=("off, optional or required",)
+        )
+        self.assert_usage_error(
+            "--proxy-trusted", "--proxy-protocol", "required", words=("add --proxy-trusted",)
+        )
+        self.assert_usage_error(
+            "--proxy-trusted", "--proxy-trusted", "10.0.0.0/8", words=("--proxy-protocol",)
+        )
+        self.assert_usage_error(
+            "--proxy-trusted",
+            "--proxy-protocol",
+            "optional",
+            "--proxy-trusted",
+            "10.0.0.0/33",
+            words=("not an IP address or network",),
+        )
+        self.assert_usage_error("--proxy-timeout", "--proxy-timeout", "0")
+
+    def test_log_stdout(self) -> None:
+        """--log-stdout takes json or text."""
+        for value in ("json", "text"):
+            self.assertEqual(self.parse("--log-stdout", value).log_stdout, value)
+        self.assert_usage_error("--log-stdout", "--log-stdout", "xml", words=("json or text",))
+
+    def test_info_line(self) -> None:
+        """--info-line is kept as bytes; non-UTF-8 command-line bytes survive."""
+        self.assertEqual(self.parse("--info-line", "INFO").info_line, b"INFO")
+        raw = b"caf\xe9".decode("utf-8", "surrogateescape")
+        self.assertEqual(self.parse("--info-line", raw).info_line, b"caf\xe9")
+
+    def test_info_line_invalid(self) -> None:
+        """Empty, multi-line or longer-than-a-line info text is refused."""
+        self.assert_usage_error("--info-line", "--info-line", "", words=("empty",))
+        self.assert_usage_error("--info-line", "--info-line", "a\nb", words=("line break",))
+        self.assert_usage_error(
+            "--info-line",
+            "--info-line",
+            "x" * 11,
+            "--max-line-length",
+            "10",
+            words=("longer than --max-line-length",),
+        )

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Final, cast
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import FailTest, SynchronousTestCase
 
 from secure_echo.sdnotify import (
     Notifier,
@@ -67,9 +67,11 @@ class NotifyListener:
     def drain(self) -> list[bytes]:
         """Receive every datagram already queued (without waiting); return the new ones."""
         new: list[bytes] = []
+        # Non-blocking: with a timeout set, recv would first wait that long.
+        self.sock.setblocking(False)
         while True:
             try:
-                data = self.sock.recv(65536, socket.MSG_DONTWAIT)
+                data = self.sock.recv(65536)
             except BlockingIOError:
                 break
             new.append(data)
@@ -83,7 +85,7 @@ class NotifyListener:
     ) -> list[bytes]:
         """Receive until ``predicate(self.messages)``; all messages so far.
 
-        Raises ``AssertionError`` with what arrived if ``timeout`` s pass first.
+        Fails the test (``FailTest``) with what arrived if ``timeout`` s pass first.
         """
         deadline = time.monotonic() + timeout
         self.drain()
@@ -91,7 +93,7 @@ class NotifyListener:
             left = deadline - time.monotonic()
             if left <= 0:
                 msg = f"no matching notification within {timeout} s; got {self.messages!r}"
-                raise AssertionError(msg)
+                raise FailTest(msg)
             self.sock.settimeout(left)
             with contextlib.suppress(TimeoutError):
                 self.messages.append(self.sock.recv(65536))

@@ -47,11 +47,14 @@ class UnitFileTests(SynchronousTestCase):
         self.directives = _directives(UNIT.read_text(encoding="utf-8"))
 
     def test_foreground_without_pidfile(self) -> None:
-        """The secure-echo plugin runs under twistd in the foreground (-n), no pid file."""
+        """twistd runs in the foreground (-n), no pid file, notifying systemd (Type=notify)."""
         (exec_start,) = self.directives["ExecStart"]
         argv = exec_start.split()
         self.assertEqual(argv[:4], [TWISTD, "-n", "--pidfile=", "secure-echo"])
-        self.assertEqual(self.directives["Type"], ["simple"])
+        self.assertEqual(self.directives["Type"], ["notify"])
+        self.assertEqual(self.directives["NotifyAccess"], ["main"])
+        self.assertTrue(self.directives["WatchdogSec"])
+        self.assertEqual(self.directives["ExecReload"], ["/bin/kill -HUP $MAINPID"])
 
     def test_certificates_and_log(self) -> None:
         """The service reads its certificate and key from credentials and logs JSON lines."""

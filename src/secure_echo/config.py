@@ -16,6 +16,7 @@ from; :func:`effective_settings` is what ``--print-config`` shows.
 
 from __future__ import annotations
 
+import getopt
 import ipaddress
 import json
 import os
@@ -140,6 +141,27 @@ class Config:
     drain_timeout: float = 10.0
     reload_interval: float = 0.0
     expiry_warning_days: float = 14.0
+    #: ``--metrics``: plain server endpoint for the metrics page, or None (off).
+    metrics: str | None = None
+    #: ``--proxy-protocol``: one of :data:`PROXY_PROTOCOL_MODES`.
+    proxy_protocol: str = "off"
+    #: ``--proxy-trusted``: peers allowed to send a PROXY header (non-empty unless off).
+    proxy_trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    proxy_timeout: float = 5.0
+    #: ``--log-stdout``: json or text, or None for twistd's own text log.
+    log_stdout: str | None = None
+    #: ``--info-line``: a line with exactly this content gets a JSON description of
+    #: its connection instead of an echo; None: every line is echoed.
+    info_line: bytes | None = None
+    backlog: int = DEFAULT_BACKLOG
+    #: The ``--config`` file (absolute) and the SHA-256 of its bytes at start.
+    config_file: Path | None = None
+    config_sha256: str | None = None
+    #: Option name to "default", "file" or "command-line".
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+    #: The values the command line gave (paths made absolute), which a reload of
+    #: the config file must keep: see :func:`secure_echo.configfile.reload_tls_settings`.
+    command_line: Mapping[str, OptionValue] = field(default_factory=dict, compare=False)
 
 
 def _positive_int(name: str, value: str, *, minimum: int = 1) -> int:
@@ -178,25 +200,32 @@ def _count_or_off(name: str, value: str) -> int:
     return _positive_int(name, value, minimum=0)
 
 
-def validate_listen(description: str, backlog: int = DEFAULT_BACKLOG) -> Listen:
-    """Check one ``--listen`` endpoint string and add an explicit backlog."""
+def validate_endpoint(description: str, option: str = "listen") -> tuple[str, str]:
+    """Check a plain server endpoint string for ``--option``; return it and its type.
+
+    The type is put in lower case (Twisted's parser wants that; ``TCP:8443`` is
+    accepted).  TLS endpoints are refused: secure-echo adds TLS itself, and the
+    metrics page is plain HTTP.
+    """
     given = description
     head, sep, rest = description.partition(":")
     kind = head.strip().lower()
-    # Twisted's parser wants the type in lower case; accept "TCP:8443" too.
     description = f"{kind}{sep}{rest}"
+    example = "tcp:9100:interface=127.0.0.1" if option == "metrics" else DEFAULT_LISTEN
     if kind in {"ssl", "tls", "le", "lets"}:
+        why = (
+            "metrics are plain HTTP"
+            if option == "metrics"
+            else "TLS is added by secure-echo itself"
+        )
         raise usage.UsageError(
-            f"--listen {given}: TLS is added by secure-echo itself; "
-            "give a plain endpoint such as tcp:8443:interface=127.0.0.1"
+            f"--{option} {given}: {why}; give a plain endpoint such as {example}"
         )
     if kind not in _ENDPOINT_TYPES:
         raise usage.UsageError(
-            f"--listen {given}: unsupported endpoint type {kind!r}; "
+            f"--{option} {given}: unsupported endpoint type {kind!r}; "
             "use tcp:PORT, tcp6:PORT, unix:PATH or systemd:domain=INET:index=0"
         )
-    if kind in _BACKLOG_TYPES and "backlog=" not in description:
-        description = f"{description}:backlog={backlog}"
     try:
         # Only parses; the reactor argument is not used until listen().
         endpoint = endpoints.serverFromString(None, description)
@@ -204,18 +233,65 @@ def validate_listen(description: str, backlog: int = DEFAULT_BACKLOG) -> Listen:
         if kind == "systemd" and isinstance(error, KeyError | IndexError):
             # The systemd parser looks the socket up already: none was passed.
             raise usage.UsageError(
-                f"--listen {description}: systemd passed no such socket; "
+                f"--{option} {description}: systemd passed no such socket; "
                 "start under socket activation or use tcp:PORT"
             ) from None
         raise usage.UsageError(
-            f"--listen {given}: not a valid endpoint ({error}); e.g. tcp:8443:interface=127.0.0.1"
+            f"--{option} {given}: not a valid endpoint ({error}); e.g. {example}"
         ) from None
     port = getattr(endpoint, "_port", None)
     if isinstance(port, int) and not 0 <= port <= 65535:  # noqa: PLR2004 - the TCP port range
         raise usage.UsageError(
-            f"--listen {given}: port {port} is out of range; give a port from 0 to 65535"
+            f"--{option} {given}: port {port} is out of range; give a port from 0 to 65535"
         )
-    return Listen(description, kind, given)
+    return description, kind
+
+
+def validate_listen(description: str, backlog: int = DEFAULT_BACKLOG) -> Listen:
+    """Check one ``--listen`` endpoint string and add an explicit backlog."""
+    checked, kind = validate_endpoint(description)
+    if kind in _BACKLOG_TYPES and "backlog=" not in checked:
+        checked = f"{checked}:backlog={backlog}"
+    return Listen(checked, kind, description)
+
+
+def _choice(name: str, value: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise usage.UsageError(
+            f"--{name}: unknown value {value!r}; use {', '.join(choices[:-1])} or {choices[-1]}"
+        )
+    return value
+
+
+def _network(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise usage.UsageError(
+            f"--proxy-trusted: {value!r} is not an IP address or network; "
+            "give e.g. 10.0.0.0/8, 192.0.2.7 or 2001:db8::/32"
+        ) from None
+
+
+def _info_line(value: str | None, max_line_length: int) -> bytes | None:
+    if value is None:
+        return None
+    # Command-line bytes that are not UTF-8 arrive as surrogates: give them back.
+    line = value.encode("utf-8", "surrogateescape")
+    if not line:
+        raise usage.UsageError(
+            "--info-line: empty text would answer every empty line; give a word such as INFO"
+        )
+    if b"\n" in line or b"\r" in line:
+        raise usage.UsageError(
+            "--info-line: the text holds a line break; give the content of one line"
+        )
+    if len(line) > max_line_length:
+        raise usage.UsageError(
+            f"--info-line: {len(line)} bytes is longer than --max-line-length "
+            f"({max_line_length}), so no line could match; give a shorter text"
+        )
+    return line
 
 
 def _log_path(value: str) -> Path:
@@ -245,10 +321,29 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "Serve TLS line echo: every line comes back byte-exact, in order. With no "
-        "--cert, a local development CA and certificate are made on first run."
+        "--cert, a local development CA and certificate are made on first run. "
+        "Every option can also be set in a --config TOML file (keys are the long "
+        "option names); the command line overrides the file."
     )
 
+    #: The keys a ``--config`` file may hold (a subclass adding options extends it).
+    file_keys: ClassVar[Mapping[str, Key]] = FILE_KEYS
+
+    optFlags: Any = [  # noqa: RUF012 - Twisted's declarative option tables
+        [
+            "print-config",
+            None,
+            "Print the effective settings and TLS policy as JSON, then exit.",
+        ],
+    ]
+
     optParameters: Any = [  # noqa: RUF012 - Twisted's declarative option tables
+        [
+            "config",
+            None,
+            None,
+            "TOML file of options (keys: the long option names); the command line wins.",
+        ],
         ["cert", None, None, "PEM certificate chain (server certificate first)."],
         ["key", None, None, "PEM private key of --cert (default: read from --cert)."],
         ["client-ca", None, None, "PEM CA certificate(s) to verify client certificates."],
@@ -266,6 +361,12 @@ class Options(usage.Options):
         ["log-file", None, None, "Write JSON Lines records to this file (rotated)."],
         ["log-max-bytes", None, str(10 * 1024 * 1024), "Rotate the log file at this size."],
         ["log-keep", None, "5", "Rotated log files to keep."],
+        [
+            "log-stdout",
+            None,
+            None,
+            "json|text: our own format on stdout (default: twistd's text log).",
+        ],
         ["state-dir", None, None, "Where development certificates are kept."],
         ["idle-timeout", None, "300", "Close a connection silent this long (seconds; 0: off)."],
         [
@@ -286,14 +387,39 @@ class Options(usage.Options):
         ["drain-timeout", None, "10", "Seconds to finish replies at shutdown before closing."],
         ["reload-interval", None, "0", "Poll the TLS files and reload on change (s; 0: off)."],
         ["expiry-warning-days", None, "14", "Warn when the certificate expires this soon."],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve plain-HTTP metrics here, e.g. tcp:9100:interface=127.0.0.1 (default: off).",
+        ],
+        [
+            "proxy-protocol",
+            None,
+            "off",
+            "off|optional|required: take PROXY v1/v2 headers from --proxy-trusted peers.",
+        ],
+        [
+            "proxy-timeout",
+            None,
+            "5",
+            "Seconds a trusted proxy has to send its PROXY header.",
+        ],
+        [
+            "info-line",
+            None,
+            None,
+            "A line with this content gets connection info as JSON, not an echo (default: off).",
+        ],
     ]
 
     def __init__(self) -> None:
         super().__init__()
-        self["listen"] = []
-        for name in _ALLOW_OPTIONS:
+        for name in _REPEATABLE:
             self[name] = []
         self.config: Config
+        self._file: configfile.ConfigFile | None = None
+        self._sources: dict[str, str] = dict.fromkeys(self.file_keys, "default")
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to listen on, repeatable (default tcp:8443:interface=127.0.0.1)."""
@@ -315,9 +441,117 @@ class Options(usage.Options):
         """Admit client keys with this SHA-256 SubjectPublicKeyInfo pin (repeatable)."""
         self["allow-spki-sha256"].append(value)
 
+    def opt_proxy_trusted(self, value: str) -> None:
+        """Proxy address or CIDR allowed to send PROXY headers (repeatable)."""
+        self["proxy-trusted"].append(value)
+
+    @override
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        """Read ``--config`` first, then let the command line override it."""
+        argv = list(sys.argv[1:] if options is None else options)
+        given = self._command_line_names(argv)
+        # --help and --version must work whatever state the file is in.
+        if "config" in given and not given.keys() & {"help", "version"}:
+            path = Path(given["config"]).expanduser().absolute()
+            self.load_config_file(path, skip=given.keys())
+        for name in given.keys() & self._sources.keys():
+            self._sources[name] = "command-line"
+        super().parseOptions(argv)
+
+    def _command_line_names(self, argv: Sequence[str]) -> dict[str, str]:
+        """Option name to (last) value for each option ``argv`` gives.
+
+        The same getopt call as ``usage.Options.parseOptions``, so abbreviations
+        resolve the same way.  A malformed command line yields nothing here; the real
+        parse reports it.
+        """
+        try:
+            pairs, _ = getopt.getopt(list(argv), self.shortOpt, self.longOpt)
+        except getopt.GetoptError:
+            return {}
+        names: dict[str, str] = {}
+        for flag, value in pairs:
+            name = flag.lstrip("-")
+            name = self.synonyms.get(name, self.synonyms.get(name.replace("-", "_"), name))
+            names[name.replace("_", "-")] = value
+        return names
+
+    def load_config_file(self, path: Path, skip: Collection[str] = ()) -> None:
+        """Use the values of the config file at ``path`` for options not in ``skip``."""
+        loaded = configfile.read(path, self.file_keys)
+        self._file = loaded
+        for name, value in loaded.values.items():
+            if name in skip:
+                continue
+            self._set(name, value)
+            self._sources[name] = "file"
+
+    def apply_sources(
+        self, config_file: Path | None, command_line: Mapping[str, OptionValue]
+    ) -> None:
+        """Set options as a start with this file and command line would (for reload)."""
+        if config_file is not None:
+            self.load_config_file(config_file, skip=command_line.keys())
+        for name, value in command_line.items():
+            self._set(name, value)
+            self._sources[name] = "command-line"
+
+    def _set(self, name: str, value: OptionValue) -> None:
+        if isinstance(value, tuple):
+            self[name] = list(value)
+        elif isinstance(value, bool):
+            self[name] = int(value)  # what usage.Options stores for a flag
+        else:
+            self[name] = value
+
+    def in_file_terms(self, error: usage.UsageError) -> usage.UsageError:
+        """``error`` reworded to name the file and key if the option came from the file."""
+        match = _OPTION_IN_ERROR.match(str(error))
+        if (
+            self._file is None
+            or isinstance(error, configfile.ConfigFileError)
+            or match is None
+            or self._sources.get(match[1]) != "file"
+        ):
+            return error
+        return configfile.in_file_terms(error, self._file.path, match[1])
+
     @override
     def postOptions(self) -> None:
-        self.config = self._validate()
+        try:
+            self.config = self._validate()
+        except usage.UsageError as error:
+            raise self.in_file_terms(error) from None
+
+    def _captured_command_line(self) -> dict[str, OptionValue]:
+        captured: dict[str, OptionValue] = {}
+        for name, source in self._sources.items():
+            value = self[name]
+            if source != "command-line" or value is None:
+                continue
+            if isinstance(value, list):
+                captured[name] = tuple(value)
+            elif self.file_keys[name].kind is Kind.FLAG:
+                captured[name] = bool(value)
+            elif self.file_keys[name].kind is Kind.PATH and value:
+                # A reload must find the same file even if the daemon changed directory.
+                captured[name] = str(Path(value).expanduser().absolute())
+            else:
+                captured[name] = value
+        return captured
+
+    def tls_settings(self) -> tuple[TLSSettings, devcerts.DevCerts | None]:
+        """The TLS options, validated into settings (files not read yet)."""
+        try:
+            profile = TLSProfile(self["tls-profile"])
+        except ValueError:
+            raise usage.UsageError(
+                f"--tls-profile: unknown profile {self['tls-profile']!r}; "
+                "use intermediate or modern"
+            ) from None
+        client_auth = self._client_auth()
+        settings, dev = self._tls_files(profile, client_auth)
+        return replace(settings, allow=self._allow_list(client_auth)), dev
 
     def _validate(self) -> Config:
         backlog = _positive_int("backlog", self["backlog"])
@@ -329,16 +563,7 @@ class Options(usage.Options):
         log_max_bytes = _positive_int("log-max-bytes", self["log-max-bytes"], minimum=4096)
         log_keep = _positive_int("log-keep", self["log-keep"])
         log_file = _log_path(self["log-file"]) if self["log-file"] else None
-        try:
-            profile = TLSProfile(self["tls-profile"])
-        except ValueError:
-            raise usage.UsageError(
-                f"--tls-profile: unknown profile {self['tls-profile']!r}; "
-                "use intermediate or modern"
-            ) from None
-        client_auth = self._client_auth()
-        settings, dev = self._tls_files(profile, client_auth)
-        settings = replace(settings, allow=self._allow_list(client_auth))
+        settings, dev = self.tls_settings()
         try:
             tls = load_tls(settings)
         except TLSConfigError as error:
@@ -350,6 +575,9 @@ class Options(usage.Options):
                 f"--cert: OpenSSL refused the certificate or key ({error}); "
                 "check that they are a PEM certificate chain and its key"
             ) from None
+        metrics = validate_endpoint(self["metrics"], "metrics")[0] if self["metrics"] else None
+        proxy_protocol, proxy_trusted = self._proxy()
+        log_stdout = self["log-stdout"]
         return Config(
             listens=listens,
             tls=tls,
@@ -376,7 +604,36 @@ class Options(usage.Options):
             expiry_warning_days=_positive_float(
                 "expiry-warning-days", self["expiry-warning-days"]
             ),
+            metrics=metrics,
+            proxy_protocol=proxy_protocol,
+            proxy_trusted=proxy_trusted,
+            proxy_timeout=_positive_float("proxy-timeout", self["proxy-timeout"]),
+            log_stdout=(
+                _choice("log-stdout", log_stdout, LOG_STDOUT_FORMATS) if log_stdout else None
+            ),
+            info_line=_info_line(self["info-line"], max_line_length),
+            backlog=backlog,
+            config_file=self._file.path if self._file else None,
+            config_sha256=self._file.sha256 if self._file else None,
+            sources=MappingProxyType(dict(self._sources)),
+            command_line=MappingProxyType(self._captured_command_line()),
         )
+
+    def _proxy(self) -> tuple[str, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]]:
+        mode = _choice("proxy-protocol", self["proxy-protocol"], PROXY_PROTOCOL_MODES)
+        trusted = tuple(_network(value) for value in self["proxy-trusted"])
+        if mode != "off" and not trusted:
+            raise usage.UsageError(
+                f"--proxy-trusted: --proxy-protocol {mode} needs the addresses of the "
+                "proxies allowed to send PROXY headers; add --proxy-trusted CIDR "
+                "(e.g. 10.0.0.0/8)"
+            )
+        if mode == "off" and trusted:
+            raise usage.UsageError(
+                "--proxy-trusted: only used with --proxy-protocol optional or required; "
+                "add --proxy-protocol required or drop --proxy-trusted"
+            )
+        return mode, trusted
 
     def _allow_list(self, client_auth: ClientAuth) -> AllowList:
         given = [name for name in _ALLOW_OPTIONS if self[name]]
@@ -451,3 +708,113 @@ def parse(argv: Sequence[str]) -> Config:
     options = Options()
     options.parseOptions(list(argv))
     return options.config
+
+
+def _option_values(cfg: Config) -> dict[str, object]:
+    """Every file-settable option's effective value, as JSON-ready data."""
+    settings = cfg.tls.settings
+    allow = settings.allow
+    return {
+        "listen": [listen.description for listen in cfg.listens],
+        "backlog": cfg.backlog,
+        "cert": str(settings.cert),
+        "key": str(settings.key),
+        "client-ca": str(settings.client_ca) if settings.client_ca else None,
+        "client-auth": str(settings.client_auth),
+        "tls-profile": str(settings.profile),
+        "allow-cn": sorted(allow.cns),
+        "allow-dns": sorted(allow.dns),
+        "allow-uri": sorted(allow.uris),
+        "allow-spki-sha256": sorted(allow.spki_sha256),
+        "state-dir": str(cfg.dev_certs.directory.parent) if cfg.dev_certs else None,
+        "max-line-length": cfg.max_line_length,
+        "max-pending": cfg.max_pending,
+        "handshake-timeout": cfg.handshake_timeout,
+        "handler-timeout": cfg.handler_timeout,
+        "idle-timeout": cfg.idle_timeout,
+        "write-stall-timeout": cfg.write_stall_timeout,
+        "max-connection-age": cfg.max_connection_age,
+        "max-connections": cfg.max_connections,
+        "max-connections-per-ip": cfg.max_connections_per_ip,
+        "drain-timeout": cfg.drain_timeout,
+        "reload-interval": cfg.reload_interval,
+        "expiry-warning-days": cfg.expiry_warning_days,
+        "log-file": str(cfg.log_file) if cfg.log_file else None,
+        "log-max-bytes": cfg.log_max_bytes,
+        "log-keep": cfg.log_keep,
+        "log-stdout": cfg.log_stdout,
+        "metrics": cfg.metrics,
+        "proxy-protocol": cfg.proxy_protocol,
+        "proxy-trusted": [str(network) for network in cfg.proxy_trusted],
+        "proxy-timeout": cfg.proxy_timeout,
+        "info-line": (
+            cfg.info_line.decode("utf-8", "backslashreplace") if cfg.info_line else None
+        ),
+    }
+
+
+def _tls_policy(cfg: Config) -> dict[str, object]:
+    """The TLS policy in force, as :func:`secure_echo.tls.build_context` applies it."""
+    loaded = cfg.tls
+    settings = loaded.settings
+    modern = settings.profile is TLSProfile.MODERN
+    verifying = settings.client_ca is not None and settings.client_auth is not ClientAuth.NONE
+    verify = ["VERIFY_PEER"] if verifying else ["VERIFY_NONE"]
+    if verifying and settings.client_auth is ClientAuth.REQUIRED:
+        verify.append("VERIFY_FAIL_IF_NO_PEER_CERT")
+    return {
+        "profile": str(settings.profile),
+        "min_version": "TLSv1.3" if modern else "TLSv1.2",
+        "max_version": "TLSv1.3",
+        # Under the modern profile the TLS 1.2 list is set but can never be used.
+        "tls12_ciphers": [] if modern else list(TLS12_CIPHERS),
+        "tls13_ciphers": list(TLS13_CIPHERS),
+        "groups": list(GROUPS),
+        "options": ["NO_COMPRESSION", "NO_RENEGOTIATION", "SINGLE_ECDH_USE"],
+        "client_auth": str(settings.client_auth),
+        "verify_mode": verify,
+        "client_ca": str(settings.client_ca) if settings.client_ca else None,
+        "client_ca_subjects": [ca.subject.rfc4514_string() for ca in loaded.client_cas],
+        "allow_list": {
+            "active": settings.allow.active,
+            "cn": sorted(settings.allow.cns),
+            "dns": sorted(settings.allow.dns),
+            "uri": sorted(settings.allow.uris),
+            "spki_sha256": sorted(settings.allow.spki_sha256),
+        },
+        "certificate": {
+            "cert": str(settings.cert),
+            "key": str(settings.key),
+            "subject": loaded.subject,
+            "issuer": loaded.leaf.issuer.rfc4514_string(),
+            "not_before": loaded.leaf.not_valid_before_utc.isoformat(),
+            "not_after": loaded.not_after.isoformat(),
+            "sha256": fingerprint_sha256(loaded.leaf),
+            "chain_length": len(loaded.chain),
+            "development": cfg.dev_certs is not None,
+        },
+    }
+
+
+def effective_settings(cfg: Config) -> dict[str, object]:
+    """What ``--print-config`` shows: every option's value and source, and the TLS policy.
+
+    ``options`` maps each option (the ``--config`` key) to ``{"value", "source"}``,
+    the source being one of :data:`SOURCES`; ``tls`` is the policy in force.
+    """
+    return {
+        "config_file": str(cfg.config_file) if cfg.config_file else None,
+        "config_sha256": cfg.config_sha256,
+        "options": {
+            name: {"value": value, "source": cfg.sources.get(name, "default")}
+            for name, value in _option_values(cfg).items()
+        },
+        "tls": _tls_policy(cfg),
+    }
+
+
+def print_effective_settings(cfg: Config, out: IO[str] | None = None) -> None:
+    """Write :func:`effective_settings` as JSON to ``out`` (default: stdout)."""
+    stream = out or sys.stdout
+    stream.write(json.dumps(effective_settings(cfg), indent=2) + "\n")
+    stream.flush()

@@ -209,36 +209,40 @@ def _unknown_key(path: Path, key: str, value: object, known: Mapping[str, Key]) 
     return ConfigFileError(path, f'unknown key "{key}"; did you mean "{match}"?', key)
 
 
+def _fits(kind: Kind, value: object) -> bool:
+    """True if ``value`` has the TOML type ``kind`` asks for."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    checks = {
+        Kind.INTEGER: isinstance(value, int) and not isinstance(value, bool),
+        Kind.NUMBER: number,
+        Kind.NUMBER_OR_OFF: number or value == "off",
+        Kind.STRING: isinstance(value, str),
+        Kind.PATH: isinstance(value, str),
+        Kind.STRINGS: isinstance(value, list) and all(isinstance(i, str) for i in value),
+        Kind.FLAG: isinstance(value, bool),
+    }
+    return checks[kind]
+
+
 def _convert(path: Path, key: str, value: object, spec: Key) -> OptionValue:
     """Check the TOML type of ``value`` and turn it into what the command line gives."""
     kind = spec.kind
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    if kind is Kind.INTEGER and isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    if kind in {Kind.NUMBER, Kind.NUMBER_OR_OFF} and number:
-        return str(value)
-    if kind is Kind.NUMBER_OR_OFF and value == "off":
-        return "off"
-    if kind is Kind.STRING and isinstance(value, str):
+    if not _fits(kind, value):
+        if kind is Kind.STRINGS and isinstance(value, list):
+            problem = "must be an array of strings, and not every item is a string"
+        else:
+            problem = f"must be {_KIND_TEXT[kind]}, not {_type_name(value)} ({_shown(value)})"
+        raise ConfigFileError(
+            path, f'key "{key}" {problem}; write e.g. {key} = {spec.example}', key
+        )
+    if isinstance(value, bool | str):
+        if kind is Kind.PATH and value:
+            # Relative to the file, so it means the same from any working directory.
+            return str(path.parent / Path(str(value)).expanduser())
         return value
-    if kind is Kind.PATH and isinstance(value, str):
-        if not value:
-            return value
-        # Relative to the file, so the file means the same from any working directory.
-        return str(path.parent / Path(value).expanduser())
-    if (
-        kind is Kind.STRINGS
-        and isinstance(value, list)
-        and all(isinstance(item, str) for item in value)
-    ):
+    if isinstance(value, list):
         return tuple(value)
-    if kind is Kind.FLAG and isinstance(value, bool):
-        return value
-    if kind is Kind.STRINGS and isinstance(value, list):
-        problem = "must be an array of strings, and not every item is a string"
-    else:
-        problem = f"must be {_KIND_TEXT[kind]}, not {_type_name(value)} ({_shown(value)})"
-    raise ConfigFileError(path, f'key "{key}" {problem}; write e.g. {key} = {spec.example}', key)
+    return str(value)
 
 
 def fingerprint(data: bytes) -> str:

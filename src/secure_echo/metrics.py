@@ -410,8 +410,8 @@ class Metrics:
             ProcessCollector(registry=r)
         # Every known label value is exported from the start, at 0, so rate() and
         # absent-series alerts work before the first event of each kind.
-        for reason in _CLOSE_REASONS:
-            self._connections.labels(close_reason=reason)
+        for close_reason in CloseReason:
+            self._connections.labels(close_reason=close_reason.value)
         for reason in HANDSHAKE_FAILURE_REASONS:
             self._handshake_failures.labels(reason=reason)
         for reason in _REFUSAL_REASONS:
@@ -537,7 +537,7 @@ class _StatusPage(Resource):
 
 class _HealthPage(_StatusPage):
     def __init__(self, state: MetricsState) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Resource.__init__ is unannotated
         self._state = state
 
     @override
@@ -547,7 +547,7 @@ class _HealthPage(_StatusPage):
 
 class _ReadyPage(_StatusPage):
     def __init__(self, state: MetricsState, clock: IReactorTime) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Resource.__init__ is unannotated
         self._state = state
         self._clock = clock
 
@@ -566,7 +566,7 @@ class _MetricsPage(Resource):
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Resource.__init__ is unannotated
         self._registry = registry
 
     def render_GET(self, request: IRequest) -> bytes:
@@ -604,4 +604,5 @@ def metrics_site(metrics: Metrics, state: MetricsState, clock: IReactorTime) -> 
     root.putChild(b"metrics", _MetricsPage(metrics.registry))
     root.putChild(b"healthz", _HealthPage(state))
     root.putChild(b"readyz", _ReadyPage(state, clock))
-    return _QuietSite(root, logPath=None, timeout=60, reactor=clock)
+    # Site.__init__ is unannotated.
+    return _QuietSite(root, logPath=None, timeout=60, reactor=clock)  # type: ignore[no-untyped-call]

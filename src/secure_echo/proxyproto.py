@@ -656,22 +656,23 @@ class ProxyProtocolFactory(Factory):
         self.timeout = timeout
 
     @override
-    def buildProtocol(self, addr: IAddress) -> ProxyHeaderReader:
-        return ProxyHeaderReader(self, trusted=is_trusted(addr, self.trusted))
+    def buildProtocol(self, addr: IAddress | None) -> ProxyHeaderReader:  # type: ignore[override]
+        trusted = addr is not None and is_trusted(addr, self.trusted)
+        return ProxyHeaderReader(self, trusted=trusted)
 
     @override
-    def doStart(self) -> None:
+    def startFactory(self) -> None:
+        """The first port started: start the wrapped factory too (as WrappingFactory does)."""
         start = getattr(self.wrapped, "doStart", None)
         if start is not None:
             start()
-        super().doStart()
 
     @override
-    def doStop(self) -> None:
+    def stopFactory(self) -> None:
+        """The last port stopped: stop the wrapped factory too."""
         stop = getattr(self.wrapped, "doStop", None)
         if stop is not None:
             stop()
-        super().doStop()
 
 
 @implementer(IHalfCloseableProtocol)
@@ -734,10 +735,10 @@ class ProxyHeaderReader(TwistedProtocol):
 
     def readConnectionLost(self) -> None:
         """End of input: before the header, just close; after it, the inner's business."""
-        if self.inner is not None:
-            half = IHalfCloseableProtocol(self.inner, None)
-            if half is not None:
-                half.readConnectionLost()
+        inner = self.inner
+        if inner is not None:
+            if IHalfCloseableProtocol.providedBy(inner):
+                cast("IHalfCloseableProtocol", inner).readConnectionLost()
             else:
                 cast("Any", self.transport).loseConnection()
             return
@@ -748,10 +749,9 @@ class ProxyHeaderReader(TwistedProtocol):
 
     def writeConnectionLost(self) -> None:
         """Our write side closed."""
-        if self.inner is not None:
-            half = IHalfCloseableProtocol(self.inner, None)
-            if half is not None:
-                half.writeConnectionLost()
+        inner = self.inner
+        if inner is not None and IHalfCloseableProtocol.providedBy(inner):
+            cast("IHalfCloseableProtocol", inner).writeConnectionLost()
 
     @override
     def connectionLost(self, reason: Failure | None = None) -> None:

@@ -82,6 +82,10 @@ class TLSReloader:
         self.expiry_warning = datetime.timedelta(days=expiry_warning_days)
         self.reloads = 0
         self.failures = 0
+        #: Called before each reload (systemd's RELOADING=1).
+        self.before: list[Callable[[], object]] = []
+        #: Called after each reload with its outcome, success or not (READY=1).
+        self.after: list[Callable[[bool], object]] = []
 
     def now(self) -> datetime.datetime:
         """The current time, from the injected clock."""
@@ -89,6 +93,14 @@ class TLSReloader:
 
     def reload(self, trigger: str) -> bool:
         """Reload everything as one transaction; True if the new set is in use."""
+        for hook in self.before:
+            hook()
+        outcome = self._reload(trigger)
+        for done in self.after:
+            done(outcome)
+        return outcome
+
+    def _reload(self, trigger: str) -> bool:
         try:
             settings = self._settings()
             loaded = load_and_validate(settings, self.now())

@@ -32,17 +32,24 @@ from secure_echo.limits import (
 from secure_echo.logs import JSONLogService
 from secure_echo.protocol import LineFactory, LineSettings
 from secure_echo.reload import ReloadService, TLSReloader
+from secure_echo.sdnotify import Notifier, NotifyService, watchdog_interval
 from secure_echo.service import ListeningService
-from secure_echo.transport import TLSServerFactory
+from secure_echo.transport import TLSServerFactory, format_address
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from twisted.internet.interfaces import IListeningPort
 
+    from secure_echo.tls import ContextHolder
+
 
 class Options(_config.Options):
-    """Twistd's view of :class:`secure_echo.config.Options`: one-line errors."""
+    """Twistd's view of :class:`secure_echo.config.Options`.
+
+    A usage error is one stderr line and exit status 2; ``--print-config`` prints
+    the validated settings as JSON and exits 0, so twistd never starts.
+    """
 
     @override
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
@@ -50,6 +57,9 @@ class Options(_config.Options):
             super().parseOptions(options)
         except usage.UsageError as error:
             _config.one_line_exit(error)
+        if self["print-config"]:
+            _config.print_effective_settings(self.config)
+            raise SystemExit(0)
 
 
 class TLSService(Service):
@@ -218,10 +228,28 @@ def makeService(options: _config.Options, reactor: Any = None) -> MultiService:
         expiry_warning_days=cfg.expiry_warning_days,
     )
     ReloadService(reloader, reactor, cfg.reload_interval).setServiceParent(top)
-    ListeningService(
-        reactor,
-        cfg.listens,
-        factory,
-        on_listening=lambda ports: print_dev_banner(cfg, _first_tcp_port(ports)),
-    ).setServiceParent(top)
+    notifier = Notifier.from_environment()
+
+    def listening(ports: list[IListeningPort]) -> None:
+        print_dev_banner(cfg, _first_tcp_port(ports))
+        if notifier is not None:
+            # READY=1 once every port listens with a loaded context; the reactor
+            # runs from here on, so systemd's start timeout covers all of it.
+            reactor.callWhenRunning(notifier.ready, service_status(contexts, ports))
+
+    ListeningService(reactor, cfg.listens, factory, on_listening=listening).setServiceParent(top)
+    if notifier is not None:
+        reloader.before.append(notifier.reloading)
+        reloader.after.append(lambda _ok: notifier.ready(service_status(contexts)))
+        # Last added, first stopped: STOPPING=1 goes out as the drain starts.
+        NotifyService(notifier, reactor, watchdog_interval()).setServiceParent(top)
     return top
+
+
+def service_status(contexts: ContextHolder, ports: list[IListeningPort] | None = None) -> str:
+    """The one-line STATUS= text systemd shows."""
+    loaded = contexts.loaded
+    where = ""
+    if ports:
+        where = "listening on " + ", ".join(format_address(p.getHost()) for p in ports) + "; "
+    return f"{where}certificate {loaded.subject} valid until {loaded.not_after:%Y-%m-%d}"
