@@ -41,6 +41,7 @@ from tests.hostile_clients import (
     flood,
     peer_certificate_der,
     raise_nofile_limit,
+    read_slowly,
     reset,
     wait_closed,
     wait_closed_records,
@@ -964,19 +965,23 @@ class OverPipelinedCloseTests(HostileCase):
     def assert_every_read_line_answered(
         self, daemon: Daemon, since: int, client: TLSClient, reason: str, batch: bytes
     ) -> None:
-        """The client got one reply per line the daemon read, in order, then close_notify."""
-        received = client.read_to_end(timeout=DRAIN_TIMEOUT + SLACK + 5)
+        """A slow reader gets one reply per line the daemon read, in order, then close_notify."""
+        received = read_slowly(client, timeout=15)
         event = self.assert_closed_as(daemon, since, client.peer, reason)
         self.assertEqual(event["lines_in"], event["lines_out"])
-        self.assertTrue(received.endswith(b"\n"), received[-100:])
-        copies = math.ceil(len(received) / len(batch))
-        self.assertTrue(received == (batch * copies)[: len(received)], "replies out of order")
         replies = received.count(b"\n")
+        self.figures.record(
+            f"unread_input_close_{reason}",
+            {"replies_written": event["lines_out"], "replies_received": replies},
+        )
         self.assertEqual(
             replies,
             event["lines_out"],
             f"{event['lines_out']} replies written, {replies} received",
         )
+        self.assertTrue(received.endswith(b"\n"), received[-100:])
+        copies = math.ceil(len(received) / len(batch))
+        self.assertTrue(received == (batch * copies)[: len(received)], "replies out of order")
         self.assertTrue(client.close_notify, "a reset instead of close_notify")
 
     def test_sigterm_with_unread_input(self) -> None:
@@ -986,6 +991,7 @@ class OverPipelinedCloseTests(HostileCase):
         client = self.tls_client(daemon)
         batch = self.over_pipeline(client)
         daemon.terminate()
+        time.sleep(0.3)  # the drain starts while the client does not read
         self.assert_every_read_line_answered(daemon, since, client, "server_shutdown", batch)
 
     def test_max_connection_age_with_unread_input(self) -> None:

@@ -156,10 +156,18 @@ class TLSReloader:
 class ReloadService(Service):
     """Installs the SIGHUP handler and, optionally, the file watcher."""
 
-    def __init__(self, reloader: TLSReloader, reactor: Any, interval: float = 0.0) -> None:
+    def __init__(
+        self,
+        reloader: TLSReloader,
+        reactor: Any,
+        interval: float = 0.0,
+        extra_files: tuple[Path | None, ...] = (),
+    ) -> None:
         self.reloader = reloader
         self._reactor = reactor
         self._interval = interval
+        #: Watched too (the --config file, whose TLS keys a reload re-reads).
+        self._extra_files = extra_files
         self._watch: LoopingCall | None = None
         self._seen: tuple[_FileId, ...] = ()
         self._previous_handler: Any = None
@@ -190,7 +198,8 @@ class ReloadService(Service):
         self._reactor.callFromThread(self.reloader.reload, "SIGHUP")
 
     def _identities(self) -> tuple[_FileId, ...]:
-        return tuple(_identity(path) for path in files_of(self.reloader.holder.loaded.settings))
+        files = (*files_of(self.reloader.holder.loaded.settings), *self._extra_files)
+        return tuple(_identity(path) for path in files)
 
     def _poll(self) -> None:
         current = self._identities()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import errno
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application.service import Service
 from twisted.internet import defer, endpoints
@@ -134,4 +134,60 @@ class ListeningService(Service):
         ).addCallback(lambda _: None)
 
 
-__all__ = ["CannotListenError", "ListenError", "ListeningService", "describe_listen_failure"]
+__all__ = [
+    "CannotListenError",
+    "ListenError",
+    "ListeningService",
+    "MetricsService",
+    "describe_listen_failure",
+]
+
+
+class MetricsService(Service):
+    """Serve the metrics site on ``--metrics``; a failed listen stops start-up too.
+
+    It logs ``metrics_listening`` (not ``listening``, which names the TLS ports).
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, description: str, site: IProtocolFactory) -> None:
+        self._reactor = reactor
+        self._description = description
+        self._site = site
+        self.port: IListeningPort | None = None
+
+    @override
+    def privilegedStartService(self) -> None:
+        endpoint = endpoints.serverFromString(self._reactor, self._description)
+        outcome: list[object] = []
+        endpoint.listen(self._site).addBoth(outcome.append)
+        result = outcome[0] if outcome else None
+        if isinstance(result, Failure) or result is None:
+            message = (
+                describe_listen_failure(self._description, result)
+                if isinstance(result, Failure)
+                else f"--listen {self._description}: did not start listening at once"
+            ).replace("--listen", "--metrics", 1)
+            stream = sys.__stderr__ or sys.stderr
+            stream.write(f"twistd secure-echo: {message}\n")
+            stream.flush()
+            raise SystemExit(1)
+        self.port = cast("IListeningPort", result)
+        host = self.port.getHost()
+        self.log.info(
+            "metrics on http://{address}/metrics",
+            event="metrics_listening",
+            endpoint=self._description,
+            address=format_address(host),
+            port=getattr(host, "port", None),
+        )
+        super().privilegedStartService()
+
+    @override
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(port.stopListening).addCallback(lambda _: None)

@@ -12,15 +12,17 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python import usage
+from twisted.python.components import Componentized
 from typing_extensions import override
 
 from secure_echo import config as _config
+from secure_echo.configfile import reload_tls_settings
 from secure_echo.devcerts import client_command
 from secure_echo.handler import EchoHandler
 from secure_echo.limits import (
@@ -29,17 +31,19 @@ from secure_echo.limits import (
     default_max_connections,
     raise_fd_limit,
 )
-from secure_echo.logs import JSONLogService
+from secure_echo.logs import JSONLinesObserver, JSONLogService
+from secure_echo.metrics import Metrics, metrics_site
 from secure_echo.protocol import LineFactory, LineSettings
+from secure_echo.proxyproto import ProxyProtocolFactory
 from secure_echo.reload import ReloadService, TLSReloader
 from secure_echo.sdnotify import Notifier, NotifyService, watchdog_interval
-from secure_echo.service import ListeningService
+from secure_echo.service import ListeningService, MetricsService
 from secure_echo.transport import TLSServerFactory, format_address
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from twisted.internet.interfaces import IListeningPort
+    from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 
     from secure_echo.tls import ContextHolder
 
@@ -170,7 +174,18 @@ class OrderedMultiService(MultiService):
 
     ``MultiService`` stops every child at once; the log service must outlive the
     services whose shutdown it records (every ``connection_closed`` of a drain).
+
+    ``log_observer``, if set, becomes the twistd application's log observer: twistd
+    reads it from the application when it starts logging, after ``makeService``.
     """
+
+    log_observer: ILogObserver | None = None
+
+    @override
+    def setServiceParent(self, parent: Any) -> None:
+        if self.log_observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
 
     @override
     def stopService(self) -> defer.Deferred[None]:
@@ -193,6 +208,10 @@ def makeService(options: _config.Options, reactor: Any = None) -> MultiService:
         reactor = default_reactor
     cfg = options.config
     top = OrderedMultiService()
+    if cfg.log_stdout == "json":
+        # Given to twistd as the application's log observer: its text observer
+        # is then not installed, so standard output carries JSON Lines only.
+        top.log_observer = JSONLinesObserver(sys.stdout)
     if cfg.log_file is not None:
         JSONLogService(
             cfg.log_file, cfg.log_max_bytes, cfg.log_keep, reactor=reactor
@@ -207,6 +226,7 @@ def makeService(options: _config.Options, reactor: Any = None) -> MultiService:
         max_line_length=cfg.max_line_length,
         max_pending=cfg.max_pending,
         handler_timeout=cfg.handler_timeout,
+        info_line=cfg.info_line,
     )
     factory = TLSServerFactory(
         contexts,
@@ -220,24 +240,43 @@ def makeService(options: _config.Options, reactor: Any = None) -> MultiService:
         refusals=RefusalLog(reactor),
     )
     TLSService(cfg, factory, reactor, fd_limits).setServiceParent(top)
-    settings_now = cfg.tls.settings
     reloader = TLSReloader(
         contexts,
-        lambda: settings_now,
+        # Re-reads --config (if any) so cert, key, client CA and allow-lists
+        # change together; command-line values still win.
+        lambda: reload_tls_settings(cfg),
         reactor,
         expiry_warning_days=cfg.expiry_warning_days,
     )
-    ReloadService(reloader, reactor, cfg.reload_interval).setServiceParent(top)
+    ReloadService(
+        reloader, reactor, cfg.reload_interval, extra_files=(cfg.config_file,)
+    ).setServiceParent(top)
+    if cfg.metrics is not None:
+        metrics = Metrics(active_connections=lambda: len(factory.connections))
+        globalLogPublisher.addObserver(metrics.observer)
+        MetricsService(
+            reactor, cfg.metrics, metrics_site(metrics, metrics.state, reactor)
+        ).setServiceParent(top)
+    served: IProtocolFactory = factory
+    if cfg.proxy_protocol != "off":
+        served = ProxyProtocolFactory(
+            factory,
+            reactor,
+            mode=cast("Any", cfg.proxy_protocol),
+            trusted=cfg.proxy_trusted,
+            timeout=cfg.proxy_timeout,
+        )
     notifier = Notifier.from_environment()
 
     def listening(ports: list[IListeningPort]) -> None:
-        print_dev_banner(cfg, _first_tcp_port(ports))
+        if cfg.log_stdout != "json":  # keep JSON output pure; dev_certificate says it
+            print_dev_banner(cfg, _first_tcp_port(ports))
         if notifier is not None:
             # READY=1 once every port listens with a loaded context; the reactor
             # runs from here on, so systemd's start timeout covers all of it.
             reactor.callWhenRunning(notifier.ready, service_status(contexts, ports))
 
-    ListeningService(reactor, cfg.listens, factory, on_listening=listening).setServiceParent(top)
+    ListeningService(reactor, cfg.listens, served, on_listening=listening).setServiceParent(top)
     if notifier is not None:
         reloader.before.append(notifier.reloading)
         reloader.after.append(lambda _ok: notifier.ready(service_status(contexts)))
