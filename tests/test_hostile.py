@@ -84,6 +84,11 @@ FLOOD_STALL_TIMEOUT: Final = 10.0
 DRAIN_TIMEOUT: Final = 3.0
 #: The closes a client's reset may be logged as.
 RESET_REASONS: Final = frozenset({"connection_lost", "client_closed", "eof"})
+#: The known daemon bug the OverPipelinedCloseTests reproduce.
+UNREAD_INPUT_BUG: Final = (
+    "known daemon bug: closing a connection with unread input sends an RST that discards "
+    "unsent replies and close_notify (transport.TLSServerConnection._close_stream)"
+)
 LINE_TOO_LONG_65536: Final = b"-ERR line-too-long line exceeds 65536 bytes\n"
 
 
@@ -544,8 +549,12 @@ class BurstTests(HostileCase):
         refused = burst.in_state("eof")
         accepted = burst.in_state("reset")
         self.assertEqual(len(refused) + len(accepted), BURST)
-        # Slots free up only when the first accepted connections time out.
-        self.assertEqual(len(accepted), 100)
+        # Slots free up only when the first accepted connections time out; a burst
+        # refused before then leaves exactly 100 accepted.
+        if max(c.ended_at for c in refused) < min(c.ended_at for c in accepted):
+            self.assertEqual(len(accepted), 100)
+        else:
+            self.assertGreaterEqual(len(accepted), 100)
         refused_after = max(c.lifetime for c in refused)
         self.assertLess(refused_after, 1.0)
         first_end = min(c.ended_at for c in accepted) - burst.started
@@ -938,22 +947,21 @@ class DrainTests(HostileCase):
 
 
 class OverPipelinedCloseTests(HostileCase):
-    """A server-initiated close while the client's input is unread loses replies.
+    """A server-initiated close while the client's input is unread.
 
-    Known daemon bug (see the class's ``todo``): when the daemon closes a
-    connection whose input it has not read (it stopped reading because the client
-    pipelined more than it read), the kernel answers ``close()`` with an RST and
-    throws away every reply byte still in the socket's send buffer, close_notify
-    included.  The client, which may still read, gets part of the replies and a
-    reset.  A lingering close would fix it: after close_notify, shut down only the
-    write side, read and discard input until the client's FIN (bounded by a
-    timeout), then close.
+    The client pipelined more than the daemon read (the daemon stopped reading
+    because the client did not read its replies), and the daemon then closes: at
+    SIGTERM or at --max-connection-age.  Every line it read must still be answered,
+    then close_notify, for a client that reads (slowly) after the close began.
+
+    Known daemon bug (:data:`UNREAD_INPUT_BUG`): ``close()`` on a socket with
+    unread input makes the kernel send an RST and discard every reply byte still
+    in the send buffer, close_notify included.  Only that failure, reproduced, is
+    reported as a skip naming the bug and the numbers; anything else fails.  When
+    the transport closes in a lingering way (FIN after the replies, then read and
+    discard until the client's FIN, bounded by a timeout) these tests pass; then
+    delete the skip branch in :meth:`assert_every_read_line_answered`.
     """
-
-    todo = (
-        "daemon bug: closing with unread input sends an RST that discards unsent replies "
-        "and close_notify (transport.TLSServerConnection._close_stream)"
-    )
 
     def over_pipeline(self, client: TLSClient) -> bytes:
         """Pipeline for 0.5 s without reading: more than the daemon will read."""
@@ -967,6 +975,7 @@ class OverPipelinedCloseTests(HostileCase):
     ) -> None:
         """A slow reader gets one reply per line the daemon read, in order, then close_notify."""
         received = read_slowly(client, timeout=15)
+        client.close()  # as a client does once the server closed
         event = self.assert_closed_as(daemon, since, client.peer, reason)
         self.assertEqual(event["lines_in"], event["lines_out"])
         replies = received.count(b"\n")
@@ -974,6 +983,11 @@ class OverPipelinedCloseTests(HostileCase):
             f"unread_input_close_{reason}",
             {"replies_written": event["lines_out"], "replies_received": replies},
         )
+        if replies < event["lines_out"] and not client.close_notify:
+            raise SkipTest(
+                f"{UNREAD_INPUT_BUG}: {replies} of {event['lines_out']} replies arrived, "
+                "then a reset"
+            )
         self.assertEqual(
             replies,
             event["lines_out"],

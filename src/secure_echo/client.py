@@ -4,7 +4,9 @@ Usage::
 
     secure-echo-client HOST:PORT --ca CA.pem [--cert CERT.pem --key KEY.pem]
                        [--servername NAME] [--timeout SECONDS] [--tls13-only]
+                       [--proxy-v2 [--proxy-source IP:PORT]]
     secure-echo-client check HOST:PORT --ca CA.pem [same options]
+    secure-echo-client info HOST:PORT --ca CA.pem [same options] [--info-line TEXT] [--raw]
 
 ``HOST`` is a DNS name, an IPv4 address or a bracketed IPv6 address (``[::1]:8443``).
 
@@ -12,16 +14,34 @@ Echo mode copies standard input to the server line by line (LF-terminated, byte 
 final line without LF is sent as it is) and the server's replies to standard output, byte
 exact.  ``check`` sends one random nonce line, expects the same line back and prints
 ``OK <round trip of the nonce line> ms <TLS version> <cipher>``, e.g.
-``OK 3.1 ms TLSv1.3 TLS_AES_128_GCM_SHA256``.
+``OK 3.1 ms TLSv1.3 TLS_AES_128_GCM_SHA256``.  ``info`` sends the ``--info-line`` text
+as one line and prints the server's answer, one JSON object saying how the server sees
+the connection (peer, TLS version, cipher, client certificate, ...), pretty-printed, or
+with ``--raw`` byte exact as received.  The server answers it only when started with
+``--info-line`` set to the same text; it has no default, so this client's default,
+``INFO``, is the example of ``contrib/secure-echo.toml``.  A server without it echoes
+the line back, which ``info`` reports as
+``the server echoed the info line; start it with --info-line INFO``.
+
+``--proxy-v2`` sends a PROXY protocol v2 header (``PROXY``, ``TCP4``/``TCP6``) before
+the TLS handshake, as a TCP load balancer would, to test a server started with
+``--proxy-protocol``.  The header names this client's own address as the source and
+the server's as the destination; ``--proxy-source IP:PORT`` claims another source (a
+server that trusts this client as a proxy then logs that address).  IPv4-mapped IPv6
+addresses are sent as IPv4.
 
 Exit status:
 
-* 0: echo: all input answered and the connection closed; check: the nonce came back.
-* 1: check: the server answered with another line; echo: standard input or output failed.
+* 0: echo: all input answered and the connection closed; check: the nonce came back;
+  info: a JSON object came back.
+* 1: check: the server answered with another line; info: the server echoed the info
+  line or answered with something that is not a JSON object; echo: standard input or
+  output failed.
 * 2: TLS or connection failure: name resolution, refused, reset, timeout, certificate
-  verification, handshake failure or alert, or a server that closed before answering.
+  verification, handshake failure or alert, or a server that closed before answering
+  (as a server that requires a PROXY header does with a client that sends none).
 * 64: bad usage (EX_USAGE), including an unreadable or unusable ``--ca``, ``--cert`` or
-  ``--key``.
+  ``--key``, and a ``--proxy-source`` of another IP version than the connection.
 * 70: internal error (a bug; reported as one line like the rest).
 * 130: interrupted.
 
@@ -54,6 +74,9 @@ I/O model.  Rules the loop keeps:
 5. Timeouts: connect plus handshake share one ``--timeout`` deadline; afterwards, while a
    reply, a send or the server's close is awaited, ``--timeout`` seconds without socket
    progress is a failure.  Waiting for standard input has no timeout.
+6. A PROXY header is queued as the first bytes of the connection once TCP is up, before
+   the first handshake record is made, and is sent with it under the handshake's
+   deadline.  The header is plaintext outside TLS, so it never touches the TLS object.
 """
 
 from __future__ import annotations

@@ -54,9 +54,11 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import socket
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from OpenSSL import SSL
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
@@ -107,6 +109,22 @@ def format_address(address: IAddress) -> str:
         name = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
         return f"unix:{name or '-'}"
     return str(address)
+
+
+def _direct_socket(transport: object) -> socket.socket | None:
+    """The socket to send on directly, if ``transport`` is Twisted's own kind.
+
+    The optimistic send in :meth:`TLSServerConnection._send_stream` relies on
+    ``FileDescriptor``'s (undocumented) buffer attributes; any other transport
+    (a test double, a TLS-in-TLS wrapper) takes the plain ``write`` path.
+    """
+    if not isinstance(transport, FileDescriptor):
+        return None
+    sock = getattr(transport, "socket", None)
+    needed = ("dataBuffer", "offset", "_tempDataLen")
+    if not isinstance(sock, socket.socket) or not all(hasattr(transport, a) for a in needed):
+        return None
+    return sock
 
 
 def ssl_error_text(error: SSL.Error) -> str:
@@ -176,6 +194,7 @@ class TLSServerConnection(TwistedProtocol):
         self._stall_unsent: int | None = None
         self._last_read = 0.0
         self._verify_error: str | None = None
+        self._socket: socket.socket | None = None
 
     # -- stream side ------------------------------------------------------------
 
@@ -203,6 +222,7 @@ class TLSServerConnection(TwistedProtocol):
         self._tls.set_app_data(self)
         self._timer = clock.callLater(factory.handshake_timeout, self._handshake_timed_out)
         cast("Any", transport).registerProducer(_WriteSide(self), True)
+        self._socket = _direct_socket(transport)
         factory.connection_opened(self)
 
     @override
@@ -532,9 +552,36 @@ class TLSServerConnection(TwistedProtocol):
                 records = tls.bio_read(size)
             except SSL.WantReadError:
                 return
-            transport.write(records)
+            self._send_stream(records)
             if len(records) < size:
                 return
+
+    def _send_stream(self, data: bytes) -> None:
+        """Hand ciphertext to the stream, sending at once when nothing is queued.
+
+        Twisted's ``FileDescriptor.write`` queues the data and registers for
+        writability (an ``epoll_ctl``), writes on the next reactor turn, then
+        unregisters (another ``epoll_ctl``).  When its queue is empty, which is the
+        usual case for an echo, a direct ``send`` does the same work in one system
+        call; only what the kernel does not take goes through the queue, so the
+        byte order is kept and the transport's flow control still sees it.
+        """
+        transport = self.transport
+        sock = self._socket
+        if (
+            sock is not None
+            and not transport._tempDataLen  # type: ignore[union-attr]
+            and transport.offset == len(transport.dataBuffer)  # type: ignore[union-attr]
+            and not transport.disconnecting  # type: ignore[union-attr]
+        ):
+            try:
+                sent = sock.send(data)
+            except OSError:
+                sent = 0  # EAGAIN, or an error the transport will find itself
+            if sent == len(data):
+                return
+            data = data[sent:]
+        cast("Any", transport).write(data)
 
     # -- transport for the application -------------------------------------------
 
