@@ -329,6 +329,8 @@ class FloodResult:
     """What :func:`flood` did."""
 
     bytes_sent: int = 0
+    #: Wall-clock time (``time.time()``) the flood started.
+    started_wall: float = 0.0
     batches_encrypted: int = 0
     duration: float = 0.0
     #: Wall-clock time (``time.time()``) of the last send that made progress.
@@ -358,6 +360,7 @@ def flood(
     sock = client.sock
     sock.setblocking(False)
     pending = bytearray()
+    result.started_wall = time.time()
     started = time.monotonic()
     end = started + duration
     next_tick = started + tick

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyClass, verifyObject
 
-from secure_echo.handler import EchoHandler, ILineHandler
+from secure_echo.handler import EchoHandler, IBatchLineHandler, ILineHandler
 
 
 class EchoHandlerTests(SynchronousTestCase):
@@ -33,3 +33,22 @@ class EchoHandlerTests(SynchronousTestCase):
     def test_any_bytes(self, line: bytes) -> None:
         """Any bytes at all are echoed unchanged."""
         self.assertEqual(EchoHandler().handle_line(line), line)
+
+
+class BatchTests(SynchronousTestCase):
+    """The echo handler's batch form answers like its per-line form."""
+
+    def test_provides_batch_interface(self) -> None:
+        """EchoHandler declares and implements ``IBatchLineHandler``."""
+        self.assertTrue(verifyObject(IBatchLineHandler, EchoHandler()))
+
+    @settings(max_examples=200, deadline=None, database=None)
+    @given(st.lists(st.binary(max_size=20).map(lambda b: b.replace(b"\n", b"") + b"\n")))
+    def test_batch_equals_lines(self, lines: list[bytes]) -> None:
+        """handle_batch(lines) is the concatenation of handle_line(line) for each."""
+        handler = EchoHandler()
+        joined = b"".join(lines)
+        self.assertEqual(
+            handler.handle_batch(joined, len(lines)),
+            b"".join(handler.handle_line(line) for line in lines),
+        )

@@ -790,3 +790,73 @@ class PropertyTests(SynchronousTestCase):
         self.assertEqual(transport.value(), b"".join(wire))
         self.assertEqual(transport.producerState, "producing")
         self.assertTrue(transport.disconnecting)
+
+
+class BatchPathTests(SynchronousTestCase):
+    """The batch path of a batch-capable handler changes nothing on the wire."""
+
+    def make(
+        self, limit: int = 64, handler: object | None = None
+    ) -> tuple[LineProtocol, StringTransport]:
+        record = ConnectionRecord(1, "peer", "local", 0.0)
+        protocol = LineProtocol(
+            cast("ILineHandler", handler or EchoHandler()),
+            LineSettings(max_line_length=limit),
+            Clock(),
+            record,
+        )
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_one_write_and_counts(self) -> None:
+        """A read of whole lines is answered by one write; the counters still count lines."""
+        protocol, transport = self.make()
+        protocol.dataReceived(b"a\nbb\r\nccc\n")
+        self.assertEqual(transport.value(), b"a\nbb\r\nccc\n")
+        self.assertEqual((protocol.record.lines_in, protocol.record.lines_out), (3, 3))
+
+    def test_tail_is_held(self) -> None:
+        """An unfinished line after the last LF waits for its end, as on the line path."""
+        protocol, transport = self.make()
+        protocol.dataReceived(b"one\ntw")
+        protocol.dataReceived(b"o\nthree\n")
+        self.assertEqual(transport.value(), b"one\ntwo\nthree\n")
+
+    def test_long_reads_take_the_line_path(self) -> None:
+        """When a line may exceed the limit the per-line path decides (and refuses it)."""
+        protocol, transport = self.make(limit=8)
+        protocol.dataReceived(b"short\n" + b"x" * 20 + b"\nok\n")
+        self.assertEqual(
+            transport.value(), b"short\n-ERR line-too-long line exceeds 8 bytes\nok\n"
+        )
+
+    @settings(max_examples=200, deadline=None, database=None)
+    @given(
+        data=st.binary(max_size=400),
+        cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=8),
+    )
+    def test_same_output_as_line_path(self, data: bytes, cuts: list[int]) -> None:
+        """Any bytes split anywhere: the batch path writes what the line path writes."""
+        chunks = [
+            data[a:b] for a, b in zip([0, *sorted(cuts)], [*sorted(cuts), len(data)], strict=True)
+        ]
+        fast, fast_out = self.make(limit=16)
+        slow, slow_out = self.make(limit=16, handler=LineOnlyEcho())
+        for chunk in chunks:
+            if chunk:
+                fast.dataReceived(chunk)
+                slow.dataReceived(chunk)
+        fast.readConnectionLost()
+        slow.readConnectionLost()
+        self.assertEqual(fast_out.value(), slow_out.value())
+        self.assertEqual(fast.record.lines_in, slow.record.lines_in)
+        self.assertEqual(fast.record.lines_out, slow.record.lines_out)
+
+
+@implementer(ILineHandler)
+class LineOnlyEcho:
+    """An echo handler without the batch form: forces the per-line path."""
+
+    def handle_line(self, line: bytes) -> bytes:
+        return line

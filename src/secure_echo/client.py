@@ -84,11 +84,13 @@ from __future__ import annotations
 import argparse
 import collections
 import ipaddress
+import json
 import math
 import os
 import re
 import secrets
 import selectors
+import shlex
 import socket
 import ssl
 import sys
@@ -103,7 +105,7 @@ if TYPE_CHECKING:
 PROG = "secure-echo-client"
 
 EXIT_OK = 0
-#: check: wrong reply; echo: standard input or output failed.
+#: check: wrong reply; info: no JSON object; echo: standard input or output failed.
 EXIT_WRONG_REPLY = 1
 EXIT_LOCAL_IO = 1
 EXIT_CONNECTION = 2
@@ -120,6 +122,11 @@ CHUNK = 64 * 1024
 NET_HIGH_WATER = 64 * 1024
 RECV_SIZE = 64 * 1024
 MAX_PORT = 65535
+#: What ``info`` sends without ``--info-line``.  The server has no default info line;
+#: this is the example in ``contrib/secure-echo.toml``.
+DEFAULT_INFO_LINE = "INFO"
+#: Longest ``info`` reply accepted (the server's JSON line is well under 2 KiB).
+MAX_INFO_REPLY = 64 * 1024
 
 _PORT = re.compile(r"[0-9]{1,5}")
 _SSL_TEXT = re.compile(r"^(?:\[[^\]]*\]\s*)?(?P<text>.*?)(?:\s*\(_ssl\.c:\d+\))?$", re.DOTALL)
@@ -147,6 +154,12 @@ class LocalIOError(ClientError):
     """Standard input or output failed."""
 
     exit_status = EXIT_LOCAL_IO
+
+
+class WrongReplyError(ClientError):
+    """The server answered, but not with what the command asked for."""
+
+    exit_status = EXIT_WRONG_REPLY
 
 
 class _PeerClosedError(Exception):
@@ -298,6 +311,56 @@ class LineLedger:
             # Only an unterminated line is out; the server needs its end to answer it.
             return CHUNK
         return 0
+
+
+def parse_proxy_source(text: str) -> Address:
+    """Parse ``IP:PORT`` or ``[IPv6]:PORT`` for ``--proxy-source``; a name is refused.
+
+    A PROXY header carries addresses, not names, so the host must be an IP literal.
+    """
+    address = parse_address(text)
+    try:
+        ipaddress.ip_address(address.host)
+    except ValueError:
+        raise ValueError(
+            f"{text!r}: the host must be an IP address, as in 192.0.2.7:4242 or [2001:db8::7]:4242"
+        ) from None
+    return address
+
+
+def _plain_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The IP address ``host``, an IPv4-mapped IPv6 address as the IPv4 one."""
+    ip = ipaddress.ip_address(host)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def proxy_v2_header(
+    local: tuple[str, int], peer: tuple[str, int], claimed: Address | None = None
+) -> bytes:
+    """The PROXY v2 header for a connection from ``local`` to ``peer``.
+
+    ``claimed`` (``--proxy-source``) replaces ``local`` as the source.  Both ends of a
+    header are of one IP version, so a ``claimed`` source of the other version than
+    the connection raises :class:`UsageError`.
+    """
+    # The header builder's module also holds the daemon's Twisted reader; importing it
+    # only here keeps the client's other modes on the standard library alone.
+    from secure_echo.proxyproto import build_v2_header  # noqa: PLC0415
+
+    destination = _plain_ip(peer[0])
+    source = _plain_ip(local[0] if claimed is None else claimed.host)
+    if claimed is not None and source.version != destination.version:
+        where = Address(str(destination), peer[1])
+        raise UsageError(
+            f"--proxy-source {claimed} is IPv{source.version} but the connection to {where} "
+            f"is IPv{destination.version}; claim an IPv{destination.version} source"
+        )
+    source_port = local[1] if claimed is None else claimed.port
+    return build_v2_header(
+        source=(str(source), source_port), destination=(str(destination), peer[1])
+    )
 
 
 # ----------------------------------------------------------------------------- TLS set-up
@@ -495,13 +558,25 @@ class _Connection:
 
 
 def open_connection(
-    address: Address, context: ssl.SSLContext, server_name: str | None, timeout: float
+    address: Address,
+    context: ssl.SSLContext,
+    server_name: str | None,
+    timeout: float,
+    *,
+    preamble: Callable[[socket.socket], bytes] | None = None,
 ) -> _Connection:
-    """Connect and complete the handshake within ``timeout`` seconds, or raise."""
+    """Connect and complete the handshake within ``timeout`` seconds, or raise.
+
+    ``preamble(sock)``, called once TCP is up, returns plaintext bytes to send before
+    the handshake (a PROXY header).
+    """
     connection = _Connection(context, server_name or address.verify_name, address)
     deadline = time.monotonic() + timeout
     try:
         connection.connect(deadline, timeout)
+        if preamble is not None:
+            # Queued before the handshake makes its first record (rule 6).
+            connection.net_out += preamble(connection.socket)
         connection.handshake(deadline, timeout)
     except BaseException:
         connection.close()
@@ -771,9 +846,33 @@ def _write_fd(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+def _proxy_preamble(options: argparse.Namespace) -> Callable[[socket.socket], bytes] | None:
+    """The PROXY v2 header maker for ``--proxy-v2`` (``None`` without it)."""
+    if not options.proxy_v2:
+        return None
+    claimed: Address | None = options.proxy_source
+
+    def header(sock: socket.socket) -> bytes:
+        local, peer = sock.getsockname(), sock.getpeername()
+        return proxy_v2_header((local[0], local[1]), (peer[0], peer[1]), claimed)
+
+    return header
+
+
+def connect(options: argparse.Namespace, context: ssl.SSLContext) -> _Connection:
+    """Open the connection the options describe (PROXY header included), or raise."""
+    return open_connection(
+        options.address,
+        context,
+        options.servername,
+        options.timeout,
+        preamble=_proxy_preamble(options),
+    )
+
+
 def run_echo(options: argparse.Namespace, context: ssl.SSLContext) -> int:
     """Echo standard input through the server to standard output."""
-    connection = open_connection(options.address, context, options.servername, options.timeout)
+    connection = connect(options, context)
     try:
         pump = _Pump(
             connection,
@@ -790,7 +889,7 @@ def run_echo(options: argparse.Namespace, context: ssl.SSLContext) -> int:
 def run_check(options: argparse.Namespace, context: ssl.SSLContext) -> int:
     """Send one nonce line, expect it back, print ``OK <ms> ms <version> <cipher>``."""
     nonce = f"secure-echo-check {secrets.token_hex(16)}\n".encode("ascii")
-    connection = open_connection(options.address, context, options.servername, options.timeout)
+    connection = connect(options, context)
     reply = bytearray()
     try:
         version = connection.tls.version() or "unknown"
@@ -819,6 +918,66 @@ def run_check(options: argparse.Namespace, context: ssl.SSLContext) -> int:
     return EXIT_OK
 
 
+def run_info(options: argparse.Namespace, context: ssl.SSLContext) -> int:
+    """Send the info line, print the server's JSON answer (pretty, or raw with ``--raw``)."""
+    line: bytes = options.info_line
+    reply = bytearray()
+
+    def collect(data: bytes) -> None:
+        reply.extend(data)
+        if len(reply) > MAX_INFO_REPLY:
+            # Not the server's info answer; do not buffer whatever this is forever.
+            raise WrongReplyError(
+                f"info from {options.address} failed: the reply is longer than "
+                f"{MAX_INFO_REPLY} bytes, not the server's info line"
+            )
+
+    connection = connect(options, context)
+    try:
+        pump = _Pump(
+            connection,
+            write_output=collect,
+            timeout=options.timeout,
+            data=line + b"\n",
+            wait_for_close=False,
+        )
+        pump.run()
+    finally:
+        connection.close()
+    facts = parse_info_reply(line, bytes(reply), options.address)
+    if options.raw:
+        _write_fd(sys.stdout.fileno(), bytes(reply))
+    else:
+        text = json.dumps(facts, indent=2, ensure_ascii=False) + "\n"
+        _write_fd(sys.stdout.fileno(), text.encode("utf-8", "backslashreplace"))
+    return EXIT_OK
+
+
+def parse_info_reply(line: bytes, reply: bytes, address: Address) -> dict[str, object]:
+    """Return the JSON object the server answered ``line`` with.
+
+    Raises :class:`WrongReplyError` if the server echoed ``line`` (it has no
+    ``--info-line``, or another one) or answered with anything but a JSON object.
+    """
+    content = reply.removesuffix(b"\n").removesuffix(b"\r")
+    if content == line:
+        text = line.decode("utf-8", "surrogateescape")
+        raise WrongReplyError(
+            f"the server echoed the info line; start it with --info-line {shlex.quote(text)}"
+        )
+    try:
+        facts = json.loads(content)
+    except ValueError:
+        facts = None
+    if not isinstance(facts, dict):
+        shown = content[:80]
+        more = "..." if len(content) > len(shown) else ""
+        raise WrongReplyError(
+            f"info from {address} failed: the reply {shown!r}{more} is not a JSON object"
+        )
+    return facts
+
+
 # ----------------------------------------------------------------------------- the command line
 
 
@@ -834,6 +993,26 @@ def _address_argument(text: str) -> Address:
         return parse_address(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _proxy_source_argument(text: str) -> Address:
+    try:
+        return parse_proxy_source(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _info_line_argument(text: str) -> bytes:
+    # Command-line bytes that are not UTF-8 arrive as surrogates: give them back, as the
+    # server does with its --info-line, so both sides compare the same bytes.
+    line = text.encode("utf-8", "surrogateescape")
+    if not line:
+        raise argparse.ArgumentTypeError("the info line must not be empty")
+    if b"\n" in line or b"\r" in line:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} holds a line break; give the content of one line"
+        )
+    return line
 
 
 def _servername_argument(text: str) -> str:
@@ -853,26 +1032,43 @@ def _timeout_argument(text: str) -> float:
 
 
 _EXIT_STATUS_HELP = (
-    "exit status: 0 ok; 1 wrong reply (check) or standard input/output failed (echo); "
-    "2 TLS or connection failure; 64 bad usage or unusable --ca/--cert/--key"
+    "exit status: 0 ok; 1 wrong reply (check), no JSON info (info) or standard "
+    "input/output failed (echo); 2 TLS or connection failure; 64 bad usage or unusable "
+    "--ca/--cert/--key"
 )
 
+#: What each mode runs once the options are parsed and the TLS context is built.
+_RUNNERS: dict[str, Callable[[argparse.Namespace, ssl.SSLContext], int]] = {
+    "echo": run_echo,
+    "check": run_check,
+    "info": run_info,
+}
 
-def _parser(*, check: bool) -> argparse.ArgumentParser:
-    if check:
+
+def _parser(mode: str) -> argparse.ArgumentParser:
+    if mode == "check":
         parser = _ArgumentParser(
             prog=f"{PROG} check",
             description="Send one random line to a secure-echo server and expect it back; "
             "print 'OK <round trip> ms <TLS version> <cipher>'.",
             epilog=_EXIT_STATUS_HELP,
         )
+    elif mode == "info":
+        parser = _ArgumentParser(
+            prog=f"{PROG} info",
+            description="Ask a secure-echo server how it sees this connection: send the "
+            "--info-line text as one line and print the server's JSON answer "
+            "(peer, TLS version, cipher, client certificate, ...).",
+            epilog=_EXIT_STATUS_HELP,
+        )
     else:
         parser = _ArgumentParser(
             prog=PROG,
-            usage=f"{PROG} [check] HOST:PORT --ca CA.pem [options]",
+            usage=f"{PROG} [check|info] HOST:PORT --ca CA.pem [options]",
             description="Send standard input to a secure-echo server line by line and write "
             f"its replies to standard output. '{PROG} check HOST:PORT ...' "
-            "checks a server instead.",
+            f"checks a server instead; '{PROG} info HOST:PORT ...' shows how the server "
+            "sees the connection.",
             epilog=_EXIT_STATUS_HELP,
         )
     parser.add_argument(
@@ -901,6 +1097,33 @@ def _parser(*, check: bool) -> argparse.ArgumentParser:
         f"(default {DEFAULT_TIMEOUT:g})",
     )
     parser.add_argument("--tls13-only", action="store_true", help="refuse TLS 1.2")
+    parser.add_argument(
+        "--proxy-v2",
+        action="store_true",
+        help="send a PROXY protocol v2 header before the TLS handshake, as a load "
+        "balancer would (for a server started with --proxy-protocol); it names this "
+        "client's address as the source",
+    )
+    parser.add_argument(
+        "--proxy-source",
+        type=_proxy_source_argument,
+        metavar="IP:PORT",
+        help="with --proxy-v2: claim this source address instead of the client's own; "
+        "IPv6 in brackets, same IP version as the connection",
+    )
+    if mode == "info":
+        parser.add_argument(
+            "--info-line",
+            type=_info_line_argument,
+            default=DEFAULT_INFO_LINE,
+            metavar="TEXT",
+            help="the line to send; must equal the server's --info-line exactly "
+            f"(default {DEFAULT_INFO_LINE}: the server has none, and this is the example "
+            "in contrib/secure-echo.toml)",
+        )
+        parser.add_argument(
+            "--raw", action="store_true", help="print the JSON line as received, not indented"
+        )
     return parser
 
 
@@ -913,12 +1136,18 @@ def _complain(message: str) -> None:
 
 
 def parse_arguments(argv: Sequence[str]) -> tuple[str, argparse.Namespace]:
-    """Return the mode (``"echo"`` or ``"check"``) and the options; raise on bad usage."""
+    """Return the mode (``"echo"``, ``"check"`` or ``"info"``) and the options.
+
+    Raises :class:`UsageError` on bad usage.
+    """
     arguments = list(argv)
-    mode = "check" if arguments[:1] == ["check"] else "echo"
-    if mode == "check":
+    mode = arguments[0] if arguments[:1] in (["check"], ["info"]) else "echo"
+    if mode != "echo":
         arguments = arguments[1:]
-    options = _parser(check=mode == "check").parse_args(arguments)
+    parser = _parser(mode)
+    options = parser.parse_args(arguments)
+    if options.proxy_source is not None and not options.proxy_v2:
+        parser.error("--proxy-source needs --proxy-v2")
     return mode, options
 
 
@@ -932,9 +1161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         context = build_context(
             options.ca, options.cert, options.key, tls13_only=options.tls13_only
         )
-        if mode == "check":
-            return run_check(options, context)
-        return run_echo(options, context)
+        return _RUNNERS[mode](options, context)
     except ClientError as exc:
         _complain(str(exc))
         return exc.exit_status

@@ -87,6 +87,11 @@ class LineFramer:
         self._discard_last = b""
 
     @property
+    def holding(self) -> bool:
+        """True while part of a line is held or an overlong line is being discarded."""
+        return self._size > 0 or self._discarding
+
+    @property
     def buffered(self) -> int:
         """Bytes of an unterminated line currently held (never above limit + 1)."""
         return self._size

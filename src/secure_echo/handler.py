@@ -35,10 +35,29 @@ class ILineHandler(Interface):
         """Return the reply to ``line`` (terminator included), or a Deferred of it."""
 
 
-@implementer(ILineHandler)
+class IBatchLineHandler(ILineHandler):
+    """A handler that can also answer a run of whole lines in one call.
+
+    ``handle_batch(lines, count)`` receives ``count`` complete lines (each ending
+    with LF, none longer than the line limit) as one bytes object and returns,
+    synchronously, the concatenation of the replies ``handle_line`` would give
+    for each of them, in order.  The protocol uses it only when no earlier reply
+    is pending, so ordering is unchanged; a handler whose replies depend on
+    anything but each line must not provide it.
+    """
+
+    def handle_batch(lines: bytes, count: int) -> bytes:  # noqa: N805
+        """Return the replies to ``count`` whole lines, concatenated."""
+
+
+@implementer(IBatchLineHandler)
 class EchoHandler:
     """Reply with the line itself, byte for byte, terminator included."""
 
     def handle_line(self, line: bytes) -> bytes:
         """Return ``line`` unchanged."""
         return line
+
+    def handle_batch(self, lines: bytes, count: int) -> bytes:  # noqa: ARG002
+        """Return ``lines`` unchanged: the echo of each line, in order."""
+        return lines

@@ -41,6 +41,7 @@ from typing_extensions import override
 from zope.interface import implementer
 
 from secure_echo.framing import LF, LineFramer, Overlong, terminator_of
+from secure_echo.handler import IBatchLineHandler
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -108,6 +109,13 @@ class LineProtocol(Protocol):
         self._clock = clock
         self.record = record
         self._framer = LineFramer(settings.max_line_length)
+        # The batch form of the handler, when it has one and no info line must be
+        # looked for (the info line needs the per-line path).
+        self._batch = (
+            handler.handle_batch
+            if IBatchLineHandler.providedBy(handler) and settings.info_line is None
+            else None
+        )
         self._fifo: deque[_Slot] = deque()
         self._paused = False
         self._input_ended = False
@@ -120,6 +128,23 @@ class LineProtocol(Protocol):
 
     @override
     def dataReceived(self, data: bytes) -> None:
+        batch = self._batch
+        if batch is not None and not self._fifo and not self._framer.holding:
+            # Fast path (see IBatchLineHandler): every complete line of this read
+            # is at most as long as the limit when the last LF lies within it.
+            last = data.rfind(LF)
+            if 0 <= last < self._settings.max_line_length:
+                end = last + 1
+                whole = data if end == len(data) else data[:end]
+                count = whole.count(LF)
+                self._line_no += count
+                record = self.record
+                record.lines_in += count
+                record.lines_out += count
+                self._write([batch(whole, count)])
+                if end < len(data):
+                    self._framer.feed(data[end:])
+                return
         events = self._framer.feed(data)
         if events:
             self._dispatch(events)
