@@ -47,7 +47,7 @@ class UnitFileTests(SynchronousTestCase):
         self.directives = _directives(UNIT.read_text(encoding="utf-8"))
 
     def test_foreground_without_pidfile(self) -> None:
-        """twistd runs in the foreground (-n), no pid file, notifying systemd (Type=notify)."""
+        """The daemon runs under twistd -n, no pid file, notifying systemd (Type=notify)."""
         (exec_start,) = self.directives["ExecStart"]
         argv = exec_start.split()
         self.assertEqual(argv[:4], [TWISTD, "-n", "--pidfile=", "secure-echo"])
