@@ -29,20 +29,28 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from secure_echo import certgen
 from secure_echo.client import (
     CHUNK,
+    DEFAULT_INFO_LINE,
     EXIT_CONNECTION,
     EXIT_OK,
     EXIT_USAGE,
     EXIT_WRONG_REPLY,
     MAX_IN_FLIGHT,
+    MAX_INFO_REPLY,
     Address,
     LineLedger,
     UsageError,
+    WrongReplyError,
     build_context,
     describe_error,
     main,
     one_line,
     parse_address,
+    parse_arguments,
+    parse_info_reply,
+    parse_proxy_source,
+    proxy_v2_header,
 )
+from secure_echo.proxyproto import ProxyHeader, parse_header
 
 REPO = Path(__file__).resolve().parent.parent
 PEER_SCRIPT = REPO / "tests" / "ssl_echo_peer.py"
@@ -409,6 +417,140 @@ def _split(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(points)]
 
 
+class ProxyHeaderTests(SynchronousTestCase):
+    """The PROXY v2 header ``--proxy-v2`` sends, read back with the daemon's parser."""
+
+    def parse(self, header: bytes) -> ProxyHeader:
+        """Parse ``header``, which must be exactly one complete v2 header."""
+        parsed = parse_header(header)
+        assert parsed is not None
+        self.assertEqual((parsed.version, parsed.command), (2, "PROXY"))
+        self.assertEqual(parsed.consumed, len(header))
+        return parsed
+
+    def test_own_address_is_the_source(self) -> None:
+        """Without a claimed source the header says client socket -> server socket."""
+        parsed = self.parse(proxy_v2_header(("127.0.0.1", 50000), ("127.0.0.1", 8443)))
+        self.assertEqual(parsed.family, "TCP4")
+        self.assertEqual(parsed.source, ("127.0.0.1", 50000))
+        self.assertEqual(parsed.destination, ("127.0.0.1", 8443))
+
+    def test_claimed_source(self) -> None:
+        """--proxy-source replaces the source; the destination stays the server's."""
+        claimed = Address("192.0.2.7", 4242)
+        parsed = self.parse(proxy_v2_header(("127.0.0.1", 50000), ("127.0.0.1", 8443), claimed))
+        self.assertEqual(parsed.source, ("192.0.2.7", 4242))
+        self.assertEqual(parsed.destination, ("127.0.0.1", 8443))
+
+    def test_ipv6(self) -> None:
+        """An IPv6 connection gives a TCP6 header."""
+        parsed = self.parse(proxy_v2_header(("::1", 50000), ("::1", 8443)))
+        self.assertEqual(parsed.family, "TCP6")
+        self.assertEqual((parsed.source, parsed.destination), (("::1", 50000), ("::1", 8443)))
+        claimed = Address("2001:db8::7", 1)
+        parsed = self.parse(proxy_v2_header(("::1", 50000), ("::1", 8443), claimed))
+        self.assertEqual(parsed.source, ("2001:db8::7", 1))
+
+    def test_ipv4_mapped(self) -> None:
+        """IPv4-mapped IPv6 addresses are sent as IPv4, so an IPv4 source fits them."""
+        local, peer = ("::ffff:127.0.0.1", 50000), ("::ffff:127.0.0.1", 8443)
+        parsed = self.parse(proxy_v2_header(local, peer))
+        self.assertEqual(parsed.family, "TCP4")
+        self.assertEqual(parsed.source, ("127.0.0.1", 50000))
+        parsed = self.parse(proxy_v2_header(local, peer, Address("192.0.2.7", 4242)))
+        self.assertEqual(parsed.source, ("192.0.2.7", 4242))
+
+    def test_other_ip_version_refused(self) -> None:
+        """A claimed source of the other IP version is a usage error naming both."""
+        with self.assertRaises(UsageError) as raised:
+            proxy_v2_header(("127.0.0.1", 1), ("127.0.0.1", 8443), Address("2001:db8::7", 1))
+        self.assertEqual(
+            str(raised.exception),
+            "--proxy-source [2001:db8::7]:1 is IPv6 but the connection to 127.0.0.1:8443 "
+            "is IPv4; claim an IPv4 source",
+        )
+        with self.assertRaises(UsageError):
+            proxy_v2_header(("::1", 1), ("::1", 8443), Address("192.0.2.7", 1))
+
+
+class InfoReplyTests(SynchronousTestCase):
+    """How ``info`` judges the server's answer to the info line."""
+
+    where = Address("127.0.0.1", 8443)
+
+    def test_json_object(self) -> None:
+        """A JSON object line (LF or CRLF) is returned as a dict."""
+        reply = b'{"conn_id": 7, "tls_version": "TLSv1.3"}'
+        expected = {"conn_id": 7, "tls_version": "TLSv1.3"}
+        self.assertEqual(parse_info_reply(b"INFO", reply + b"\n", self.where), expected)
+        self.assertEqual(parse_info_reply(b"INFO", reply + b"\r\n", self.where), expected)
+
+    def test_echoed(self) -> None:
+        """The line echoed back means the server has no (or another) --info-line."""
+        with self.assertRaises(WrongReplyError) as raised:
+            parse_info_reply(b"secure-echo:info", b"secure-echo:info\n", self.where)
+        self.assertEqual(
+            str(raised.exception),
+            "the server echoed the info line; start it with --info-line secure-echo:info",
+        )
+        self.assertEqual(raised.exception.exit_status, EXIT_WRONG_REPLY)
+        with self.assertRaises(WrongReplyError) as raised:
+            parse_info_reply(b"two words", b"two words\r\n", self.where)
+        self.assertIn("start it with --info-line 'two words'", str(raised.exception))
+
+    def test_not_a_json_object(self) -> None:
+        """Anything else, a JSON array or number included, is a wrong reply."""
+        for reply in [b"-ERR busy\n", b"[1, 2]\n", b"17\n", b"\xff{}\n", b"\n"]:
+            with self.assertRaises(WrongReplyError, msg=reply) as raised:
+                parse_info_reply(b"INFO", reply, self.where)
+            self.assertIn("info from 127.0.0.1:8443 failed: the reply", str(raised.exception))
+            self.assertIn("is not a JSON object", str(raised.exception))
+
+
+class ArgumentTests(SynchronousTestCase):
+    """Parsing of --proxy-v2, --proxy-source and the info subcommand's options."""
+
+    def test_proxy_options_in_every_mode(self) -> None:
+        """--proxy-v2 and --proxy-source are accepted by echo, check and info."""
+        for prefix in [[], ["check"], ["info"]]:
+            mode, options = parse_arguments(
+                [*prefix, "h:1", "--ca", "ca.pem", "--proxy-v2", "--proxy-source", "192.0.2.7:42"]
+            )
+            self.assertEqual(mode, prefix[0] if prefix else "echo")
+            self.assertIs(options.proxy_v2, True)
+            self.assertEqual(options.proxy_source, Address("192.0.2.7", 42))
+
+    def test_proxy_defaults(self) -> None:
+        """Without the options no header is sent and no source is claimed."""
+        _, options = parse_arguments(["h:1", "--ca", "ca.pem"])
+        self.assertEqual((options.proxy_v2, options.proxy_source), (False, None))
+
+    def test_proxy_source_forms(self) -> None:
+        """--proxy-source takes IPv4 or bracketed IPv6 literals with a port."""
+        self.assertEqual(parse_proxy_source("192.0.2.7:4242"), Address("192.0.2.7", 4242))
+        self.assertEqual(parse_proxy_source("[2001:db8::7]:1"), Address("2001:db8::7", 1))
+        for text in ["example.com:1", "192.0.2.7", "192.0.2.7:0", "2001:db8::7:1", "[x]:1"]:
+            with self.assertRaises(ValueError, msg=text):
+                parse_proxy_source(text)
+
+    def test_info_defaults(self) -> None:
+        """The info subcommand sends INFO by default and pretty-prints."""
+        mode, options = parse_arguments(["info", "h:1", "--ca", "ca.pem"])
+        self.assertEqual(mode, "info")
+        self.assertEqual(DEFAULT_INFO_LINE, "INFO")
+        self.assertEqual((options.info_line, options.raw), (b"INFO", False))
+        self.assertEqual(options.address, Address("h", 1))
+
+    def test_info_options(self) -> None:
+        """--info-line is kept as bytes (non-UTF-8 argv bytes too); --raw is a flag."""
+        _, options = parse_arguments(
+            ["info", "h:1", "--ca", "ca.pem", "--info-line", "secure-echo:info", "--raw"]
+        )
+        self.assertEqual((options.info_line, options.raw), (b"secure-echo:info", True))
+        _, options = parse_arguments(["info", "h:1", "--ca", "x", "--info-line", "\udcffok"])
+        self.assertEqual(options.info_line, b"\xffok")
+
+
 # ----------------------------------------------------------------------------- usage
 
 
@@ -449,6 +591,30 @@ class UsageTests(ClientTestCase):
             (["check", "h:1", "--ca", ca, "extra"], "extra"),
             (["h:1", "--ca", ca, "--cert", str(self.certs.client_cert)], "--cert and --key"),
             (["h:1", "--ca", ca, "--key", str(self.certs.client_key)], "--cert and --key"),
+        ]
+        for args, text in cases:
+            self.assert_usage(args, text)
+
+    def test_bad_proxy_and_info_arguments(self) -> None:
+        """Bad --proxy-*, --info-line and --raw usage exits 64 with one line each."""
+        ca = str(self.certs.ca)
+        cases: list[tuple[list[str], str]] = [
+            (
+                ["h:1", "--ca", ca, "--proxy-source", "192.0.2.7:1"],
+                "--proxy-source needs --proxy-v2",
+            ),
+            (["h:1", "--ca", ca, "--proxy-v2", "--proxy-source", "example.com:1"], "IP address"),
+            (["h:1", "--ca", ca, "--proxy-v2", "--proxy-source", "192.0.2.7"], "HOST:PORT"),
+            (["h:1", "--ca", ca, "--proxy-v2", "--proxy-source", "192.0.2.7:0"], "the port"),
+            (["h:1", "--ca", ca, "--proxy-v2", "--proxy-source"], "expected one argument"),
+            (["check", "h:1", "--ca", ca, "--proxy-v2=yes"], "--proxy-v2"),
+            (["info"], "HOST:PORT"),
+            (["info", "h:1"], "--ca"),
+            (["info", "h:1", "--ca", ca, "--info-line", ""], "must not be empty"),
+            (["info", "h:1", "--ca", ca, "--info-line", "a\nb"], "line break"),
+            (["info", "h:1", "--ca", ca, "--info-line", "a\r"], "line break"),
+            (["check", "h:1", "--ca", ca, "--raw"], "--raw"),
+            (["h:1", "--ca", ca, "--info-line", "INFO"], "--info-line"),
         ]
         for args, text in cases:
             self.assert_usage(args, text)
@@ -521,6 +687,20 @@ class UsageTests(ClientTestCase):
         status, out, _ = self.run_main("check", "--help")
         self.assertEqual(status, EXIT_OK)
         self.assertIn("secure-echo-client check", out)
+        self.assertIn("--proxy-v2", out)
+
+    def test_help_info(self) -> None:
+        """``info --help`` names the subcommand, --info-line with its default, --raw."""
+        status, out, err = self.run_main("info", "--help")
+        self.assertEqual((status, err), (EXIT_OK, ""))
+        self.assertIn("secure-echo-client info", out)
+        self.assertIn("--info-line TEXT", out)
+        self.assertIn("default INFO", out)
+        self.assertIn("--raw", out)
+        self.assertIn("--proxy-source IP:PORT", out)
+        status, out, _ = self.run_main("--help")
+        self.assertEqual(status, EXIT_OK)
+        self.assertIn("[check|info]", out)
 
     def test_subprocess_usage(self) -> None:
         """The installed-style entry point also exits 64 with one line, no traceback."""
@@ -872,3 +1052,138 @@ class CheckTests(ClientTestCase):
         self.assertEqual(result.returncode, EXIT_OK)
         self.assertEqual(peer.next_line(), "client-cert -")
         self.assertEqual(peer.next_line(), "closed")
+
+
+# ----------------------------------------------------------------------------- --proxy-v2
+
+
+class ProxyWireTests(ClientTestCase):
+    """What --proxy-v2 puts on the wire, read by a plain TCP listener in the test."""
+
+    def header_of(
+        self, *extra: str
+    ) -> tuple[ProxyHeader, tuple[str, int], tuple[str, int], bytes]:
+        """Run ``check --proxy-v2 EXTRA`` against a plain listener and read its header.
+
+        Returns the parsed header, the client's address as the listener sees it, the
+        listener's address, and the first bytes after the header.  The listener then
+        closes the connection and the client must exit 2.
+        """
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        process = spawn_client(
+            self,
+            "check",
+            f"127.0.0.1:{port}",
+            "--ca",
+            str(self.certs.ca),
+            "--timeout",
+            "5",
+            "--proxy-v2",
+            *extra,
+        )
+        listener.settimeout(10)
+        conn, client = listener.accept()
+        with conn:
+            conn.settimeout(10)
+            data = b""
+            while (header := parse_header(data)) is None or len(data) == header.consumed:
+                chunk = conn.recv(4096)
+                self.assertTrue(chunk, f"the client closed after {data!r}")
+                data += chunk
+        self.assertEqual(process.wait(timeout=RUN_TIMEOUT), EXIT_CONNECTION)
+        return header, client[:2], ("127.0.0.1", port), data[header.consumed :]
+
+    def test_header_names_the_client_socket(self) -> None:
+        """The header comes first, client socket -> server socket; TLS follows it."""
+        header, client, server, rest = self.header_of()
+        self.assertEqual((header.version, header.command, header.family), (2, "PROXY", "TCP4"))
+        self.assertEqual(header.source, client)
+        self.assertEqual(header.destination, server)
+        self.assertEqual(rest[:1], b"\x16", "a TLS handshake record follows the header")
+
+    def test_claimed_source(self) -> None:
+        """--proxy-source is the header's source; the destination stays the server."""
+        header, _, server, rest = self.header_of("--proxy-source", "192.0.2.7:4242")
+        self.assertEqual(header.source, ("192.0.2.7", 4242))
+        self.assertEqual(header.destination, server)
+        self.assertEqual(rest[:1], b"\x16")
+
+    def test_other_ip_version_is_usage_error(self) -> None:
+        """An IPv6 --proxy-source for an IPv4 connection exits 64 before TLS starts."""
+        peer = self.peer()
+        result = run_client(
+            "check",
+            f"127.0.0.1:{peer.port}",
+            "--ca",
+            str(self.certs.ca),
+            "--proxy-v2",
+            "--proxy-source",
+            "[2001:db8::7]:1",
+        )
+        self.assert_one_line_error(
+            result, EXIT_USAGE, "--proxy-source [2001:db8::7]:1 is IPv6 but the connection"
+        )
+
+    def test_server_without_proxy_support(self) -> None:
+        """A TLS server that does not expect the header fails the handshake: exit 2."""
+        peer = self.peer()
+        result = run_client(
+            "check", f"127.0.0.1:{peer.port}", "--ca", str(self.certs.ca), "--proxy-v2"
+        )
+        self.assert_one_line_error(
+            result, EXIT_CONNECTION, f"TLS handshake with 127.0.0.1:{peer.port} failed"
+        )
+
+
+# ----------------------------------------------------------------------------- info
+
+
+class InfoEchoPeerTests(ClientTestCase):
+    """``info`` against a server that does not answer the info line (the echo peer).
+
+    The JSON answer of the real daemon is tested in ``tests/test_client_daemon.py``.
+    """
+
+    def test_echoed(self) -> None:
+        """An echoed info line exits 1 with one line telling how to start the server."""
+        result = run_client("info", f"127.0.0.1:{self.peer().port}", "--ca", str(self.certs.ca))
+        self.assert_one_line_error(result, EXIT_WRONG_REPLY, "")
+        self.assertEqual(
+            result.stderr,
+            b"secure-echo-client: the server echoed the info line; "
+            b"start it with --info-line INFO\n",
+        )
+
+    def test_not_json(self) -> None:
+        """A reply that is neither the echo nor a JSON object exits 1."""
+        peer = self.peer("--prefix", "X")
+        result = run_client("info", f"127.0.0.1:{peer.port}", "--ca", str(self.certs.ca))
+        self.assert_one_line_error(
+            result, EXIT_WRONG_REPLY, "the reply b'XINFO' is not a JSON object"
+        )
+
+    def test_no_reply(self) -> None:
+        """No reply within --timeout is a connection failure."""
+        peer = self.peer("--silent")
+        result = run_client(
+            "info", f"127.0.0.1:{peer.port}", "--ca", str(self.certs.ca), "--timeout", "1"
+        )
+        self.assert_one_line_error(result, EXIT_CONNECTION, "no reply from")
+
+    def test_overlong_reply(self) -> None:
+        """A reply longer than any info answer is refused without buffering it all."""
+        result = run_client(
+            "info",
+            f"127.0.0.1:{self.peer().port}",
+            "--ca",
+            str(self.certs.ca),
+            "--info-line",
+            "x" * (MAX_INFO_REPLY + 1),
+        )
+        self.assert_one_line_error(
+            result, EXIT_WRONG_REPLY, f"the reply is longer than {MAX_INFO_REPLY} bytes"
+        )

@@ -895,6 +895,7 @@ class DrainTests(HostileCase):
         daemon.terminate()
         time.sleep(0.3)  # the drain runs while the client still is not reading
         received = client.read_to_end(timeout=DRAIN_TIMEOUT + SLACK + 5)
+        client.close()  # as a client does once the server closed
         code = daemon.wait(timeout=DRAIN_TIMEOUT + SLACK + 5)
         exited = time.monotonic() - started
         self.assertIn(code, {0, -signal.SIGTERM})
@@ -930,6 +931,7 @@ class DrainTests(HostileCase):
         self.assertEqual(polite.read_to_end(timeout=DRAIN_TIMEOUT + SLACK), b"polite\n")
         self.assertTrue(polite.close_notify)
         polite_closed = time.monotonic() - started
+        polite.close()
         code = daemon.wait(timeout=DRAIN_TIMEOUT + SLACK + 5)
         exited = time.monotonic() - started
         self.assertIn(code, {0, -signal.SIGTERM})

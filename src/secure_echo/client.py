@@ -19,7 +19,7 @@ as one line and prints the server's answer, one JSON object saying how the serve
 the connection (peer, TLS version, cipher, client certificate, ...), pretty-printed, or
 with ``--raw`` byte exact as received.  The server answers it only when started with
 ``--info-line`` set to the same text; it has no default, so this client's default,
-``INFO``, is the example of ``contrib/secure-echo.toml``.  A server without it echoes
+``INFO``, is the example in ``contrib/secure-echo.toml``.  A server without it echoes
 the line back, which ``info`` reports as
 ``the server echoed the info line; start it with --info-line INFO``.
 

@@ -1,0 +1,387 @@
+"""Processes of a benchmark run: the servers, the load generator, strace, and /proc.
+
+Every child is started with ``PR_SET_PDEATHSIG`` so it gets SIGTERM if the harness dies,
+listens or connects on 127.0.0.1 only, and is waited for with a deadline; a server is
+stopped with SIGTERM, then SIGKILL if it does not exit in time.
+
+CPU time comes from ``/proc/<pid>/stat`` (utime + stime, all threads), memory from the
+``VmRSS`` line of ``/proc/<pid>/status``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Sequence
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+PEERS = BENCH / "peers"
+
+#: Python code that runs twistd exactly as the ``twistd`` console script does.
+TWISTD = "from twisted.scripts.twistd import run; run()"
+#: Seconds a server gets to say which port it listens on.
+START_TIMEOUT = 30.0
+#: Seconds a server gets to exit after SIGTERM.
+STOP_TIMEOUT = 15.0
+#: Seconds a peer server lives at most, should the harness forget it.
+PEER_LIFETIME = 1800.0
+#: The connection limit given to secure-echo: above the largest idle scenario.
+MAX_CONNECTIONS = 15000
+#: CPU numbers for the server and the load generator when pinning.
+SERVER_CPU = 0
+GENERATOR_CPU = 1
+
+_PR_SET_PDEATHSIG = 1
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+Event = dict[str, Any]
+
+
+class BenchError(RuntimeError):
+    """A process did not do what the harness waited for; the message says what."""
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of process ``pid`` so far (all its threads)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat.rpartition(")")[2].split()
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of process ``pid`` in KiB (``VmRSS``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise BenchError(f"no VmRSS for pid {pid}")
+
+
+@dataclass
+class Pinning:
+    """How children are pinned: ``taskset`` prefixes, or nothing."""
+
+    enabled: bool
+
+    def prefix(self, cpu: int) -> list[str]:
+        """The command prefix that runs a child on ``cpu``."""
+        return ["taskset", "-c", str(cpu)] if self.enabled else []
+
+    @classmethod
+    def detect(cls, want: bool) -> Pinning:
+        """Pin if asked, ``taskset`` exists and there are two CPUs; warn otherwise."""
+        if not want:
+            return cls(enabled=False)
+        if shutil.which("taskset") is None:
+            print("warning: taskset (util-linux) not found; running unpinned", file=sys.stderr)
+            return cls(enabled=False)
+        if len(os.sched_getaffinity(0)) < 2:  # noqa: PLR2004 - server core + generator core
+            print("warning: fewer than 2 CPUs available; running unpinned", file=sys.stderr)
+            return cls(enabled=False)
+        # The harness itself mostly sleeps; keep it off the server's core.
+        os.sched_setaffinity(0, {GENERATOR_CPU})
+        return cls(enabled=True)
+
+
+def child_env() -> dict[str, str]:
+    """This environment with the source tree first on ``PYTHONPATH``."""
+    env = dict(os.environ)
+    roots = [str(ROOT / "src"), str(ROOT)]
+    inherited = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in roots]
+    env["PYTHONPATH"] = os.pathsep.join([*roots, *inherited])
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@dataclass(frozen=True)
+class PKI:
+    """The benchmark's certificates, made at run time."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+
+def make_pki(directory: Path) -> PKI:
+    """Write a CA and an ECDSA P-256 server certificate for 127.0.0.1 into ``directory``."""
+    sys.path[:0] = [str(ROOT / "src")]
+    from secure_echo import certgen  # noqa: PLC0415 - importable only once src/ is on the path
+
+    ca = certgen.make_ca("secure-echo bench CA", days=1)
+    server = certgen.issue_server(ca, ("127.0.0.1", "localhost"), days=1)
+    pki = PKI(directory / "ca.pem", directory / "server.pem", directory / "server-key.pem")
+    certgen.write_public(pki.ca_cert, ca.cert_pem())
+    certgen.write_pair(server, pki.server_cert, pki.server_key)
+    return pki
+
+
+def server_command(name: str, pki: PKI, workdir: Path) -> list[str]:
+    """The command line of server ``name``."""
+    cert, key = str(pki.server_cert), str(pki.server_key)
+    if name == "secure-echo":
+        return [
+            sys.executable,
+            "-c",
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            "secure-echo",
+            "--cert",
+            cert,
+            "--key",
+            key,
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+            "--log-file",
+            str(workdir / "log.jsonl"),
+            "--tls-profile",
+            "modern",
+            "--idle-timeout",
+            "0",
+            "--max-connections",
+            str(MAX_CONNECTIONS),
+        ]
+    script = {"textbook": "textbook_twisted.py", "asyncio": "asyncio_echo.py"}[name]
+    return [sys.executable, str(PEERS / script), cert, key, "--lifetime", str(PEER_LIFETIME)]
+
+
+@dataclass
+class Server:
+    """A running server process."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    workdir: Path
+    port: int = 0
+    _files: list[IO[bytes]] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        """The server's process id (taskset execs the server in place)."""
+        return self.process.pid
+
+    def stop(self) -> None:
+        """SIGTERM, wait, SIGKILL if needed; close the output files."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(STOP_TIMEOUT)
+        for f in self._files:
+            f.close()
+
+    def tail(self) -> str:
+        """The end of what the server wrote to stderr, for error messages."""
+        text = (self.workdir / "stderr.txt").read_text(errors="replace")
+        return text[-2000:]
+
+
+def _port_of(name: str, workdir: Path) -> int | None:
+    if name == "secure-echo":
+        log = workdir / "log.jsonl"
+        if not log.exists():
+            return None
+        for line in log.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if event.get("event") == "listening":
+                    return int(event["port"])
+        return None
+    first = (workdir / "stdout.txt").read_text(errors="replace").partition("\n")
+    return int(first[0]) if first[1] and first[0].strip().isdigit() else None
+
+
+def start_server(name: str, pki: PKI, workdir: Path, pinning: Pinning) -> Server:
+    """Start server ``name`` pinned to the server CPU and wait until it listens."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    stdout = (workdir / "stdout.txt").open("wb")
+    stderr = (workdir / "stderr.txt").open("wb")
+    process = subprocess.Popen(
+        [*pinning.prefix(SERVER_CPU), *server_command(name, pki, workdir)],
+        cwd=workdir,
+        env=child_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
+        preexec_fn=_die_with_parent,  # noqa: PLW1509 - single-threaded harness
+    )
+    server = Server(name, process, workdir, _files=[stdout, stderr])
+    deadline = time.monotonic() + START_TIMEOUT
+    while (port := _port_of(name, workdir)) is None:
+        if process.poll() is not None or time.monotonic() > deadline:
+            server.stop()
+            raise BenchError(f"{name} did not start listening:\n{server.tail()}")
+        time.sleep(0.05)
+    server.port = port
+    return server
+
+
+class LineReader:
+    """Lines from a pipe, each read bounded by a deadline."""
+
+    def __init__(self, pipe: IO[bytes]) -> None:
+        self._fd = pipe.fileno()
+        self._buffer = b""
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._fd, selectors.EVENT_READ)
+
+    def lines(self, deadline: float) -> Iterator[str]:
+        """Yield lines until EOF; raise :class:`BenchError` past ``deadline``."""
+        while True:
+            while b"\n" in self._buffer:
+                line, _, self._buffer = self._buffer.partition(b"\n")
+                yield line.decode(errors="replace")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BenchError("load generator timed out")
+            if not self._selector.select(remaining):
+                continue
+            chunk = os.read(self._fd, 65536)
+            if not chunk:
+                return
+            self._buffer += chunk
+
+    def close(self) -> None:
+        """Stop watching the pipe."""
+        self._selector.close()
+
+
+@dataclass
+class LoadgenRun:
+    """What one load-generator run reported: its events in order, the last being the result."""
+
+    events: list[Event]
+
+    @property
+    def result(self) -> Event:
+        """The final ``result`` event."""
+        return self.events[-1]
+
+
+def drive_loadgen(
+    command: Sequence[str],
+    *,
+    on_ready: Callable[[Event], None],
+    on_measured: Callable[[Event], None],
+    timeout: float,
+    stderr_path: Path,
+) -> LoadgenRun:
+    """Run the load generator in ``--sync`` mode, calling the hooks at its two sync points.
+
+    Each hook runs while the generator waits (the server is quiescent); the generator
+    continues when the hook returns.
+    """
+    with stderr_path.open("ab") as stderr:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - single-threaded harness
+        )
+        assert process.stdin is not None
+        assert process.stdout is not None
+        reader = LineReader(process.stdout)
+        events: list[Event] = []
+        try:
+            for line in reader.lines(time.monotonic() + timeout):
+                event = json.loads(line)
+                events.append(event)
+                kind = event.get("event")
+                if kind in {"ready", "measured"}:
+                    (on_ready if kind == "ready" else on_measured)(event)
+                    process.stdin.write(b"go\n")
+                    process.stdin.flush()
+                elif kind == "error":
+                    raise BenchError(f"load generator: {event.get('message')}")
+            process.wait(STOP_TIMEOUT)
+        finally:
+            reader.close()
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            process.stdin.close()
+            process.stdout.close()
+    if not events or events[-1].get("event") != "result":
+        tail = stderr_path.read_text(errors="replace")[-2000:]
+        raise BenchError(f"load generator exited {process.returncode} without a result:\n{tail}")
+    return LoadgenRun(events)
+
+
+@dataclass
+class Strace:
+    """``strace -c -f -p PID``: counts the syscalls of a running server."""
+
+    process: subprocess.Popen[bytes]
+    output: Path
+
+    @classmethod
+    def attach(cls, pid: int, output: Path, pinning: Pinning) -> Strace:
+        """Attach to ``pid`` and wait until strace says it is attached."""
+        process = subprocess.Popen(
+            [*pinning.prefix(GENERATOR_CPU), "strace", "-c", "-f", "-p", str(pid), "-o", str(output)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - single-threaded harness
+        )
+        assert process.stderr is not None
+        reader = LineReader(process.stderr)
+        try:
+            for line in reader.lines(time.monotonic() + 10.0):
+                if "attached" in line:
+                    break
+            else:
+                raise BenchError("strace exited before attaching")
+        except BenchError:
+            process.kill()
+            process.wait()
+            raise
+        finally:
+            reader.close()
+        return cls(process, output)
+
+    def detach(self) -> dict[str, int]:
+        """Stop tracing; return the call count per syscall (``total`` included)."""
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+        return parse_strace_summary(self.output.read_text())
+
+
+def parse_strace_summary(text: str) -> dict[str, int]:
+    """Calls per syscall from ``strace -c`` output (``% time  seconds  usecs/call  calls ...``)."""
+    counts: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 5 or not parts[0].replace(".", "", 1).isdigit():  # noqa: PLR2004
+            continue
+        # errors is an optional column between calls and the syscall name
+        counts[parts[-1]] = int(parts[3])
+    return counts

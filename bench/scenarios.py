@@ -1,0 +1,121 @@
+"""What the benchmark measures: the scenarios, the servers and the reported figures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Mode = Literal["pingpong", "handshake", "idle"]
+Better = Literal["higher", "lower", "info"]
+
+#: The servers compared, in the order of the first repetition.
+SERVERS: tuple[str, ...] = ("secure-echo", "textbook", "asyncio")
+#: Every ratio is a server's figure divided by this server's, from the same repetition.
+BASELINE = "textbook"
+
+SERVER_TITLES = {
+    "secure-echo": "secure-echo (twistd, JSON logging)",
+    "textbook": "textbook Twisted (LineReceiver, ssl: endpoint)",
+    "asyncio": "asyncio Protocol + stdlib ssl",
+}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One load shape; ``group`` is the letter ``--scenarios`` selects it by."""
+
+    key: str
+    group: str
+    title: str
+    mode: Mode
+    conns: int = 1
+    inflight: int = 1
+    line_bytes: int = 64
+    resume: bool = False
+    concurrency: int = 16
+
+    def loadgen_args(self) -> list[str]:
+        """The load generator's arguments for this scenario (timings excluded)."""
+        args = ["--mode", self.mode, "--line-bytes", str(self.line_bytes)]
+        if self.mode == "pingpong":
+            args += ["--conns", str(self.conns), "--inflight", str(self.inflight)]
+        elif self.mode == "handshake":
+            args += ["--concurrency", str(self.concurrency)]
+            if self.resume:
+                args.append("--resume")
+        else:
+            args += [
+                "--conns",
+                str(self.conns),
+                "--concurrency",
+                str(self.concurrency),
+                "--warm-conns",
+                str(IDLE_WARM_CONNS),
+            ]
+        return args
+
+
+#: Connections an idle scenario opens and closes before the "before" RSS is read, so
+#: the server's one-time costs (first handshake, lazily built state) are paid already.
+IDLE_WARM_CONNS = 50
+
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario("A", "A", "1 connection, ping-pong, 64 B lines", "pingpong", 1, 1, 64),
+    Scenario("B", "B", "50 connections, ping-pong, 64 B lines", "pingpong", 50, 1, 64),
+    Scenario("C", "C", "1 connection, 64 lines in flight, 64 B", "pingpong", 1, 64, 64),
+    Scenario("D", "D", "10 connections x 8 in flight, 4 KiB lines", "pingpong", 10, 8, 4096),
+    Scenario("E-full", "E", "full handshakes: connect, handshake, 1 line, close", "handshake"),
+    Scenario("E-resumed", "E", "resumed handshakes (TLS 1.3 session tickets)", "handshake",
+             resume=True),
+    Scenario("F-1k", "F", "1,000 idle connections", "idle", conns=1000, concurrency=32),
+    Scenario("F-10k", "F", "10,000 idle connections", "idle", conns=10000, concurrency=32),
+)
+QUICK_GROUPS = ("A", "B", "C", "D")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A reported figure: which scenarios have it, and which way is better."""
+
+    key: str
+    label: str
+    better: Better
+    spec: str
+    mode: Mode
+    #: Scenario keys the Markdown table shows it for (None: all of its mode).
+    shown_for: tuple[str, ...] | None = None
+
+    def applies(self, scenario: Scenario) -> bool:
+        """Whether this figure exists for ``scenario``."""
+        return scenario.mode == self.mode
+
+    def shown(self, scenario: Scenario) -> bool:
+        """Whether the table (and the plot) show this figure for ``scenario``."""
+        return self.applies(scenario) and (
+            self.shown_for is None or scenario.key in self.shown_for
+        )
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("lines_per_s", "lines/s", "higher", ",.0f", "pingpong"),
+    Metric("cpu_us_per_line", "server CPU us/line", "lower", ".2f", "pingpong"),
+    Metric("p50_us", "latency p50 us", "lower", ",.0f", "pingpong", ("A", "B")),
+    Metric("p99_us", "latency p99 us", "lower", ",.0f", "pingpong", ("A", "B")),
+    Metric("handshakes_per_s", "handshakes/s", "higher", ",.0f", "handshake"),
+    Metric("handshakes_per_cpu_s", "handshakes per server-CPU-s", "higher", ",.0f", "handshake"),
+    Metric("resumed_pct", "resumed %", "info", ".0f", "handshake"),
+    Metric("kib_per_conn", "KiB per idle connection", "lower", ".1f", "idle"),
+)
+
+
+def select(spec: str | None, *, quick: bool) -> tuple[Scenario, ...]:
+    """The scenarios named by ``--scenarios`` (letters or keys), in suite order."""
+    if not spec:
+        groups = QUICK_GROUPS if quick else tuple(dict.fromkeys(s.group for s in SCENARIOS))
+        return tuple(s for s in SCENARIOS if s.group in groups)
+    wanted = {token.strip() for token in spec.split(",") if token.strip()}
+    known = {s.key for s in SCENARIOS} | {s.group for s in SCENARIOS}
+    unknown = sorted(wanted - known)
+    if unknown:
+        raise ValueError(f"unknown scenario(s): {', '.join(unknown)}; known: {sorted(known)}")
+    return tuple(s for s in SCENARIOS if s.key in wanted or s.group in wanted)
