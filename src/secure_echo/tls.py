@@ -302,6 +302,9 @@ def build_context(loaded: LoadedTLS) -> SSL.Context:
     context.check_privatekey()
     # Session resumption works across the contexts of one process generation.
     context.set_session_id(b"secure-echo")
+    # Free OpenSSL's ~34 KiB of record buffers while a connection is idle: most of
+    # an idle connection's memory otherwise.
+    context.set_mode(SSL.MODE_RELEASE_BUFFERS)
     if settings.client_ca is not None and settings.client_auth is not ClientAuth.NONE:
         store = context.get_cert_store()
         assert store is not None  # a fresh context always has a store
