@@ -68,6 +68,36 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+def cpu_busy_seconds() -> dict[int, float]:
+    """Non-idle seconds of each CPU since boot (``/proc/stat``: all but idle and iowait)."""
+    busy: dict[int, float] = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if not name.startswith("cpu") or name == "cpu":
+            continue
+        # user nice system idle iowait irq softirq steal (guest time is inside user)
+        ticks = [int(v) for v in values[:8]]
+        busy[int(name[3:])] = (sum(ticks) - ticks[3] - ticks[4]) / _CLK_TCK
+    return busy
+
+
+def wait_until_quiet(limit: float, busy_below: float, sample: float = 0.5) -> float:
+    """Wait (at most ``limit`` s) until both CPUs together are less than ``busy_below`` busy.
+
+    Other people's processes (a test suite, a build) on this machine compete with the
+    server and the generator for their cores.  Returns the busy fraction last seen.
+    """
+    deadline = time.monotonic() + limit
+    while True:
+        before = cpu_busy_seconds()
+        time.sleep(sample)
+        after = cpu_busy_seconds()
+        cores = (SERVER_CPU, GENERATOR_CPU)
+        busy = sum(after.get(c, 0.0) - before.get(c, 0.0) for c in cores) / (sample * len(cores))
+        if busy < busy_below or time.monotonic() >= deadline:
+            return busy
+
+
 def rss_kib(pid: int) -> int:
     """Resident set size of process ``pid`` in KiB (``VmRSS``)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -94,7 +124,7 @@ class Pinning:
         if shutil.which("taskset") is None:
             print("warning: taskset (util-linux) not found; running unpinned", file=sys.stderr)
             return cls(enabled=False)
-        if len(os.sched_getaffinity(0)) < 2:  # noqa: PLR2004 - server core + generator core
+        if len(os.sched_getaffinity(0)) < 2:  # the server's core and the generator's
             print("warning: fewer than 2 CPUs available; running unpinned", file=sys.stderr)
             return cls(enabled=False)
         # The harness itself mostly sleeps; keep it off the server's core.
@@ -340,7 +370,16 @@ class Strace:
     def attach(cls, pid: int, output: Path, pinning: Pinning) -> Strace:
         """Attach to ``pid`` and wait until strace says it is attached."""
         process = subprocess.Popen(
-            [*pinning.prefix(GENERATOR_CPU), "strace", "-c", "-f", "-p", str(pid), "-o", str(output)],
+            [
+                *pinning.prefix(GENERATOR_CPU),
+                "strace",
+                "-c",
+                "-f",
+                "-p",
+                str(pid),
+                "-o",
+                str(output),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -349,17 +388,15 @@ class Strace:
         assert process.stderr is not None
         reader = LineReader(process.stderr)
         try:
-            for line in reader.lines(time.monotonic() + 10.0):
-                if "attached" in line:
-                    break
-            else:
-                raise BenchError("strace exited before attaching")
+            attached = any("attached" in line for line in reader.lines(time.monotonic() + 10.0))
         except BenchError:
-            process.kill()
-            process.wait()
-            raise
+            attached = False
         finally:
             reader.close()
+        if not attached:
+            process.kill()
+            process.wait()
+            raise BenchError("strace did not attach (ptrace not permitted?)")
         return cls(process, output)
 
     def detach(self) -> dict[str, int]:
@@ -380,7 +417,7 @@ def parse_strace_summary(text: str) -> dict[str, int]:
     counts: dict[str, int] = {}
     for line in text.splitlines():
         parts = line.split()
-        if len(parts) < 5 or not parts[0].replace(".", "", 1).isdigit():  # noqa: PLR2004
+        if len(parts) < 5 or not parts[0].replace(".", "", 1).isdigit():
             continue
         # errors is an optional column between calls and the syscall name
         counts[parts[-1]] = int(parts[3])

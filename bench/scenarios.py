@@ -65,8 +65,9 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("C", "C", "1 connection, 64 lines in flight, 64 B", "pingpong", 1, 64, 64),
     Scenario("D", "D", "10 connections x 8 in flight, 4 KiB lines", "pingpong", 10, 8, 4096),
     Scenario("E-full", "E", "full handshakes: connect, handshake, 1 line, close", "handshake"),
-    Scenario("E-resumed", "E", "resumed handshakes (TLS 1.3 session tickets)", "handshake",
-             resume=True),
+    Scenario(
+        "E-resumed", "E", "resumed handshakes (TLS 1.3 session tickets)", "handshake", resume=True
+    ),
     Scenario("F-1k", "F", "1,000 idle connections", "idle", conns=1000, concurrency=32),
     Scenario("F-10k", "F", "10,000 idle connections", "idle", conns=10000, concurrency=32),
 )

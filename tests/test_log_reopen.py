@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +66,56 @@ class ReopenTests(SynchronousTestCase):
         self.assertNotEqual(signal.getsignal(signal.SIGUSR1), self.previous)
         self.service.stopService()
         self.assertEqual(signal.getsignal(signal.SIGUSR1), self.previous)
+
+
+class ReopenFailureTests(SynchronousTestCase):
+    """A reopen that fails keeps the log going to the old file."""
+
+    def test_unopenable_path_keeps_old_file(self) -> None:
+        """If the path cannot be opened again, records still reach the old file."""
+        directory = Path(self.mktemp())
+        directory.mkdir(parents=True)
+        path = directory / "log.jsonl"
+        publisher = LogPublisher()
+        service = JSONLogService(path, 1 << 20, 3, publisher=publisher, reactor=None)
+        service.startService()
+        self.addCleanup(service.stopService)
+        log = Logger(observer=publisher)
+        moved = directory / "moved.jsonl"
+        path.rename(moved)
+        path.mkdir()  # the path is now a directory: opening it as a file fails
+        service.reopen()
+        log.info("after", event="after")
+        events = [json.loads(line)["event"] for line in moved.read_text().splitlines()]
+        self.assertEqual(events[-2:], ["log_reopen_failed", "after"])
+
+
+class WriteFailureTests(SynchronousTestCase):
+    """A write error never disables the observer."""
+
+    def test_write_error_reported_once(self) -> None:
+        """An OSError from the stream is reported once on stderr; later records go on."""
+        from io import StringIO  # noqa: PLC0415
+
+        from secure_echo.logs import JSONLinesObserver  # noqa: PLC0415
+
+        class Flaky(StringIO):
+            fail = True
+
+            def write(self, text: str) -> int:
+                if self.fail:
+                    raise OSError(28, "No space left on device")
+                return super().write(text)
+
+        stream = Flaky()
+        stderr = StringIO()
+        self.patch(sys, "__stderr__", stderr)
+        observer = JSONLinesObserver(stream)
+        log = Logger(observer=observer)
+        log.info("one", event="one")
+        log.info("two", event="two")
+        stream.fail = False
+        log.info("three", event="three")
+        self.assertEqual(stderr.getvalue().count("\n"), 1)
+        self.assertIn("No space left", stderr.getvalue())
+        self.assertEqual(json.loads(stream.getvalue())["event"], "three")

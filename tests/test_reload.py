@@ -5,16 +5,19 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import time
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from secure_echo import certgen
 from secure_echo.reload import ReloadService, TLSReloader
-from secure_echo.tls import TLSSettings
+from secure_echo.tls import ContextHolder, TLSSettings, load_and_validate
 from tests.helpers import make_pki, write_expired_server
 from tests.tlspair import TLSPair, capture_events, client_context, named, server_factory
 
@@ -39,14 +42,15 @@ def der(path: Path) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)
 
 
-class FakeReactor:
-    """Records ``callFromThread`` calls instead of running them."""
+class FakeReactor(Clock):
+    """A clock that records ``callFromThread`` calls instead of running them."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[Callable[..., object], tuple[object, ...]]] = []
+        super().__init__()
+        self.thread_calls: list[tuple[Callable[..., object], tuple[object, ...]]] = []
 
     def callFromThread(self, f: Callable[..., object], *args: object) -> None:
-        self.calls.append((f, args))
+        self.thread_calls.append((f, args))
 
 
 class ReloaderTestsMixin:
@@ -232,9 +236,9 @@ class ReloadServiceSignalTests(ReloaderTestsMixin, SynchronousTestCase):
         handler: Any = signal.getsignal(signal.SIGHUP)
         self.new_server_cert()
         handler(signal.SIGHUP, None)
-        self.assertEqual(self.reactor.calls, [(self.reloader.reload, ("SIGHUP",))])
+        self.assertEqual(self.reactor.thread_calls, [(self.reloader.reload, ("SIGHUP",))])
         self.assertEqual(named(self.events, "tls_reloaded"), [])
-        function, args = self.reactor.calls[0]
+        function, args = self.reactor.thread_calls[0]
         function(*args)
         (reloaded,) = named(self.events, "tls_reloaded")
         self.assertEqual(reloaded["trigger"], "SIGHUP")
@@ -247,7 +251,7 @@ class ReloadServiceSignalTests(ReloaderTestsMixin, SynchronousTestCase):
         # Without a handler SIGHUP would kill the test run: fail instead.
         self.assertEqual(signal.getsignal(signal.SIGHUP), self.service._on_sighup)
         os.kill(os.getpid(), signal.SIGHUP)
-        self.assertEqual(self.reactor.calls, [(self.reloader.reload, ("SIGHUP",))])
+        self.assertEqual(self.reactor.thread_calls, [(self.reloader.reload, ("SIGHUP",))])
 
     def test_start_warns_about_expiring_cert(self) -> None:
         """Starting checks the current certificate's expiry once."""
@@ -319,3 +323,33 @@ class ReloadServicePollTests(ReloaderTestsMixin, SynchronousTestCase):
         self.clock.advance(50)
         self.assertEqual(self.reloads(), [])
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class PeriodicExpiryTests(SynchronousTestCase):
+    """The expiry check repeats while the daemon runs, not only at start."""
+
+    def test_warns_again_later(self) -> None:
+        """Twelve hours on, a certificate now inside the window is warned about."""
+        from secure_echo.reload import EXPIRY_CHECK_INTERVAL  # noqa: PLC0415
+
+        pki = make_pki(self.mktemp())
+        holder = ContextHolder(load_and_validate(TLSSettings(pki.server_cert, pki.server_key)))
+        clock = FakeReactor()
+        clock.advance(time.time())
+        # The test certificate is valid for 2 days: a 1-day window is entered later.
+        reloader = TLSReloader(
+            holder, lambda: holder.loaded.settings, clock, expiry_warning_days=1.0
+        )
+        events = EventLoggingObserver()
+        globalLogPublisher.addObserver(events)
+        self.addCleanup(globalLogPublisher.removeObserver, events)
+        service = ReloadService(reloader, clock)
+        service.startService()
+        self.addCleanup(service.stopService)
+
+        def warnings() -> int:
+            return sum(1 for e in events if e.get("event") == "certificate_expiring")
+
+        self.assertEqual(warnings(), 0)
+        clock.advance(EXPIRY_CHECK_INTERVAL * 3)
+        self.assertGreaterEqual(warnings(), 1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import ssl
 import sys
@@ -72,10 +73,8 @@ async def serve(cert: str, key: str, lifetime: float) -> None:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     async with server:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), lifetime)
-        except TimeoutError:
-            pass
 
 
 def main(argv: list[str]) -> int:

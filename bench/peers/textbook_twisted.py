@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from twisted.internet import endpoints, reactor
-from twisted.internet.interfaces import IListeningPort, IReactorCore, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineReceiver
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IListeningPort
 
 
 class Echo(LineReceiver):
@@ -28,7 +31,7 @@ class Echo(LineReceiver):
 
     def lineReceived(self, line: bytes) -> None:
         """Send the line straight back."""
-        self.sendLine(line)
+        self.sendLine(line)  # type: ignore[no-untyped-call]
 
 
 def main(argv: list[str]) -> int:
@@ -38,9 +41,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("key")
     parser.add_argument("--lifetime", type=float, default=1800.0)
     args = parser.parse_args(argv)
-    description = "ssl:0:interface=127.0.0.1:privateKey={}:certKey={}".format(
-        endpoints.quoteStringArgument(args.key), endpoints.quoteStringArgument(args.cert)
-    )
+    key = endpoints.quoteStringArgument(args.key)
+    cert = endpoints.quoteStringArgument(args.cert)
+    description = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
     endpoint = endpoints.serverFromString(reactor, description)
 
     def listening(port: IListeningPort) -> None:
@@ -48,13 +51,11 @@ def main(argv: list[str]) -> int:
 
     def failed(failure: object) -> None:
         print(f"textbook_twisted: cannot listen: {failure}", file=sys.stderr, flush=True)
-        core.stop()
+        reactor.stop()
 
-    core: IReactorCore = reactor  # type: ignore[assignment]
-    clock: IReactorTime = reactor  # type: ignore[assignment]
     endpoint.listen(Factory.forProtocol(Echo)).addCallbacks(listening, failed)
-    clock.callLater(args.lifetime, core.stop)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.callLater(args.lifetime, reactor.stop)
+    reactor.run()
     return 0
 
 

@@ -365,7 +365,10 @@ class Options(usage.Options):
             "log-stdout",
             None,
             None,
-            "json|text: our own format on stdout (default: twistd's text log).",
+            (
+                "json: JSON Lines records on stdout instead of twistd's text (for "
+                "journald); text: twistd's text log (the default)."
+            ),
         ],
         ["state-dir", None, None, "Where development certificates are kept."],
         ["idle-timeout", None, "300", "Close a connection silent this long (seconds; 0: off)."],

@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime
 import json
 import signal
+import sys
 from typing import TYPE_CHECKING, Any, TextIO
 
 from twisted.application.service import Service
@@ -103,6 +104,7 @@ class JSONLinesObserver:
 
     def __init__(self, stream: TextIO | LogFile) -> None:
         self._stream = stream
+        self._failing = False
 
     def __call__(self, event: LogEvent) -> None:
         """Write ``event`` as one line."""
@@ -117,8 +119,21 @@ class JSONLinesObserver:
             # A lone surrogate (an undecodable file name) cannot be encoded as UTF-8;
             # written as a JSON escape it keeps the record.
             line = line.encode("utf-8", "backslashreplace").decode("utf-8")
-        self._stream.write(line + "\n")
-        self._stream.flush()
+        try:
+            self._stream.write(line + "\n")
+            self._stream.flush()
+        except (OSError, AttributeError) as error:
+            # A log file that cannot be rotated or written (permissions after
+            # --uid, a full disk) must not make Twisted drop this observer for
+            # good: report once on stderr, keep trying with later records.
+            self._report(error)
+
+    def _report(self, error: Exception) -> None:
+        if not self._failing:
+            self._failing = True
+            stream = sys.__stderr__ or sys.stderr
+            stream.write(f"secure-echo: cannot write the JSON log: {error}\n")
+            stream.flush()
 
 
 def open_log_file(path: Path, max_bytes: int, keep: int) -> LogFile:
@@ -164,10 +179,29 @@ class JSONLogService(Service):
         self._previous_usr1: Any = None
 
     def reopen(self) -> None:
-        """Close and reopen the log file at its path (after an external rename)."""
-        if self._file is not None:
-            self._file.reopen()
-            self.log.info("log file reopened: {path}", event="log_reopened", path=str(self.path))
+        """Open the log file at its path again (after an external rename).
+
+        The new file is opened before the old one is closed: if it cannot be
+        opened (permissions, a missing directory) records keep going to the old
+        file and the failure is logged, instead of the log stopping.
+        """
+        old = self._file
+        if old is None or self._observer is None:
+            return
+        try:
+            new = open_log_file(self.path, self.max_bytes, self.keep)
+        except OSError as error:
+            self.log.error(
+                "cannot reopen the log file {path}: {error}; still writing to the old file",
+                event="log_reopen_failed",
+                path=str(self.path),
+                error=str(error),
+            )
+            return
+        self._file = new
+        self._observer._stream = new
+        old.close()
+        self.log.info("log file reopened: {path}", event="log_reopened", path=str(self.path))
 
     def _on_sigusr1(self, signum: int, frame: Any) -> None:
         if self._reactor is not None:

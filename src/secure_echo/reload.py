@@ -47,6 +47,9 @@ if TYPE_CHECKING:
 
 _FileId = tuple[int, int, int, int] | None
 
+#: Seconds between two checks of the certificate's expiry.
+EXPIRY_CHECK_INTERVAL = 12 * 3600.0
+
 
 def _identity(path: Path | None) -> _FileId:
     if path is None:
@@ -169,6 +172,7 @@ class ReloadService(Service):
         #: Watched too (the --config file, whose TLS keys a reload re-reads).
         self._extra_files = extra_files
         self._watch: LoopingCall | None = None
+        self._expiry: LoopingCall | None = None
         self._seen: tuple[_FileId, ...] = ()
         self._previous_handler: Any = None
 
@@ -176,7 +180,13 @@ class ReloadService(Service):
     def startService(self) -> None:
         super().startService()
         self._previous_handler = signal.signal(signal.SIGHUP, self._on_sighup)
-        self.reloader.warn_if_expiring(self.reloader.holder.loaded)
+        # At start, then twice a day: a long-running daemon warns before expiry
+        # even if nothing is ever reloaded.
+        self._expiry = LoopingCall(
+            lambda: self.reloader.warn_if_expiring(self.reloader.holder.loaded)
+        )
+        self._expiry.clock = self._reactor
+        self._expiry.start(EXPIRY_CHECK_INTERVAL, now=True)
         if self._interval > 0:
             self._seen = self._identities()
             self._watch = LoopingCall(self._poll)
@@ -186,6 +196,9 @@ class ReloadService(Service):
     @override
     def stopService(self) -> None:
         super().stopService()
+        if self._expiry is not None and self._expiry.running:
+            self._expiry.stop()
+        self._expiry = None
         if self._watch is not None and self._watch.running:
             self._watch.stop()
         self._watch = None

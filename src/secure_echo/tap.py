@@ -239,6 +239,14 @@ def makeService(options: _config.Options, reactor: Any = None) -> MultiService:
         limiter=limiter,
         refusals=RefusalLog(reactor),
     )
+    if cfg.metrics is not None:
+        # Added before TLSService so it stops after the drain: /readyz answers
+        # "draining" while connections finish, instead of refusing connections.
+        metrics = Metrics(active_connections=lambda: len(factory.connections))
+        globalLogPublisher.addObserver(metrics.observer)
+        MetricsService(
+            reactor, cfg.metrics, metrics_site(metrics, metrics.state, reactor)
+        ).setServiceParent(top)
     TLSService(cfg, factory, reactor, fd_limits).setServiceParent(top)
     reloader = TLSReloader(
         contexts,
@@ -251,12 +259,6 @@ def makeService(options: _config.Options, reactor: Any = None) -> MultiService:
     ReloadService(
         reloader, reactor, cfg.reload_interval, extra_files=(cfg.config_file,)
     ).setServiceParent(top)
-    if cfg.metrics is not None:
-        metrics = Metrics(active_connections=lambda: len(factory.connections))
-        globalLogPublisher.addObserver(metrics.observer)
-        MetricsService(
-            reactor, cfg.metrics, metrics_site(metrics, metrics.state, reactor)
-        ).setServiceParent(top)
     served: IProtocolFactory = factory
     if cfg.proxy_protocol != "off":
         served = ProxyProtocolFactory(
@@ -279,7 +281,13 @@ def makeService(options: _config.Options, reactor: Any = None) -> MultiService:
     ListeningService(reactor, cfg.listens, served, on_listening=listening).setServiceParent(top)
     if notifier is not None:
         reloader.before.append(notifier.reloading)
-        reloader.after.append(lambda _ok: notifier.ready(service_status(contexts)))
+        reloader.after.append(
+            lambda ok: notifier.ready(
+                service_status(contexts)
+                if ok
+                else "reload failed, still serving: " + service_status(contexts)
+            )
+        )
         # Last added, first stopped: STOPPING=1 goes out as the drain starts.
         NotifyService(notifier, reactor, watchdog_interval()).setServiceParent(top)
     return top

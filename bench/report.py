@@ -1,0 +1,407 @@
+"""Turn run records into same-run ratios: a Markdown table, a JSON file and a PNG plot.
+
+Rules the numbers follow (see bench/README.md):
+
+* A ratio is a server's figure divided by the baseline's figure **from the same
+  repetition**; a repetition without a valid baseline run gives no ratio.
+* Medians and min-max spreads are taken across repetitions, of the figures and of the
+  per-repetition ratios (never a ratio of medians).
+* A run with echo errors, missing connections or another TLS version is left out of the
+  figures and listed; a run whose generator core was saturated stays in, marked.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from scenarios import BASELINE, METRICS, SERVER_TITLES, SERVERS, Metric, Scenario
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+    from pathlib import Path
+
+Record = dict[str, Any]
+Stat = dict[str, Any]
+
+MU = "\u00b5"
+TIMES = "\u00d7"
+DASH = "\u2013"
+UP = "\u2191"
+DOWN = "\u2193"
+WARN = "\u26a0"
+DIVIDE = "\u00f7"
+SATURATED_PCT = "\u2265 90 %"
+DAGGER = "\u2020"
+SATURATED_FLAG = "generator-saturated"
+CONTENDED_FLAG = "contended"
+#: Flags that leave a run's figures in (marked); any other flag takes them out.
+SOFT_FLAGS = frozenset({SATURATED_FLAG, CONTENDED_FLAG})
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where the report went."""
+
+    markdown: Path
+    json: Path
+    png: Path | None
+
+
+def label(metric: Metric) -> str:
+    """A figure's name for people: units spelled properly, direction marked."""
+    text = metric.label.replace(" us", f" {MU}s")
+    arrow = {"higher": f" {UP}", "lower": f" {DOWN}", "info": ""}[metric.better]
+    return text + arrow
+
+
+def valid(record: Record) -> bool:
+    """A run whose figures count: it finished, and only soft flags (marked) are raised."""
+    return bool(record["ok"]) and all(f in SOFT_FLAGS for f in record["flags"])
+
+
+def _stat(values: list[float]) -> Stat:
+    return {
+        "values": values,
+        "median": statistics.median(values) if values else None,
+        "min": min(values) if values else None,
+        "max": max(values) if values else None,
+    }
+
+
+def summarize(
+    scenarios: Sequence[Scenario], runs: Sequence[Record], servers: Sequence[str]
+) -> dict[str, dict[str, dict[str, Stat]]]:
+    """Per scenario, server and figure: values and same-repetition ratios, with spreads."""
+    by_key = {(r["rep"], r["scenario"], r["server"]): r for r in runs if valid(r)}
+    reps = sorted({r["rep"] for r in runs})
+    summary: dict[str, dict[str, dict[str, Stat]]] = {}
+    for scenario in scenarios:
+        per_server: dict[str, dict[str, Stat]] = {}
+        for server in servers:
+            per_metric: dict[str, Stat] = {}
+            for metric in (m for m in METRICS if m.applies(scenario)):
+                values, ratios, saturated, contended = [], [], False, False
+                for rep in reps:
+                    run = by_key.get((rep, scenario.key, server))
+                    value = run["metrics"].get(metric.key) if run else None
+                    if run is None or value is None:
+                        continue
+                    values.append(value)
+                    saturated |= SATURATED_FLAG in run["flags"]
+                    contended |= CONTENDED_FLAG in run["flags"]
+                    base = by_key.get((rep, scenario.key, BASELINE))
+                    base_value = base["metrics"].get(metric.key) if base else None
+                    if base_value:
+                        ratios.append(value / base_value)
+                stat = _stat(values)
+                ratio = _stat(ratios)
+                stat |= {
+                    "ratios": ratios,
+                    "ratio_median": ratio["median"],
+                    "ratio_min": ratio["min"],
+                    "ratio_max": ratio["max"],
+                    "generator_saturated": saturated,
+                    "contended": contended,
+                }
+                per_metric[metric.key] = stat
+            per_server[server] = per_metric
+        summary[scenario.key] = per_server
+    return summary
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def cell(stat: Stat, metric: Metric, *, baseline: bool) -> str:
+    """One table cell: median (spread), and for non-baseline servers the ratio."""
+    if stat["median"] is None:
+        return "n/a"
+    text = _fmt(stat["median"], metric.spec)
+    if len(stat["values"]) > 1 and baseline:
+        text += f" ({_fmt(stat['min'], metric.spec)}{DASH}{_fmt(stat['max'], metric.spec)})"
+    if not baseline and metric.better != "info" and stat["ratio_median"] is not None:
+        text += f" \u00b7 **{stat['ratio_median']:.2f}{TIMES}**"
+        if len(stat["ratios"]) > 1:
+            text += f" ({stat['ratio_min']:.2f}{DASH}{stat['ratio_max']:.2f})"
+    if stat["generator_saturated"]:
+        text += f" {WARN}"
+    if stat["contended"]:
+        text += f" {DAGGER}"
+    return text
+
+
+def _column_order(servers: Sequence[str]) -> list[str]:
+    """The baseline first, then the others in suite order."""
+    rest = [s for s in SERVERS if s in servers and s != BASELINE]
+    return [BASELINE, *rest] if BASELINE in servers else rest
+
+
+def results_table(
+    scenarios: Sequence[Scenario],
+    summary: dict[str, dict[str, dict[str, Stat]]],
+    servers: Sequence[str],
+) -> list[str]:
+    """The main table: one row per scenario and figure, one column per server."""
+    columns = _column_order(servers)
+    lines = [
+        "| scenario | figure | " + " | ".join(columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
+    for scenario in scenarios:
+        for metric in (m for m in METRICS if m.shown(scenario)):
+            cells = [
+                cell(summary[scenario.key][s][metric.key], metric, baseline=s == BASELINE)
+                for s in columns
+            ]
+            title = f"**{scenario.key}** {scenario.title}"
+            lines.append(f"| {title} | {label(metric)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _pct(values: Iterable[float | None], pick: str) -> str:
+    present = [v for v in values if v is not None]
+    if not present:
+        return "n/a"
+    value = statistics.median(present) if pick == "median" else max(present)
+    return f"{100 * value:.0f} %"
+
+
+def headroom_table(
+    scenarios: Sequence[Scenario], runs: Sequence[Record], servers: Sequence[str]
+) -> list[str]:
+    """How busy each core was during the measured windows, and which runs are flagged."""
+    lines = [
+        (
+            "| scenario | server | server core busy (median) | generator core busy (max) "
+            "| other load on server / generator core (max) | flags |"
+        ),
+        "|---|---|---|---|---|---|",
+    ]
+    for scenario in scenarios:
+        for server in servers:
+            mine = [r for r in runs if r["scenario"] == scenario.key and r["server"] == server]
+            done = [r for r in mine if r["ok"]]
+            flagged = [
+                f"rep {r['rep'] + 1}: {', '.join(r['flags'])}" for r in done if r["flags"]
+            ] + [f"rep {r['rep'] + 1}: FAILED" for r in mine if not r["ok"]]
+            server_busy = _pct((r["metrics"]["server_cpu_util"] for r in done), "median")
+            generator_busy = _pct((r["metrics"]["gen_cpu_util"] for r in done), "max")
+            other_server = _pct((r.get("other_load_server_core") for r in done), "max")
+            other_generator = _pct((r.get("other_load_generator_core") for r in done), "max")
+            lines.append(
+                f"| {scenario.key} | {server} | {server_busy} | {generator_busy} | "
+                f"{other_server} / {other_generator} | {'; '.join(flagged) or ''} |"
+            )
+    return lines
+
+
+def strace_table(strace: Sequence[Record]) -> list[str]:
+    """Syscalls per line in scenario B, and the biggest contributors."""
+    lines = ["| server | syscalls/line | biggest, per line |", "|---|---|---|"]
+    for record in strace:
+        if not record["ok"]:
+            error = record.get("error", "failed").splitlines()[0]
+            lines.append(f"| {record['server']} | n/a | {error} |")
+            continue
+        counts = {k: v for k, v in record["syscalls"].items() if k != "total"}
+        top = sorted(counts.items(), key=lambda kv: -kv[1])[:5]
+        per = ", ".join(f"{name} {calls / record['lines']:.2f}" for name, calls in top)
+        lines.append(f"| {record['server']} | {record['syscalls_per_line']:.2f} | {per} |")
+    return lines
+
+
+def tls_summary(runs: Sequence[Record]) -> str:
+    """The TLS parameters the runs negotiated (all should be the same)."""
+    seen = sorted(
+        {
+            f"{r['loadgen']['tls']['version']} {r['loadgen']['tls']['cipher']} "
+            f"{r['loadgen']['tls']['group']}"
+            for r in runs
+            if r["ok"] and r["loadgen"]["tls"]["version"]
+        }
+    )
+    return "; ".join(seen) or "n/a"
+
+
+def markdown(
+    meta: dict[str, Any],
+    scenarios: Sequence[Scenario],
+    runs: Sequence[Record],
+    summary: dict[str, dict[str, dict[str, Stat]]],
+    strace: Sequence[Record],
+) -> str:
+    """The whole Markdown report."""
+    servers = meta["servers"]
+    v = meta["versions"]
+    pinned = (
+        "server pinned to CPU 0, load generator to CPU 1 (taskset)"
+        if meta["pinned"]
+        else "NOT pinned (no taskset or fewer than 2 CPUs): figures are noisier"
+    )
+    loadgen_ssl = next((r["loadgen"]["openssl"] for r in runs if r["ok"]), "n/a")
+    run_line = (
+        f"`{meta['command']}`: {meta['reps']} repetition(s), {meta['warmup_s']:g} s warm-up + "
+        f"{meta['duration_s']:g} s measured per run (A{DASH}E), a fresh server per run, "
+        f"server order rotated per repetition; {pinned}; took {meta['elapsed_s']:.0f} s."
+    )
+    version_line = (
+        f"Versions: secure-echo {v.get('secure_echo_commit', '?')}, Python {v['python']}, "
+        f"Twisted {v.get('twisted', '?')}, pyOpenSSL {v.get('pyopenssl', '?')} "
+        f"({v.get('pyopenssl_openssl', '?')}), stdlib ssl ({v['python_ssl']}), "
+        f"load generator ({loadgen_ssl}); kernel {v['kernel']}; {v.get('cpu', '?')}, "
+        f"{meta['cpus']} CPUs."
+    )
+    how_to_read = (
+        f"Each cell is the median across repetitions. For {BASELINE} the spread (min{DASH}max) "
+        f"follows; for the others, the ratio to {BASELINE} measured in the same repetition "
+        f"(median of the per-repetition ratios, then their min{DASH}max). {UP} higher is better, "
+        f"{DOWN} lower is better; ratios are always server {DIVIDE} {BASELINE}. {WARN}: in at "
+        f"least one repetition the generator's core was {SATURATED_PCT} busy, so that "
+        f"throughput may be the generator's limit, not the server's. {DAGGER}: in at least one "
+        "repetition other processes on the machine took 10 % or more of a pinned core."
+    )
+    headroom = (
+        "Share of the measured wall time each pinned core spent running the process "
+        f"(CPU time {DIVIDE} wall time). A generator at {SATURATED_PCT} or more is flagged. "
+        "Other load: the core's busy time in /proc/stat minus the pinned process's own CPU "
+        "time (kernel softirq work for loopback traffic lands here too, so a few % is normal)."
+    )
+    out = [
+        f"# secure-echo benchmark {meta['timestamp']}",
+        "",
+        run_line,
+        "",
+        f"Servers: {'; '.join(f'**{s}**: {SERVER_TITLES[s]}' for s in servers)}.",
+        "",
+        version_line,
+        "",
+        f"Negotiated TLS: {tls_summary(runs)}.",
+        "",
+        "## Results",
+        "",
+        how_to_read,
+        "",
+        *results_table(scenarios, summary, servers),
+        "",
+        "## Headroom",
+        "",
+        headroom,
+        "",
+        *headroom_table(scenarios, runs, servers),
+    ]
+    if strace:
+        out += [
+            "",
+            "## Syscalls per line (scenario B, `strace -c -f`, one short run per server)",
+            "",
+            (
+                "Counted between two quiescent points, so every syscall belongs to the lines "
+                "counted. strace slows the server a lot; only the counts mean anything."
+            ),
+            "",
+            *strace_table(strace),
+        ]
+    failed = [r for r in runs if not r["ok"]]
+    if failed:
+        out += ["", "## Failed runs", ""]
+        out += [
+            f"- rep {r['rep'] + 1} {r['scenario']} {r['server']}: "
+            f"{r.get('error', '?').splitlines()[0]}"
+            for r in failed
+        ]
+    return "\n".join(out) + "\n"
+
+
+def plot(
+    path: Path,
+    meta: dict[str, Any],
+    scenarios: Sequence[Scenario],
+    summary: dict[str, dict[str, dict[str, Stat]]],
+) -> Path | None:
+    """Bar plot of the median ratios with min-max whiskers; None without matplotlib."""
+    try:
+        import matplotlib as mpl  # noqa: PLC0415 - optional dependency (the bench extra)
+
+        mpl.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        print("warning: matplotlib missing (pip install -e '.[bench]'); no PNG written")
+        return None
+    others = [s for s in SERVERS if s in meta["servers"] and s != BASELINE]
+    panels = [
+        (
+            better,
+            [
+                (scenario, metric)
+                for scenario in scenarios
+                for metric in METRICS
+                if metric.shown(scenario) and metric.better == better
+            ],
+        )
+        for better in ("higher", "lower")
+    ]
+    panels = [(b, rows) for b, rows in panels if rows]
+    if not others or not panels:
+        return None
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(13, 4.2 * len(panels)), squeeze=False, layout="constrained"
+    )
+    width = 0.8 / len(others)
+    colors = {"secure-echo": "#1f77b4", "asyncio": "#ff7f0e"}
+    for ax, (better, rows) in zip(axes[:, 0], panels, strict=True):
+        for i, server in enumerate(others):
+            stats = [summary[s.key][server][m.key] for s, m in rows]
+            medians = [st["ratio_median"] or 0.0 for st in stats]
+            low = [m - (st["ratio_min"] or m) for m, st in zip(medians, stats, strict=True)]
+            high = [(st["ratio_max"] or m) - m for m, st in zip(medians, stats, strict=True)]
+            xs = [x + (i - (len(others) - 1) / 2) * width for x in range(len(rows))]
+            bars = ax.bar(
+                xs,
+                medians,
+                width,
+                yerr=[low, high],
+                capsize=3,
+                label=server,
+                color=colors.get(server),
+            )
+            ax.bar_label(
+                bars, labels=[f"{m:.2f}" if m else "n/a" for m in medians], fontsize=7, padding=2
+            )
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels([f"{s.key}\n{label(m)}" for s, m in rows], fontsize=8)
+        word = "higher" if better == "higher" else "lower"
+        ax.set_ylabel(f"ratio to {BASELINE} ({word} is better)")
+        ax.set_title(
+            f"{word} is better: server {DIVIDE} {BASELINE}, same repetition, "
+            f"median and min{DASH}max over {meta['reps']} repetition(s)",
+            fontsize=10,
+        )
+        ax.legend(fontsize=8)
+        ax.margins(y=0.15)
+    fig.suptitle(f"secure-echo benchmark {meta['timestamp']} (dashed line: {BASELINE} = 1)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write(
+    stem: Path,
+    meta: dict[str, Any],
+    scenarios: Sequence[Scenario],
+    runs: Sequence[Record],
+    strace: Sequence[Record],
+) -> Paths:
+    """Write ``stem``.md, .json and .png; return their paths."""
+    summary = summarize(scenarios, runs, meta["servers"])
+    md_path = stem.with_suffix(".md")
+    md_path.write_text(markdown(meta, scenarios, runs, summary, strace))
+    json_path = stem.with_suffix(".json")
+    document = {"meta": meta, "summary": summary, "runs": list(runs), "strace": list(strace)}
+    json_path.write_text(json.dumps(document, indent=1, default=str) + "\n")
+    png_path = plot(stem.with_suffix(".png"), meta, scenarios, summary)
+    return Paths(md_path, json_path, png_path)

@@ -1,0 +1,472 @@
+"""Benchmark secure-echo against two peers on one machine, as same-run ratios.
+
+    python bench/run.py [--quick] [--reps N] [--scenarios A,B,...] [--out bench/results]
+
+Builds the C load generator (``bench/loadgen/loadgen.c``, gcc + OpenSSL), makes a CA and
+an ECDSA P-256 server certificate in a temporary directory, then for each repetition,
+each scenario and each server (the servers' order rotated per repetition) starts a fresh
+server pinned to CPU 0, drives it from CPU 1 and records what the generator and
+``/proc`` say.  Writes ``<out>/<timestamp>.md``, ``.json`` and ``.png``.  See
+``bench/README.md`` for what each figure means and how to read the ratios.
+
+Everything talks to 127.0.0.1 only; every run is bounded in time and stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import shutil
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import procs
+import report
+from procs import BENCH, GENERATOR_CPU, ROOT, BenchError, Pinning, start_server
+from scenarios import BASELINE, SERVERS, Scenario, select
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+LOADGEN_SOURCE = BENCH / "loadgen" / "loadgen.c"
+BUILD_DIR = BENCH / "build"
+#: Seconds the server gets to settle (free what a phase left) before its RSS is read.
+RSS_SETTLE = 0.5
+#: A generator busy this fraction of the measured wall time may have been the bottleneck.
+SATURATED = 0.9
+#: Other processes using this fraction of a pinned core's time mark a run as contended.
+CONTENDED = 0.10
+#: Before a run, wait for both cores together to be less busy than this.
+QUIET_BELOW = 0.05
+#: Scenario B's short run under strace.
+STRACE_WARMUP = 0.5
+STRACE_DURATION = 2.0
+
+Record = dict[str, Any]
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(
+        description="Benchmark secure-echo against textbook Twisted and asyncio (ratios).",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="1 repetition, short runs, scenarios A-D"
+    )
+    parser.add_argument("--reps", type=int, help="repetitions (default 3; 1 with --quick)")
+    parser.add_argument(
+        "--scenarios", help="comma-separated letters A-F or keys (E-full, F-10k, ...)"
+    )
+    parser.add_argument("--out", type=Path, default=BENCH / "results", help="results directory")
+    parser.add_argument("--warmup", type=float, help="warm-up seconds (default 1; 0.5 quick)")
+    parser.add_argument("--duration", type=float, help="measured seconds (default 5; 2 quick)")
+    parser.add_argument(
+        "--strace", action="store_true", help="also count syscalls per line (scenario B)"
+    )
+    parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=30.0,
+        help="seconds to wait at most, before each run, for other load to stop (0: don't)",
+    )
+    parser.add_argument(
+        "--servers",
+        default=",".join(SERVERS),
+        help=f"comma-separated subset of {','.join(SERVERS)} (ratios need {BASELINE})",
+    )
+    args = parser.parse_args(argv)
+    args.reps = args.reps or (1 if args.quick else 3)
+    args.warmup = args.warmup if args.warmup is not None else (0.5 if args.quick else 1.0)
+    args.duration = args.duration if args.duration is not None else (2.0 if args.quick else 5.0)
+    try:
+        args.scenario_list = select(args.scenarios, quick=args.quick)
+    except ValueError as error:
+        parser.error(str(error))
+    args.server_list = [s.strip() for s in args.servers.split(",") if s.strip()]
+    if unknown := set(args.server_list) - set(SERVERS):
+        parser.error(f"unknown server(s): {', '.join(sorted(unknown))}")
+    if args.reps < 1 or args.duration <= 0 or args.warmup < 0:
+        parser.error("--reps must be >= 1, --duration > 0, --warmup >= 0")
+    return args
+
+
+def raise_nofile() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; children inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def build_loadgen() -> Path:
+    """Compile the load generator into bench/build/ unless it is up to date."""
+    binary = BUILD_DIR / "loadgen"
+    if binary.exists() and binary.stat().st_mtime >= LOADGEN_SOURCE.stat().st_mtime:
+        return binary
+    if shutil.which("gcc") is None:
+        raise BenchError("gcc not found: apt-get install -y gcc libssl-dev")
+    BUILD_DIR.mkdir(exist_ok=True)
+    command = ["gcc", "-O2", "-Wall", "-Wextra", "-o", str(binary), str(LOADGEN_SOURCE)]
+    built = subprocess.run(
+        [*command, "-lssl", "-lcrypto"], capture_output=True, text=True, check=False
+    )
+    if built.returncode != 0:
+        raise BenchError(
+            f"building the load generator failed (apt-get install -y gcc libssl-dev?):\n"
+            f"{built.stderr}"
+        )
+    return binary
+
+
+class Bench:
+    """One invocation: settings, the PKI, and every run's record."""
+
+    def __init__(
+        self, args: argparse.Namespace, loadgen: Path, pinning: Pinning, tmp: Path
+    ) -> None:
+        self.args = args
+        self.loadgen = loadgen
+        self.pinning = pinning
+        self.tmp = tmp
+        self.pki = procs.make_pki(tmp)
+        self.runs: list[Record] = []
+        self.strace: list[Record] = []
+
+    def loadgen_command(
+        self, scenario: Scenario, port: int, warmup: float, duration: float
+    ) -> list[str]:
+        """The generator's command line for one run of ``scenario``."""
+        timeout = self.timeout(scenario, warmup, duration)
+        return [
+            *self.pinning.prefix(GENERATOR_CPU),
+            str(self.loadgen),
+            "--port",
+            str(port),
+            "--ca",
+            str(self.pki.ca_cert),
+            "--sync",
+            "--warmup",
+            str(warmup),
+            "--duration",
+            str(duration),
+            "--max-seconds",
+            str(timeout),
+            *scenario.loadgen_args(),
+        ]
+
+    @staticmethod
+    def timeout(scenario: Scenario, warmup: float, duration: float) -> float:
+        """How long a run of ``scenario`` may take at most (connection set-up included)."""
+        if scenario.mode == "idle":
+            return 300.0
+        return warmup + duration + 90.0
+
+    def run_all(self) -> None:
+        """Every repetition, scenario and server; order of servers rotated per repetition."""
+        servers = self.args.server_list
+        for rep in range(self.args.reps):
+            order = servers[rep % len(servers) :] + servers[: rep % len(servers)]
+            print(f"repetition {rep + 1}/{self.args.reps}: order {', '.join(order)}", flush=True)
+            for scenario in self.args.scenario_list:
+                for position, name in enumerate(order):
+                    record = self.run_one(rep, position, scenario, name)
+                    self.runs.append(record)
+                    print("  " + describe(record), flush=True)
+        if self.args.strace:
+            for name in servers:
+                record = self.run_strace(name)
+                self.strace.append(record)
+                print("  " + describe_strace(record), flush=True)
+
+    def run_one(self, rep: int, position: int, scenario: Scenario, name: str) -> Record:
+        """Start a fresh server, drive one scenario at it, stop it; never raises BenchError."""
+        record: Record = {
+            "rep": rep,
+            "position": position,
+            "scenario": scenario.key,
+            "server": name,
+            "ok": False,
+            "flags": [],
+        }
+        workdir = self.tmp / f"rep{rep}-{scenario.key}-{name}"
+        if self.args.quiet_wait > 0:
+            record["busy_before"] = procs.wait_until_quiet(self.args.quiet_wait, QUIET_BELOW)
+        try:
+            server = start_server(name, self.pki, workdir, self.pinning)
+        except BenchError as error:
+            record["error"] = str(error)
+            return record
+        try:
+            self.measure(scenario, server, record)
+        except (BenchError, OSError, ValueError) as error:
+            record["error"] = f"{error}\n{server.tail()}"
+        finally:
+            server.stop()
+        return record
+
+    def measure(self, scenario: Scenario, server: procs.Server, record: Record) -> None:
+        """Drive ``scenario`` at ``server`` and fill ``record`` with raw numbers and figures."""
+        window: dict[str, float] = {}
+        busy: list[dict[int, float]] = []
+        pid = server.pid
+
+        def on_ready(_event: procs.Event) -> None:
+            if scenario.mode == "idle":
+                time.sleep(RSS_SETTLE)
+                window["rss0"] = procs.rss_kib(pid)
+            window["cpu0"] = procs.cpu_seconds(pid)
+            busy.append(procs.cpu_busy_seconds())
+
+        def on_measured(_event: procs.Event) -> None:
+            window["cpu1"] = procs.cpu_seconds(pid)
+            busy.append(procs.cpu_busy_seconds())
+            if scenario.mode == "idle":
+                time.sleep(RSS_SETTLE)
+                window["rss1"] = procs.rss_kib(pid)
+
+        warmup, duration = self.args.warmup, self.args.duration
+        run = procs.drive_loadgen(
+            self.loadgen_command(scenario, server.port, warmup, duration),
+            on_ready=on_ready,
+            on_measured=on_measured,
+            timeout=self.timeout(scenario, warmup, duration) + 30,
+            stderr_path=server.workdir / "loadgen-stderr.txt",
+        )
+        result = run.result
+        record["loadgen"] = result
+        record["server_cpu_s"] = window["cpu1"] - window["cpu0"]
+        if self.pinning.enabled:
+            # What ran on each pinned core besides the process pinned there.
+            wall = result["wall_s"]
+            server_core = busy[1][procs.SERVER_CPU] - busy[0][procs.SERVER_CPU]
+            generator_core = busy[1][GENERATOR_CPU] - busy[0][GENERATOR_CPU]
+            record["other_load_server_core"] = (server_core - record["server_cpu_s"]) / wall
+            record["other_load_generator_core"] = (generator_core - result["gen_cpu_s"]) / wall
+        if "rss0" in window:
+            record["rss_before_kib"] = window["rss0"]
+            record["rss_after_kib"] = window["rss1"]
+        record["metrics"] = figures(scenario, record)
+        record["flags"] = flags(scenario, record)
+        record["ok"] = True
+
+    def run_strace(self, name: str) -> Record:
+        """Scenario B for a short while under ``strace -c -f``: syscalls per line."""
+        scenario = next(s for s in select("B", quick=False))
+        record: Record = {"scenario": scenario.key, "server": name, "ok": False}
+        workdir = self.tmp / f"strace-{name}"
+        try:
+            server = start_server(name, self.pki, workdir, self.pinning)
+        except BenchError as error:
+            record["error"] = str(error)
+            return record
+        tracer: list[procs.Strace] = []
+        counts: dict[str, int] = {}
+
+        def on_ready(_event: procs.Event) -> None:
+            tracer.append(procs.Strace.attach(server.pid, workdir / "strace.txt", self.pinning))
+
+        def on_measured(_event: procs.Event) -> None:
+            counts.update(tracer.pop().detach())
+
+        try:
+            run = procs.drive_loadgen(
+                self.loadgen_command(scenario, server.port, STRACE_WARMUP, STRACE_DURATION),
+                on_ready=on_ready,
+                on_measured=on_measured,
+                timeout=self.timeout(scenario, STRACE_WARMUP, STRACE_DURATION) + 30,
+                stderr_path=workdir / "loadgen-stderr.txt",
+            )
+            lines = run.result["lines"]
+            record.update(
+                ok=bool(lines) and "total" in counts and run.result["error_total"] == 0,
+                lines=lines,
+                syscalls=counts,
+                syscalls_per_line=counts.get("total", 0) / lines if lines else None,
+                loadgen=run.result,
+            )
+        except (BenchError, OSError, ValueError) as error:
+            record["error"] = f"{error}\n{server.tail()}"
+        finally:
+            for leftover in tracer:
+                leftover.detach()
+            server.stop()
+        return record
+
+
+def figures(scenario: Scenario, record: Record) -> dict[str, float | None]:
+    """The reported figures of one run, from the generator's result and /proc."""
+    result = record["loadgen"]
+    cpu = record["server_cpu_s"]
+    wall = result["wall_s"]
+    latency = result["latency_us"]
+    out: dict[str, float | None] = {
+        "server_cpu_util": cpu / wall if wall else None,
+        "gen_cpu_util": result["gen_cpu_util"],
+    }
+    if scenario.mode == "pingpong":
+        lines = result["lines"]
+        out |= {
+            "lines_per_s": result["lines_per_s"],
+            "cpu_us_per_line": cpu * 1e6 / lines if lines else None,
+            "p50_us": latency["p50"],
+            "p99_us": latency["p99"],
+        }
+    elif scenario.mode == "handshake":
+        done = result["handshakes"]
+        out |= {
+            "handshakes_per_s": result["handshakes_per_s"],
+            "handshakes_per_cpu_s": done / cpu if cpu else None,
+            "resumed_pct": 100.0 * result["resumed"] / done if done else None,
+            "handshake_p50_us": latency["p50"],
+            "handshake_p99_us": latency["p99"],
+        }
+    else:
+        opened = result["opened"]
+        grown = record["rss_after_kib"] - record["rss_before_kib"]
+        out |= {
+            "kib_per_conn": grown / opened if opened else None,
+            "cpu_us_per_conn_opened": cpu * 1e6 / opened if opened else None,
+        }
+    return out
+
+
+def flags(scenario: Scenario, record: Record) -> list[str]:
+    """What makes a run's figures suspect."""
+    result = record["loadgen"]
+    out = []
+    if result["gen_cpu_util"] >= SATURATED:
+        out.append("generator-saturated")
+    if result["error_total"]:
+        out.append(f"errors={result['error_total']}")
+    if scenario.mode == "idle" and result["opened"] < scenario.conns:
+        out.append(f"opened-only-{result['opened']}")
+    other = max(
+        record.get("other_load_server_core", 0), record.get("other_load_generator_core", 0)
+    )
+    if other >= CONTENDED:
+        out.append("contended")
+    tls = result["tls"]
+    if tls["version"] != "TLSv1.3":
+        out.append(f"tls={tls['version']}")
+    return out
+
+
+def describe(record: Record) -> str:
+    """One progress line."""
+    head = f"{record['scenario']:<10} {record['server']:<12}"
+    if not record["ok"]:
+        return f"{head} FAILED: {record.get('error', '?').splitlines()[0]}"
+    shown = {
+        k: v
+        for k, v in record["metrics"].items()
+        if v is not None and k not in {"handshake_p50_us", "handshake_p99_us"}
+    }
+    text = " ".join(f"{k}={v:,.3g}" if v < 100 else f"{k}={v:,.0f}" for k, v in shown.items())
+    flagged = f"  [{', '.join(record['flags'])}]" if record["flags"] else ""
+    return f"{head} {text}{flagged}"
+
+
+def describe_strace(record: Record) -> str:
+    """One progress line for an strace run."""
+    if not record["ok"]:
+        return (
+            f"strace B {record['server']:<12} FAILED: {record.get('error', '?').splitlines()[0]}"
+        )
+    return f"strace B {record['server']:<12} syscalls/line={record['syscalls_per_line']:.2f}"
+
+
+def versions() -> dict[str, str]:
+    """The software under test and around it."""
+    out = {
+        "python": platform.python_version(),
+        "python_ssl": ssl.OPENSSL_VERSION,
+        "kernel": platform.release(),
+    }
+    try:
+        import OpenSSL  # noqa: PLC0415 - optional, for the report only
+        import twisted  # noqa: PLC0415
+
+        out["twisted"] = twisted.__version__
+        out["pyopenssl"] = OpenSSL.__version__
+        out["pyopenssl_openssl"] = OpenSSL.SSL.OpenSSL_version(
+            OpenSSL.SSL.OPENSSL_VERSION
+        ).decode()
+    except ImportError:
+        pass
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                out["cpu"] = line.partition(":")[2].strip()
+                break
+    git = shutil.which("git")
+    if git is not None:
+        head = subprocess.run(
+            [git, "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        dirty = subprocess.run(
+            [git, "-C", str(ROOT), "diff", "--quiet", "HEAD", "--", "src", "twisted"],
+            capture_output=True,
+            check=False,
+        )
+        if head.returncode == 0:
+            out["secure_echo_commit"] = head.stdout.strip() + (
+                "+local-changes" if dirty.returncode == 1 else ""
+            )
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the suite and write the report."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    started = time.time()
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
+    nofile = raise_nofile()
+    if args.strace and shutil.which("strace") is None:
+        print("error: --strace needs strace (apt-get install -y strace)", file=sys.stderr)
+        return 2
+    try:
+        loadgen = build_loadgen()
+    except BenchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    pinning = Pinning.detect(want=not args.no_pin)
+    with tempfile.TemporaryDirectory(prefix="secure-echo-bench-") as tmp:
+        bench = Bench(args, loadgen, pinning, Path(tmp))
+        bench.run_all()
+    meta = {
+        "timestamp": stamp,
+        "command": " ".join(["python", "bench/run.py", *(sys.argv[1:] if argv is None else argv)]),
+        "elapsed_s": round(time.time() - started, 1),
+        "reps": args.reps,
+        "warmup_s": args.warmup,
+        "duration_s": args.duration,
+        "scenarios": [s.key for s in args.scenario_list],
+        "servers": args.server_list,
+        "baseline": BASELINE,
+        "pinned": pinning.enabled,
+        "nofile": list(nofile),
+        "cpus": os.cpu_count(),
+        "versions": versions(),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    paths = report.write(args.out / stamp, meta, args.scenario_list, bench.runs, bench.strace)
+    print()
+    print(paths.markdown.read_text())
+    print(f"results: {paths.markdown}, {paths.json}" + (f", {paths.png}" if paths.png else ""))
+    return 0 if all(r["ok"] for r in bench.runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
