@@ -167,7 +167,8 @@ def _pct(values: Iterable[float | None], pick: str) -> str:
     if not present:
         return "n/a"
     value = statistics.median(present) if pick == "median" else max(present)
-    return f"{100 * value:.0f} %"
+    # /proc/stat is sampled per tick, so "other load" estimates can dip below zero.
+    return f"{100 * max(value, 0.0):.0f} %"
 
 
 def headroom_table(

@@ -72,6 +72,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
     parser.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="times to run a contended run again, keeping the least contended (default 2)",
+    )
+    parser.add_argument(
+        "--retry-budget",
+        type=float,
+        default=300.0,
+        help="seconds all runs-again together may take (default 300)",
+    )
+    parser.add_argument(
         "--quiet-wait",
         type=float,
         default=30.0,
@@ -138,6 +150,7 @@ class Bench:
         self.tmp = tmp
         self.pki = procs.make_pki(tmp)
         self.runs: list[Record] = []
+        self.retry_seconds_left: float = args.retry_budget
         self.strace: list[Record] = []
 
     def loadgen_command(
@@ -150,8 +163,7 @@ class Bench:
             str(self.loadgen),
             "--port",
             str(port),
-            "--ca",
-            str(self.pki.ca_cert),
+            *(["--ca", str(self.pki.ca_cert)] if scenario.verify else []),
             "--sync",
             "--warmup",
             str(warmup),
@@ -177,14 +189,36 @@ class Bench:
             print(f"repetition {rep + 1}/{self.args.reps}: order {', '.join(order)}", flush=True)
             for scenario in self.args.scenario_list:
                 for position, name in enumerate(order):
-                    record = self.run_one(rep, position, scenario, name)
-                    self.runs.append(record)
-                    print("  " + describe(record), flush=True)
+                    self.runs.append(self.run_with_retries(rep, position, scenario, name))
+                    print("  " + describe(self.runs[-1]), flush=True)
         if self.args.strace:
             for name in servers:
                 record = self.run_strace(name)
                 self.strace.append(record)
                 print("  " + describe_strace(record), flush=True)
+
+    def run_with_retries(self, rep: int, position: int, scenario: Scenario, name: str) -> Record:
+        """Run once; while other processes disturbed the run, run again (bounded).
+
+        Keeps the attempt that was disturbed least; ``attempts`` says how many were made.
+        """
+        record = self.run_one(rep, position, scenario, name)
+        attempts = 1
+        latest = record
+        while (
+            "contended" in latest["flags"]
+            and attempts <= self.args.retries
+            and self.retry_seconds_left > 0
+        ):
+            print(f"  {describe(latest)}  -> run again", flush=True)
+            attempts += 1
+            started = time.monotonic()
+            latest = self.run_one(rep, position, scenario, name)
+            self.retry_seconds_left -= time.monotonic() - started
+            if latest["ok"] and other_load(latest) < other_load(record):
+                record = latest
+        record["attempts"] = attempts
+        return record
 
     def run_one(self, rep: int, position: int, scenario: Scenario, name: str) -> Record:
         """Start a fresh server, drive one scenario at it, stop it; never raises BenchError."""
@@ -342,21 +376,26 @@ def flags(scenario: Scenario, record: Record) -> list[str]:
     """What makes a run's figures suspect."""
     result = record["loadgen"]
     out = []
-    if result["gen_cpu_util"] >= SATURATED:
+    # Idle connections are about memory: a busy generator only makes them open slower.
+    if result["gen_cpu_util"] >= SATURATED and scenario.mode != "idle":
         out.append("generator-saturated")
     if result["error_total"]:
         out.append(f"errors={result['error_total']}")
     if scenario.mode == "idle" and result["opened"] < scenario.conns:
         out.append(f"opened-only-{result['opened']}")
-    other = max(
-        record.get("other_load_server_core", 0), record.get("other_load_generator_core", 0)
-    )
-    if other >= CONTENDED:
+    if other_load(record) >= CONTENDED:
         out.append("contended")
     tls = result["tls"]
     if tls["version"] != "TLSv1.3":
         out.append(f"tls={tls['version']}")
     return out
+
+
+def other_load(record: Record) -> float:
+    """The larger share of a pinned core that other processes took during the window."""
+    server_core: float = record.get("other_load_server_core", 0.0)
+    generator_core: float = record.get("other_load_generator_core", 0.0)
+    return max(server_core, generator_core)
 
 
 def describe(record: Record) -> str:
@@ -456,6 +495,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "servers": args.server_list,
         "baseline": BASELINE,
         "pinned": pinning.enabled,
+        "saturated_threshold": SATURATED,
+        "contended_threshold": CONTENDED,
+        "retries": args.retries,
+        "retry_budget_s": args.retry_budget,
         "nofile": list(nofile),
         "cpus": os.cpu_count(),
         "versions": versions(),

@@ -84,11 +84,6 @@ FLOOD_STALL_TIMEOUT: Final = 10.0
 DRAIN_TIMEOUT: Final = 3.0
 #: The closes a client's reset may be logged as.
 RESET_REASONS: Final = frozenset({"connection_lost", "client_closed", "eof"})
-#: The known daemon bug the OverPipelinedCloseTests reproduce.
-UNREAD_INPUT_BUG: Final = (
-    "known daemon bug: closing a connection with unread input sends an RST that discards "
-    "unsent replies and close_notify (transport.TLSServerConnection._close_stream)"
-)
 LINE_TOO_LONG_65536: Final = b"-ERR line-too-long line exceeds 65536 bytes\n"
 
 
@@ -963,13 +958,10 @@ class OverPipelinedCloseTests(HostileCase):
     SIGTERM or at --max-connection-age.  Every line it read must still be answered,
     then close_notify, for a client that reads (slowly) after the close began.
 
-    Known daemon bug (:data:`UNREAD_INPUT_BUG`): ``close()`` on a socket with
-    unread input makes the kernel send an RST and discard every reply byte still
-    in the send buffer, close_notify included.  Only that failure, reproduced, is
-    reported as a skip naming the bug and the numbers; anything else fails.  When
-    the transport closes in a lingering way (FIN after the replies, then read and
-    discard until the client's FIN, bounded by a timeout) these tests pass; then
-    delete the skip branch in :meth:`assert_every_read_line_answered`.
+    ``close()`` on a socket with unread input would make the kernel send an RST
+    and discard every reply still in the send buffer, close_notify included; the
+    transport's lingering close (FIN after the replies, input read and dropped,
+    the socket closed once the client has acknowledged everything) prevents it.
     """
 
     def over_pipeline(self, client: TLSClient) -> bytes:
@@ -992,11 +984,6 @@ class OverPipelinedCloseTests(HostileCase):
             f"unread_input_close_{reason}",
             {"replies_written": event["lines_out"], "replies_received": replies},
         )
-        if replies < event["lines_out"] and not client.close_notify:
-            raise SkipTest(
-                f"{UNREAD_INPUT_BUG}: {replies} of {event['lines_out']} replies arrived, "
-                "then a reset"
-            )
         self.assertEqual(
             replies,
             event["lines_out"],

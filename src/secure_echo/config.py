@@ -63,6 +63,8 @@ _REPEATABLE: Final = ("listen", *_ALLOW_OPTIONS, "proxy-trusted")
 PROXY_PROTOCOL_MODES: Final = ("off", "optional", "required")
 LOG_STDOUT_FORMATS: Final = ("json", "text")
 _OPTION_IN_ERROR: Final = re.compile(r"--([a-z0-9-]+)")
+#: ``--workers``: processes that accept on the shared listening sockets.
+MAX_WORKERS: Final = 64
 
 #: Every key a ``--config`` file may hold: each option but the command-line-only
 #: ones (``config``, ``print-config``), with its TOML kind and an example value.
@@ -101,6 +103,7 @@ FILE_KEYS: Final[Mapping[str, Key]] = MappingProxyType(
         "proxy-trusted": Key(Kind.STRINGS, '["10.0.0.0/8"]'),
         "proxy-timeout": Key(Kind.NUMBER, "5"),
         "info-line": Key(Kind.STRING, '"INFO"'),
+        "workers": Key(Kind.INTEGER, "1"),
     }
 )
 
@@ -162,6 +165,9 @@ class Config:
     #: The values the command line gave (paths made absolute), which a reload of
     #: the config file must keep: see :func:`secure_echo.configfile.reload_tls_settings`.
     command_line: Mapping[str, OptionValue] = field(default_factory=dict, compare=False)
+    #: ``--workers``: 1 serves in this process; more runs that many worker
+    #: processes under this one (:mod:`secure_echo.workers`).
+    workers: int = 1
 
 
 def _positive_int(name: str, value: str, *, minimum: int = 1) -> int:
@@ -253,6 +259,17 @@ def validate_listen(description: str, backlog: int = DEFAULT_BACKLOG) -> Listen:
     if kind in _BACKLOG_TYPES and "backlog=" not in checked:
         checked = f"{checked}:backlog={backlog}"
     return Listen(checked, kind, description)
+
+
+def _workers(value: str) -> int:
+    """``--workers``: a whole number from 1 to :data:`MAX_WORKERS`."""
+    number = _positive_int("workers", value)
+    if number > MAX_WORKERS:
+        raise usage.UsageError(
+            f"--workers: {number} is too many; give at most {MAX_WORKERS} "
+            "(about one per CPU core is enough)"
+        )
+    return number
 
 
 def _choice(name: str, value: str, choices: Sequence[str]) -> str:
@@ -413,6 +430,12 @@ class Options(usage.Options):
             None,
             None,
             "A line with this content gets connection info as JSON, not an echo (default: off).",
+        ],
+        [
+            "workers",
+            None,
+            "1",
+            f"Worker processes sharing the listening sockets (1 to {MAX_WORKERS}; 1: none).",
         ],
     ]
 
@@ -620,6 +643,7 @@ class Options(usage.Options):
             config_sha256=self._file.sha256 if self._file else None,
             sources=MappingProxyType(dict(self._sources)),
             command_line=MappingProxyType(self._captured_command_line()),
+            workers=_workers(self["workers"]),
         )
 
     def _proxy(self) -> tuple[str, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]]:
@@ -753,6 +777,7 @@ def _option_values(cfg: Config) -> dict[str, object]:
         "info-line": (
             cfg.info_line.decode("utf-8", "backslashreplace") if cfg.info_line else None
         ),
+        "workers": cfg.workers,
     }
 
 

@@ -207,6 +207,11 @@ def makeService(options: _config.Options, reactor: Any = None) -> MultiService:
 
         reactor = default_reactor
     cfg = options.config
+    if cfg.workers > 1:
+        # --workers N: this process binds and supervises, N worker processes serve.
+        from secure_echo.workers import make_supervisor  # noqa: PLC0415 - workers imports tap
+
+        return make_supervisor(options, reactor)
     top = OrderedMultiService()
     if cfg.log_stdout == "json":
         # Given to twistd as the application's log observer: its text observer

@@ -53,9 +53,12 @@ State rules (everything that changes them lives in this module):
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import socket
-from typing import TYPE_CHECKING, Any, Protocol, cast
+import struct
+import termios
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from OpenSSL import SSL
 from twisted.internet.abstract import FileDescriptor
@@ -109,6 +112,27 @@ def format_address(address: IAddress) -> str:
         name = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
         return f"unix:{name or '-'}"
     return str(address)
+
+
+#: ioctl requests: bytes waiting to be read; bytes sent but not acknowledged.
+_FIONREAD: Final = termios.FIONREAD
+_SIOCOUTQ: Final = termios.TIOCOUTQ
+#: How often per write-stall timeout the unsent count is sampled: a stall is
+#: found at most a tenth of the timeout late.
+_STALL_SAMPLES: Final = 10
+#: Seconds between two checks of a lingering close.
+_LINGER_POLL: Final = 0.05
+
+
+def _kernel_count(sock: socket.socket | None, request: int) -> int | None:
+    """An ioctl byte count for ``sock`` (FIONREAD or SIOCOUTQ), None if unknown."""
+    if sock is None:
+        return None
+    try:
+        raw = fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return None
+    return int(struct.unpack("i", raw)[0])
 
 
 def _direct_socket(transport: object) -> socket.socket | None:
@@ -182,6 +206,7 @@ class TLSServerConnection(TwistedProtocol):
         self._out: list[bytes] = []
         self._closing = False
         self._stream_closing = False
+        self._lingering = False
         self._lost = False
         self._read_ended = False
         self._peer_finished: CloseReason | None = None
@@ -192,6 +217,7 @@ class TLSServerConnection(TwistedProtocol):
         self._timer: IDelayedCall | None = None
         self._stall_timer: IDelayedCall | None = None
         self._stall_unsent: int | None = None
+        self._stall_since = 0.0
         self._last_read = 0.0
         self._verify_error: str | None = None
         self._socket: socket.socket | None = None
@@ -227,8 +253,8 @@ class TLSServerConnection(TwistedProtocol):
 
     @override
     def dataReceived(self, data: bytes) -> None:
-        if self._lost:
-            return
+        if self._lost or self._lingering:
+            return  # lingering: input after our close is read and dropped
         if not self._handshake_done:
             if self._first_bytes:
                 self._first_bytes = False
@@ -245,6 +271,10 @@ class TLSServerConnection(TwistedProtocol):
 
     def readConnectionLost(self) -> None:
         """The client's TCP stream ended (FIN); see state rule 5."""
+        if self._lingering:
+            # The client read our close and closed too: nothing is left to lose.
+            cast("Any", self.transport).loseConnection()
+            return
         if self._lost or self._closing:
             return
         if not self._handshake_done:
@@ -414,14 +444,20 @@ class TLSServerConnection(TwistedProtocol):
             self.loseConnection()
 
     def _unsent(self) -> int | None:
-        """Bytes the stream transport still holds, if it says (Twisted's TCP does)."""
+        """Bytes not yet acknowledged by the client, if the transport can say.
+
+        Twisted's TCP transport says what it still holds; the kernel says what it
+        has sent but the client has not acknowledged (its send queue), so a client
+        that reads slowly is seen making progress.
+        """
         transport = self.transport
         data = getattr(transport, "dataBuffer", None)
         offset = getattr(transport, "offset", None)
         pending = getattr(transport, "_tempDataLen", None)
         if data is None or not isinstance(offset, int) or not isinstance(pending, int):
             return None
-        return len(data) - offset + pending
+        queued = _kernel_count(self._socket, _SIOCOUTQ)
+        return len(data) - offset + pending + (queued or 0)
 
     def _cancel_stall_timer(self) -> None:
         timer, self._stall_timer = self._stall_timer, None
@@ -429,10 +465,12 @@ class TLSServerConnection(TwistedProtocol):
             timer.cancel()
 
     def _arm_stall_timer(self) -> None:
+        """Start watching the unsent count; it is sampled ten times per timeout."""
         if self._stall_timer is None and self.factory.write_stall_timeout > 0:
             self._stall_unsent = self._unsent()
+            self._stall_since = self.factory.clock.seconds()
             self._stall_timer = self.factory.clock.callLater(
-                self.factory.write_stall_timeout, self._stall_check
+                self.factory.write_stall_timeout / _STALL_SAMPLES, self._stall_check
             )
 
     def _stall_check(self) -> None:
@@ -440,10 +478,18 @@ class TLSServerConnection(TwistedProtocol):
         self._stall_timer = None
         if self._lost:
             return
+        clock = self.factory.clock
+        timeout = self.factory.write_stall_timeout
         unsent = self._unsent()
         before = self._stall_unsent
         if unsent is not None and before is not None and unsent < before:
-            self._arm_stall_timer()
+            self._stall_unsent = unsent
+            self._stall_since = clock.seconds()
+        left = self._stall_since + timeout - clock.seconds()
+        if left > 1e-9:
+            self._stall_timer = clock.callLater(
+                min(timeout / _STALL_SAMPLES, left), self._stall_check
+            )
             return
         record = self.record
         if record.close_reason is None:
@@ -686,18 +732,44 @@ class TLSServerConnection(TwistedProtocol):
             transport.resumeProducing()
 
     def _close_stream(self) -> None:
+        """Close the stream after everything written so far (state rule 6).
+
+        Closing a socket whose receive queue holds unread bytes makes the kernel
+        send RST, and the client's kernel then drops every reply it has not yet
+        read.  So when input is left unread (a client pipelining while we drain or
+        close), this is a lingering close: FIN after the replies, input read and
+        discarded, and the socket closed once the client has acknowledged all of
+        our data or closed its side.
+        """
         if self._lost or self._stream_closing:
             return
         self._stream_closing = True
         self._closing = True
         transport = cast("Any", self.transport)
         transport.unregisterProducer()
-        transport.loseConnection()
-        # The stream closes once its buffer is written; a client that does not
-        # read would keep it open forever, so the stall check stays on.
         self._cancel_timer()
         self._cancel_stall_timer()
+        if (_kernel_count(self._socket, _FIONREAD) or 0) > 0:
+            self._lingering = True
+            transport.loseWriteConnection()
+            self._reading_paused = False
+            transport.resumeProducing()
+            self._timer = self.factory.clock.callLater(_LINGER_POLL, self._linger_check)
+        else:
+            transport.loseConnection()
+        # The stream closes once its buffer is written; a client that does not
+        # read would keep it open forever, so the stall check stays on.
         self._arm_stall_timer()
+
+    def _linger_check(self) -> None:
+        """Close a lingering stream once the client has all of our data."""
+        self._timer = None
+        if self._lost:
+            return
+        if self._unsent() == 0:
+            cast("Any", self.transport).loseConnection()
+            return
+        self._timer = self.factory.clock.callLater(_LINGER_POLL, self._linger_check)
 
     def _abort_stream(self) -> None:
         if self._lost:
