@@ -200,6 +200,37 @@ class OrderedMultiService(MultiService):
         return defer.Deferred.fromCoroutine(stop_each())
 
 
+def build_factory(cfg: _config.Config, reactor: Any) -> tuple[TLSServerFactory, tuple[int, int]]:
+    """The TLS server factory of the daemon, and the file-descriptor limits it used.
+
+    Raises the soft file-descriptor limit to the hard one first, so the default
+    connection limit is what the process may really hold.
+    """
+    fd_limits = raise_fd_limit()
+    limiter = ConnectionLimiter(
+        cfg.max_connections or default_max_connections(fd_limits[0]),
+        cfg.max_connections_per_ip,
+    )
+    settings = LineSettings(
+        max_line_length=cfg.max_line_length,
+        max_pending=cfg.max_pending,
+        handler_timeout=cfg.handler_timeout,
+        info_line=cfg.info_line,
+    )
+    factory = TLSServerFactory(
+        cfg.contexts,
+        LineFactory(EchoHandler(), settings, reactor),
+        reactor,
+        handshake_timeout=cfg.handshake_timeout,
+        idle_timeout=cfg.idle_timeout,
+        write_stall_timeout=cfg.write_stall_timeout,
+        max_connection_age=cfg.max_connection_age,
+        limiter=limiter,
+        refusals=RefusalLog(reactor),
+    )
+    return factory, fd_limits
+
+
 def makeService(options: _config.Options, reactor: Any = None) -> MultiService:
     """Build the daemon's services from validated options."""
     if reactor is None:
@@ -222,36 +253,11 @@ def makeService(options: _config.Options, reactor: Any = None) -> MultiService:
             cfg.log_file, cfg.log_max_bytes, cfg.log_keep, reactor=reactor
         ).setServiceParent(top)
     contexts = cfg.contexts
-    fd_limits = raise_fd_limit()
-    limiter = ConnectionLimiter(
-        cfg.max_connections or default_max_connections(fd_limits[0]),
-        cfg.max_connections_per_ip,
-    )
-    settings = LineSettings(
-        max_line_length=cfg.max_line_length,
-        max_pending=cfg.max_pending,
-        handler_timeout=cfg.handler_timeout,
-        info_line=cfg.info_line,
-    )
-    factory = TLSServerFactory(
-        contexts,
-        LineFactory(EchoHandler(), settings, reactor),
-        reactor,
-        handshake_timeout=cfg.handshake_timeout,
-        idle_timeout=cfg.idle_timeout,
-        write_stall_timeout=cfg.write_stall_timeout,
-        max_connection_age=cfg.max_connection_age,
-        limiter=limiter,
-        refusals=RefusalLog(reactor),
-    )
+    factory, fd_limits = build_factory(cfg, reactor)
     if cfg.metrics is not None:
         # Added before TLSService so it stops after the drain: /readyz answers
         # "draining" while connections finish, instead of refusing connections.
-        metrics = Metrics(active_connections=lambda: len(factory.connections))
-        globalLogPublisher.addObserver(metrics.observer)
-        MetricsService(
-            reactor, cfg.metrics, metrics_site(metrics, metrics.state, reactor)
-        ).setServiceParent(top)
+        metrics_service(cfg.metrics, factory, reactor).setServiceParent(top)
     TLSService(cfg, factory, reactor, fd_limits).setServiceParent(top)
     reloader = TLSReloader(
         contexts,
@@ -264,15 +270,7 @@ def makeService(options: _config.Options, reactor: Any = None) -> MultiService:
     ReloadService(
         reloader, reactor, cfg.reload_interval, extra_files=(cfg.config_file,)
     ).setServiceParent(top)
-    served: IProtocolFactory = factory
-    if cfg.proxy_protocol != "off":
-        served = ProxyProtocolFactory(
-            factory,
-            reactor,
-            mode=cast("Any", cfg.proxy_protocol),
-            trusted=cfg.proxy_trusted,
-            timeout=cfg.proxy_timeout,
-        )
+    served = with_proxy_protocol(cfg, factory, reactor)
     notifier = Notifier.from_environment()
 
     def listening(ports: list[IListeningPort]) -> None:
@@ -296,6 +294,28 @@ def makeService(options: _config.Options, reactor: Any = None) -> MultiService:
         # Last added, first stopped: STOPPING=1 goes out as the drain starts.
         NotifyService(notifier, reactor, watchdog_interval()).setServiceParent(top)
     return top
+
+
+def metrics_service(endpoint: str, factory: TLSServerFactory, reactor: Any) -> MetricsService:
+    """The ``--metrics`` HTTP service, fed by the daemon's log events."""
+    metrics = Metrics(active_connections=lambda: len(factory.connections))
+    globalLogPublisher.addObserver(metrics.observer)
+    return MetricsService(reactor, endpoint, metrics_site(metrics, metrics.state, reactor))
+
+
+def with_proxy_protocol(
+    cfg: _config.Config, factory: TLSServerFactory, reactor: Any
+) -> IProtocolFactory:
+    """``factory`` behind a PROXY protocol reader, if ``--proxy-protocol`` asks."""
+    if cfg.proxy_protocol == "off":
+        return factory
+    return ProxyProtocolFactory(
+        factory,
+        reactor,
+        mode=cast("Any", cfg.proxy_protocol),
+        trusted=cfg.proxy_trusted,
+        timeout=cfg.proxy_timeout,
+    )
 
 
 def service_status(contexts: ContextHolder, ports: list[IListeningPort] | None = None) -> str:

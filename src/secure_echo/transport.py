@@ -120,6 +120,8 @@ _SIOCOUTQ: Final = termios.TIOCOUTQ
 #: How often per write-stall timeout the unsent count is sampled: a stall is
 #: found at most a tenth of the timeout late.
 _STALL_SAMPLES: Final = 10
+#: Time differences below this are rounding, not time left.
+_EPSILON: Final = 1e-9
 #: Seconds between two checks of a lingering close.
 _LINGER_POLL: Final = 0.05
 
@@ -486,7 +488,7 @@ class TLSServerConnection(TwistedProtocol):
             self._stall_unsent = unsent
             self._stall_since = clock.seconds()
         left = self._stall_since + timeout - clock.seconds()
-        if left > 1e-9:
+        if left > _EPSILON:
             self._stall_timer = clock.callLater(
                 min(timeout / _STALL_SAMPLES, left), self._stall_check
             )
