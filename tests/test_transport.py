@@ -6,34 +6,18 @@ import contextlib
 import ssl
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 
-from secure_echo.handler import ILineHandler
 from secure_echo.protocol import LineSettings
 from secure_echo.tls import ClientAuth, TLSSettings, load_and_validate
 from secure_echo.transport import format_address, ssl_error_text
 from tests.helpers import PKI, make_pki
-from tests.tlspair import TLSPair, client_context, server_factory
-
-
-@implementer(ILineHandler)
-class HeldHandler:
-    """Returns a Deferred per line that the test fires."""
-
-    def __init__(self) -> None:
-        self.pending: list[tuple[bytes, Deferred[bytes]]] = []
-
-    def handle_line(self, line: bytes) -> Deferred[bytes]:
-        deferred: Deferred[bytes] = Deferred()
-        self.pending.append((line, deferred))
-        return deferred
+from tests.tlspair import HeldHandler, TLSPair, client_context, server_factory
 
 
 class TransportTestsMixin:

@@ -96,8 +96,8 @@ class ConnectionRecord:
         self.close_reason: CloseReason | None = None
         self.tls_error: str | None = None
 
-    def info(self) -> dict[str, Any]:
-        """The connection as the server sees it, for the opt-in info line."""
+    def _identity(self) -> dict[str, Any]:
+        """Who connected and what TLS they got: shared by both views below."""
         return {
             "conn_id": self.conn_id,
             "peer": self.peer,
@@ -109,34 +109,29 @@ class ConnectionRecord:
             "alpn": self.alpn,
             "resumed": self.resumed,
             "client_cert_subject": self.client_cert_subject,
-            "client_cert_sans": self.client_cert_sans,
             "client_cert_sha256": self.client_cert_sha256,
-            "client_cert_not_after": self.client_cert_not_after,
             "handshake_ms": self.handshake_ms,
         }
 
+    def info(self) -> dict[str, Any]:
+        """The connection as the server sees it, for the opt-in info line."""
+        fields = self._identity()
+        fields["client_cert_sans"] = self.client_cert_sans
+        fields["client_cert_not_after"] = self.client_cert_not_after
+        return fields
+
     def close_fields(self, now: float) -> dict[str, Any]:
         """The fields of the ``connection_closed`` event."""
-        return {
-            "conn_id": self.conn_id,
-            "peer": self.peer,
-            "local": self.local,
-            "tls_version": self.tls_version,
-            "cipher": self.cipher,
-            "group": self.group,
-            "sni": self.sni,
-            "alpn": self.alpn,
-            "resumed": self.resumed,
-            "client_cert_subject": self.client_cert_subject,
-            "client_cert_sha256": self.client_cert_sha256,
-            "handshake_ms": self.handshake_ms,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "lines_in": self.lines_in,
-            "lines_out": self.lines_out,
-            "overlong_lines": self.overlong_lines,
-            "handler_errors": self.handler_errors,
-            "duration_s": round(now - self.started, 6),
-            "close_reason": str(self.close_reason or CloseReason.CONNECTION_LOST),
-            "tls_error": self.tls_error,
-        }
+        fields = self._identity()
+        fields.update(
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+            lines_in=self.lines_in,
+            lines_out=self.lines_out,
+            overlong_lines=self.overlong_lines,
+            handler_errors=self.handler_errors,
+            duration_s=round(now - self.started, 6),
+            close_reason=str(self.close_reason or CloseReason.CONNECTION_LOST),
+            tls_error=self.tls_error,
+        )
+        return fields
