@@ -77,6 +77,7 @@ from zope.interface import implementer
 
 from secure_echo.limits import DRAINING, ConnectionLimiter, RefusalLog, peer_key
 from secure_echo.record import CloseReason, ConnectionRecord
+from secure_echo.recordio import record_io
 from secure_echo.tls import fingerprint_sha256, session_reused, subject_alt_names
 
 if TYPE_CHECKING:
@@ -87,10 +88,6 @@ if TYPE_CHECKING:
 
 #: The first byte of a TLS handshake record.
 _TLS_HANDSHAKE = 0x16
-#: Upper bound on one ``recv`` from the TLS connection (one TLS record is 16 KiB).
-_RECV_SIZE = 65536
-#: Ciphertext overhead allowance per write: record headers, tags, session tickets.
-_BIO_SLACK = 8192
 
 
 class LineAppFactory(Protocol):
@@ -248,6 +245,7 @@ class TLSServerConnection(TwistedProtocol):
         self._tls = SSL.Connection(factory.contexts.context, None)
         self._tls.set_accept_state()
         self._tls.set_app_data(self)
+        self._io = record_io(self._tls)
         self._timer = clock.callLater(factory.handshake_timeout, self._handshake_timed_out)
         cast("Any", transport).registerProducer(_WriteSide(self), True)
         self._socket = _direct_socket(transport)
@@ -263,12 +261,12 @@ class TLSServerConnection(TwistedProtocol):
                 if data[0] != _TLS_HANDSHAKE:
                     self._plaintext_client()
                     return
-            self._tls.bio_write(data)
+            self._io.feed(data)
             if not self._continue_handshake():
                 return
         else:
             self._last_read = self.factory.clock.seconds()
-            self._tls.bio_write(data)
+            self._io.feed(data)
         self._read_application_data()
 
     def readConnectionLost(self) -> None:
@@ -517,21 +515,7 @@ class TLSServerConnection(TwistedProtocol):
     # -- application data -------------------------------------------------------
 
     def _read_application_data(self) -> None:
-        tls = self._tls
-        chunks: list[bytes] = []
-        failure: str | None = None
-        finished = False
-        while True:
-            try:
-                chunks.append(tls.recv(_RECV_SIZE))
-            except SSL.WantReadError:
-                break
-            except SSL.ZeroReturnError:
-                finished = True
-                break
-            except SSL.Error as error:
-                failure = ssl_error_text(error)
-                break
+        chunks, finished, error = self._io.read()
         app = self._app
         if chunks and app is not None:
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -545,8 +529,8 @@ class TLSServerConnection(TwistedProtocol):
                 if out:
                     self._out = []
                     self._encrypt(out[0] if len(out) == 1 else b"".join(out))
-        if failure is not None:
-            self._tls_failed(failure)
+        if error is not None:
+            self._tls_failed(ssl_error_text(error))
             return
         if finished:
             self._peer_finished = CloseReason.EOF
@@ -583,26 +567,17 @@ class TLSServerConnection(TwistedProtocol):
         """Encrypt ``data`` and hand the records to the stream transport."""
         self.record.bytes_out += len(data)
         try:
-            self._tls.sendall(data)
+            self._io.write(data)
         except SSL.Error as error:
             self._tls_failed(ssl_error_text(error))
             return
-        self._flush_tls(len(data))
+        self._flush_tls()
 
-    def _flush_tls(self, hint: int = 0) -> None:
+    def _flush_tls(self) -> None:
         """Move every pending ciphertext byte from the memory BIO to the stream."""
-        transport = self.transport
-        assert transport is not None
-        tls = self._tls
-        size = hint + (hint >> 6) + _BIO_SLACK
-        while True:
-            try:
-                records = tls.bio_read(size)
-            except SSL.WantReadError:
-                return
+        records = self._io.pending_out()
+        if records:
             self._send_stream(records)
-            if len(records) < size:
-                return
 
     def _send_stream(self, data: bytes) -> None:
         """Hand ciphertext to the stream, sending at once when nothing is queued.

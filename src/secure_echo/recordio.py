@@ -1,0 +1,189 @@
+"""Plaintext in, ciphertext out: one TLS connection's memory-BIO I/O, made cheap.
+
+The transport calls three things per socket read: put ciphertext into the
+connection, take out every plaintext byte it yields, take out every ciphertext
+byte waiting to be sent.  Through pyOpenSSL's public methods each ``recv`` ends in
+a ``WantReadError`` exception, each ``bio_read`` allocates its buffer, and each
+call passes through Python wrappers; on a line server that is a large share of the
+CPU per line.
+
+:class:`FastRecordIO` calls OpenSSL directly through the cffi handles pyOpenSSL
+keeps on the connection (``_ssl``, ``_into_ssl``, ``_from_ssl``; private API, so
+confined to this module): status codes instead of exceptions, and one shared
+buffer (the reactor is single-threaded).  Errors are still raised as pyOpenSSL's
+own exceptions, with OpenSSL's reason, by handing the failed call's result to
+pyOpenSSL's error conversion.  :class:`PublicRecordIO` does the same through the
+public API; :func:`record_io` picks the fast one when the private handles exist.
+Both behave identically; the test suite runs the transport over each.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, NoReturn, Protocol
+
+from OpenSSL import SSL
+
+try:
+    from OpenSSL._util import ffi as _ffi
+    from OpenSSL._util import lib as _lib
+except ImportError:  # pragma: no cover - depends on the installed pyOpenSSL
+    _ffi = _lib = None
+
+_NEEDED: Final = ("SSL_read", "SSL_write", "SSL_get_error", "BIO_read", "BIO_write")
+#: Whether the private handles are there (checked once, at import).
+FAST_AVAILABLE: Final = _lib is not None and all(hasattr(_lib, name) for name in _NEEDED)
+
+#: The shared buffer: larger than any single read the transport asks for.
+_BUFFER_SIZE: Final = 1 << 17
+_buffer: Any = _ffi.new("char[]", _BUFFER_SIZE) if FAST_AVAILABLE else None
+#: Bytes asked of one public-API read.
+_PUBLIC_READ: Final = 65536
+
+
+class RecordIO(Protocol):
+    """The three operations of the transport's hot path."""
+
+    def feed(self, data: bytes) -> None:
+        """Give the connection ciphertext received from the client."""
+
+    def read(self) -> tuple[list[bytes], bool, SSL.Error | None]:
+        """Return the plaintext, whether close_notify came, and what broke the stream.
+
+        The error (OpenSSL's reason in it) is None unless the stream broke after
+        the plaintext returned with it.
+        """
+        ...
+
+    def write(self, data: bytes) -> None:
+        """Encrypt ``data``; raises ``SSL.Error`` on failure."""
+
+    def pending_out(self) -> bytes:
+        """Every ciphertext byte waiting to be sent (``b""`` if none)."""
+        ...
+
+
+class FastRecordIO:
+    """:class:`RecordIO` through OpenSSL directly (see the module docstring)."""
+
+    __slots__ = ("_connection", "_from", "_into", "_ssl")
+
+    def __init__(self, connection: SSL.Connection) -> None:
+        self._connection = connection
+        self._ssl = connection._ssl
+        self._into = connection._into_ssl
+        self._from = connection._from_ssl
+
+    def feed(self, data: bytes) -> None:
+        """Write to the incoming memory BIO (it takes everything)."""
+        _lib.BIO_write(self._into, data, len(data))
+
+    def read(self) -> tuple[list[bytes], bool, SSL.Error | None]:
+        """SSL_read until OpenSSL wants more input; no exception on the way."""
+        ssl = self._ssl
+        buffer = _buffer
+        chunks: list[bytes] = []
+        while True:
+            count = _lib.SSL_read(ssl, buffer, _BUFFER_SIZE)
+            if count > 0:
+                chunks.append(_ffi.buffer(buffer, count)[:])
+                continue
+            error = _lib.SSL_get_error(ssl, count)
+            if error == _lib.SSL_ERROR_WANT_READ:
+                return chunks, False, None
+            if error == _lib.SSL_ERROR_ZERO_RETURN:
+                return chunks, True, None
+            try:
+                self._fail(count)
+            except SSL.Error as failure:
+                return chunks, False, failure
+
+    def write(self, data: bytes) -> None:
+        """SSL_write all of ``data`` (a memory BIO never pushes back)."""
+        ssl = self._ssl
+        sent = _lib.SSL_write(ssl, data, len(data))
+        if sent == len(data):
+            return
+        view = memoryview(data)
+        while True:
+            if sent <= 0:
+                self._fail(sent)
+            view = view[sent:]
+            if not view:
+                return
+            with _ffi.from_buffer(view) as chunk:
+                sent = _lib.SSL_write(ssl, chunk, len(view))
+
+    def pending_out(self) -> bytes:
+        """BIO_read the outgoing memory BIO until it is empty."""
+        source = self._from
+        buffer = _buffer
+        out: list[bytes] = []
+        while True:
+            count = _lib.BIO_read(source, buffer, _BUFFER_SIZE)
+            if count <= 0:
+                break
+            out.append(_ffi.buffer(buffer, count)[:])
+            if count < _BUFFER_SIZE:
+                break
+        if not out:
+            return b""
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _fail(self, result: int) -> NoReturn:
+        """Raise pyOpenSSL's exception for a failed call's ``result``."""
+        self._connection._raise_ssl_error(self._ssl, result)
+        raise SSL.Error([("secure-echo", "", f"TLS call failed ({result})")])  # pragma: no cover
+
+
+class PublicRecordIO:
+    """:class:`RecordIO` through pyOpenSSL's public methods."""
+
+    __slots__ = ("_connection",)
+
+    def __init__(self, connection: SSL.Connection) -> None:
+        self._connection = connection
+
+    def feed(self, data: bytes) -> None:
+        """Write to the incoming memory BIO."""
+        self._connection.bio_write(data)
+
+    def read(self) -> tuple[list[bytes], bool, SSL.Error | None]:
+        """Recv until ``WantReadError`` (or close_notify, or an error)."""
+        chunks: list[bytes] = []
+        while True:
+            try:
+                chunks.append(self._connection.recv(_PUBLIC_READ))
+            except SSL.WantReadError:
+                return chunks, False, None
+            except SSL.ZeroReturnError:
+                return chunks, True, None
+            except SSL.Error as failure:
+                return chunks, False, failure
+
+    def write(self, data: bytes) -> None:
+        """Encrypt all of ``data``."""
+        self._connection.sendall(data)
+
+    def pending_out(self) -> bytes:
+        """Read the outgoing memory BIO until it is empty."""
+        out: list[bytes] = []
+        while True:
+            try:
+                chunk = self._connection.bio_read(_PUBLIC_READ)
+            except SSL.WantReadError:
+                break
+            out.append(chunk)
+            if len(chunk) < _PUBLIC_READ:
+                break
+        return b"".join(out)
+
+
+#: Which implementation :func:`record_io` builds (tests switch it).
+use_fast = FAST_AVAILABLE
+
+
+def record_io(connection: SSL.Connection) -> FastRecordIO | PublicRecordIO:
+    """The record I/O for ``connection``: the fast one where possible."""
+    if use_fast:
+        return FastRecordIO(connection)
+    return PublicRecordIO(connection)
