@@ -4,8 +4,9 @@ Every child is started with ``PR_SET_PDEATHSIG`` so it gets SIGTERM if the harne
 listens or connects on 127.0.0.1 only, and is waited for with a deadline; a server is
 stopped with SIGTERM, then SIGKILL if it does not exit in time.
 
-CPU time comes from ``/proc/<pid>/stat`` (utime + stime, all threads), memory from the
-``VmRSS`` line of ``/proc/<pid>/status``.
+CPU time comes from ``/proc/<pid>/stat`` (utime + stime of all threads, plus reaped
+children's), memory from the ``VmRSS`` line of ``/proc/<pid>/status``; both are summed
+over the server's process tree, so a server that forks workers is measured whole.
 """
 
 from __future__ import annotations
@@ -60,12 +61,66 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU seconds of process ``pid`` so far (all its threads)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat.rpartition(")")[2].split()
-    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+@dataclass(frozen=True)
+class ProcSnapshot:
+    """Every process's parent and CPU seconds (own + reaped children's), read at once."""
+
+    parent: dict[int, int]
+    cpu: dict[int, float]
+
+    @classmethod
+    def take(cls) -> ProcSnapshot:
+        """Read ``/proc/*/stat``: utime + stime + cutime + cstime of each process."""
+        parent: dict[int, int] = {}
+        cpu: dict[int, float] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:  # it exited while we looked
+                continue
+            fields = stat.rpartition(")")[2].split()
+            pid = int(entry.name)
+            parent[pid] = int(fields[1])
+            # fields[0] is field 3 (state); fields 14-17 are utime, stime, cutime, cstime.
+            cpu[pid] = sum(int(v) for v in fields[11:15]) / _CLK_TCK
+        return cls(parent, cpu)
+
+    def tree(self, root: int) -> set[int]:
+        """``root`` and all its descendants."""
+        members = {root}
+        grew = True
+        while grew:
+            found = {pid for pid, ppid in self.parent.items() if ppid in members}
+            grew = not found <= members
+            members |= found
+        return members
+
+    def tree_cpu(self, root: int) -> float:
+        """CPU seconds of ``root`` and its descendants (a server that forks workers)."""
+        return sum(self.cpu.get(pid, 0.0) for pid in self.tree(root))
+
+    def others(self) -> dict[int, float]:
+        """CPU seconds of every process outside the harness's own tree.
+
+        The harness's tree holds the server (and any workers), the generator and
+        strace.  Kernel threads (children of kthreadd, pid 2) are left out: their work
+        here is mostly our own loopback traffic.
+        """
+        ours = self.tree(os.getpid()) | self.tree(2)
+        return {pid: cpu for pid, cpu in self.cpu.items() if pid not in ours}
+
+
+def tree_rss_kib(root: int) -> int:
+    """Resident set size of ``root`` and its descendants in KiB (``VmRSS`` summed)."""
+    total = 0
+    for pid in ProcSnapshot.take().tree(root):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
 
 
 def cpu_busy_seconds() -> dict[int, float]:
@@ -79,6 +134,17 @@ def cpu_busy_seconds() -> dict[int, float]:
         ticks = [int(v) for v in values[:8]]
         busy[int(name[3:])] = (sum(ticks) - ticks[3] - ticks[4]) / _CLK_TCK
     return busy
+
+
+def other_cpu_between(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds other processes used between two :meth:`ProcSnapshot.others` readings.
+
+    A process that vanished was reaped by a parent whose children's time grew by its
+    whole total; its share from before the first snapshot is taken off again.
+    """
+    grown = sum(total - before.get(pid, 0.0) for pid, total in after.items())
+    vanished = sum(total for pid, total in before.items() if pid not in after)
+    return max(grown - vanished, 0.0)
 
 
 def wait_until_quiet(limit: float, busy_below: float, sample: float = 0.5) -> float:
@@ -96,14 +162,6 @@ def wait_until_quiet(limit: float, busy_below: float, sample: float = 0.5) -> fl
         busy = sum(after.get(c, 0.0) - before.get(c, 0.0) for c in cores) / (sample * len(cores))
         if busy < busy_below or time.monotonic() >= deadline:
             return busy
-
-
-def rss_kib(pid: int) -> int:
-    """Resident set size of process ``pid`` in KiB (``VmRSS``)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise BenchError(f"no VmRSS for pid {pid}")
 
 
 @dataclass

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 import statistics
+import textwrap
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from scenarios import BASELINE, METRICS, SERVER_TITLES, SERVERS, Metric, Scenario
+from scenarios import BASELINE, METRICS, SCENARIOS, SERVER_TITLES, SERVERS, Metric, Scenario
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -167,8 +168,7 @@ def _pct(values: Iterable[float | None], pick: str) -> str:
     if not present:
         return "n/a"
     value = statistics.median(present) if pick == "median" else max(present)
-    # /proc/stat is sampled per tick, so "other load" estimates can dip below zero.
-    return f"{100 * max(value, 0.0):.0f} %"
+    return f"{100 * value:.0f} %"
 
 
 def headroom_table(
@@ -178,7 +178,7 @@ def headroom_table(
     lines = [
         (
             "| scenario | server | server core busy (median) | generator core busy (max) "
-            "| other load on server / generator core (max) | flags |"
+            "| other processes (max) | flags |"
         ),
         "|---|---|---|---|---|---|",
     ]
@@ -191,11 +191,10 @@ def headroom_table(
             ] + [f"rep {r['rep'] + 1}: FAILED" for r in mine if not r["ok"]]
             server_busy = _pct((r["metrics"]["server_cpu_util"] for r in done), "median")
             generator_busy = _pct((r["metrics"]["gen_cpu_util"] for r in done), "max")
-            other_server = _pct((r.get("other_load_server_core") for r in done), "max")
-            other_generator = _pct((r.get("other_load_generator_core") for r in done), "max")
+            other = _pct((r.get("other_load") for r in done), "max")
             lines.append(
                 f"| {scenario.key} | {server} | {server_busy} | {generator_busy} | "
-                f"{other_server} / {other_generator} | {'; '.join(flagged) or ''} |"
+                f"{other} | {'; '.join(flagged) or ''} |"
             )
     return lines
 
@@ -263,13 +262,15 @@ def markdown(
         f"{DOWN} lower is better; ratios are always server {DIVIDE} {BASELINE}. {WARN}: in at "
         f"least one repetition the generator's core was {SATURATED_PCT} busy, so that "
         f"throughput may be the generator's limit, not the server's. {DAGGER}: in at least one "
-        "repetition other processes on the machine took 10 % or more of a pinned core."
+        "repetition other processes on the machine used 10 % or more of a core (after the "
+        "allowed runs-again)."
     )
     headroom = (
         "Share of the measured wall time each pinned core spent running the process "
         f"(CPU time {DIVIDE} wall time). A generator at {SATURATED_PCT} or more is flagged. "
-        "Other load: the core's busy time in /proc/stat minus the pinned process's own CPU "
-        "time (kernel softirq work for loopback traffic lands here too, so a few % is normal)."
+        "Other processes: CPU time that every other user-space process on the machine used "
+        f"in the window, {DIVIDE} wall time; with both cores pinned, it was taken from the "
+        "server or the generator."
     )
     out = [
         f"# secure-echo benchmark {meta['timestamp']}",
@@ -317,18 +318,27 @@ def markdown(
     return "\n".join(out) + "\n"
 
 
+def _ratio_ticks(low: float, high: float) -> list[float]:
+    candidates = [0.1, 0.2, 0.25, 0.33, 0.5, 0.67, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0]
+    return [t for t in candidates if low <= t <= high]
+
+
 def plot(
     path: Path,
     meta: dict[str, Any],
     scenarios: Sequence[Scenario],
     summary: dict[str, dict[str, dict[str, Stat]]],
 ) -> Path | None:
-    """Bar plot of the median ratios with min-max whiskers; None without matplotlib."""
+    """Bars of the median ratios (log scale, drawn from 1) with min-max whiskers.
+
+    Returns None (and writes nothing) without matplotlib or without anything to compare.
+    """
     try:
         import matplotlib as mpl  # noqa: PLC0415 - optional dependency (the bench extra)
 
         mpl.use("Agg")
         import matplotlib.pyplot as plt  # noqa: PLC0415
+        from matplotlib.ticker import FixedLocator, NullLocator  # noqa: PLC0415
     except ImportError:
         print("warning: matplotlib missing (pip install -e '.[bench]'); no PNG written")
         return None
@@ -349,45 +359,69 @@ def plot(
     if not others or not panels:
         return None
     fig, axes = plt.subplots(
-        len(panels), 1, figsize=(13, 4.2 * len(panels)), squeeze=False, layout="constrained"
+        len(panels), 1, figsize=(14, 4.8 * len(panels)), squeeze=False, layout="constrained"
     )
     width = 0.8 / len(others)
     colors = {"secure-echo": "#1f77b4", "asyncio": "#ff7f0e"}
     for ax, (better, rows) in zip(axes[:, 0], panels, strict=True):
+        extremes = [1.0]
         for i, server in enumerate(others):
             stats = [summary[s.key][server][m.key] for s, m in rows]
-            medians = [st["ratio_median"] or 0.0 for st in stats]
-            low = [m - (st["ratio_min"] or m) for m, st in zip(medians, stats, strict=True)]
-            high = [(st["ratio_max"] or m) - m for m, st in zip(medians, stats, strict=True)]
+            medians = [st["ratio_median"] or 1.0 for st in stats]
+            lows = [st["ratio_min"] or m for m, st in zip(medians, stats, strict=True)]
+            highs = [st["ratio_max"] or m for m, st in zip(medians, stats, strict=True)]
+            extremes += lows + highs
             xs = [x + (i - (len(others) - 1) / 2) * width for x in range(len(rows))]
             bars = ax.bar(
                 xs,
-                medians,
+                [m - 1.0 for m in medians],
                 width,
-                yerr=[low, high],
+                bottom=1.0,
+                yerr=[
+                    [m - lo for m, lo in zip(medians, lows, strict=True)],
+                    [hi - m for m, hi in zip(medians, highs, strict=True)],
+                ],
                 capsize=3,
-                label=server,
+                label=SERVER_TITLES[server],
                 color=colors.get(server),
             )
-            ax.bar_label(
-                bars, labels=[f"{m:.2f}" if m else "n/a" for m in medians], fontsize=7, padding=2
-            )
-        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+            names = [
+                f"{m:.2f}" if st["ratio_median"] is not None else "n/a"
+                for m, st in zip(medians, stats, strict=True)
+            ]
+            ax.bar_label(bars, labels=names, fontsize=7, padding=2)
+        low, high = min(extremes) / 1.3, max(extremes) * 1.3
+        ax.set_yscale("log")
+        ax.set_ylim(low, high)
+        ax.yaxis.set_major_locator(FixedLocator(_ratio_ticks(low, high)))
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.set_yticklabels([f"{t:g}" for t in _ratio_ticks(low, high)])
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.grid(axis="y", linewidth=0.3, alpha=0.6)
         ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels([f"{s.key}\n{label(m)}" for s, m in rows], fontsize=8)
-        word = "higher" if better == "higher" else "lower"
-        ax.set_ylabel(f"ratio to {BASELINE} ({word} is better)")
+        ax.set_xticklabels(
+            [f"{s.key}\n{textwrap.fill(label(m), 16)}" for s, m in rows], fontsize=8
+        )
+        ax.set_ylabel(f"ratio to {BASELINE} (log scale)")
         ax.set_title(
-            f"{word} is better: server {DIVIDE} {BASELINE}, same repetition, "
-            f"median and min{DASH}max over {meta['reps']} repetition(s)",
+            f"{better} is better: server {DIVIDE} {BASELINE} in the same repetition; "
+            f"bar: median, whiskers: min{DASH}max over {meta['reps']} repetition(s)",
             fontsize=10,
         )
         ax.legend(fontsize=8)
-        ax.margins(y=0.15)
-    fig.suptitle(f"secure-echo benchmark {meta['timestamp']} (dashed line: {BASELINE} = 1)")
+    fig.suptitle(f"secure-echo benchmark {meta['timestamp']}: ratios to {BASELINE} (= 1)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def rewrite(json_path: Path) -> Paths:
+    """Render the Markdown and PNG again from a JSON file this module wrote."""
+    document = json.loads(json_path.read_text())
+    meta = document["meta"]
+    keys = set(meta["scenarios"])
+    chosen = [s for s in SCENARIOS if s.key in keys]
+    return write(json_path.with_suffix(""), meta, chosen, document["runs"], document["strace"])
 
 
 def write(
