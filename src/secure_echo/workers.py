@@ -25,9 +25,9 @@ one JSON object per line) to its stdout.  The supervisor splits each pipe into l
 (:class:`RecordReader`), adds ``worker`` (1 to N) and re-emits each record into its own
 log publisher (:func:`record_as_event`), so its ``JSONLogService`` writes every line
 whole and its ``Metrics`` observer (``--metrics`` is served by the supervisor) sees every
-worker's events.  Two kinds of record are for the supervisor only and are not logged:
-``worker_stats`` (open connections, each second; :class:`WorkerStats` sums the latest of
-each worker for ``secure_echo_connections_active``).  A worker's stderr lines become
+worker's events.  ``worker_stats`` records (a worker's open connections, each second)
+are for the supervisor only and are not logged: :class:`WorkerStats` sums the latest of
+each worker for ``secure_echo_connections_active``.  A worker's stderr lines become
 ``worker_stderr`` warnings; a stdout line that is not a JSON object becomes
 ``worker_output_invalid``.
 
@@ -200,7 +200,7 @@ class WorkerSpec:
             raise ValueError(msg)
         if not isinstance(values, dict) or not isinstance(command_line, dict):
             msg = f"${SPEC_ENV}: values and command_line must be objects"
-            raise ValueError(msg)
+            raise ValueError(msg)  # noqa: TRY004 - one error type for every bad spec
         unknown = [s.family for s in sockets if s.family not in _FAMILIES]
         if unknown:
             msg = f"${SPEC_ENV}: unknown socket family {unknown[0]!r}"
@@ -219,9 +219,11 @@ class WorkerSpec:
 def worker_values(options: config.Options) -> dict[str, Any]:
     """The option values a worker is started with: the supervisor's, minus its own jobs.
 
-    Paths are made absolute (twistd may change directory after ``makeService``).  The
-    listening endpoints, log file, stdout format, metrics and worker count are the
-    supervisor's business: a worker gets none of them (its sockets come in the spec).
+    Paths are made absolute (twistd may change directory after ``makeService``), and
+    the development certificates' directory is the one the supervisor found (a
+    worker's environment may not name the same default).  The listening endpoints,
+    log file, stdout format, metrics and worker count are the supervisor's business:
+    a worker gets none of them (its sockets come in the spec).
     """
     values: dict[str, Any] = {}
     for name, key in options.file_keys.items():
@@ -229,6 +231,9 @@ def worker_values(options: config.Options) -> dict[str, Any]:
         if key.kind is Kind.PATH and value:
             value = str(Path(value).expanduser().absolute())
         values[name] = list(value) if isinstance(value, tuple) else value
+    dev = options.config.dev_certs
+    if dev is not None:
+        values["state-dir"] = str(dev.directory.parent)
     values.update(
         {"listen": [], "log-file": None, "log-stdout": None, "metrics": None, "workers": "1"}
     )
@@ -322,10 +327,10 @@ def parse_record(line: bytes) -> dict[str, Any] | None:
 def _level(name: object) -> LogLevel:
     if isinstance(name, str):
         try:
-            return LogLevel.levelWithName(name)
+            return cast("LogLevel", LogLevel.levelWithName(name))
         except InvalidLogLevelError:
             pass
-    return LogLevel.info
+    return cast("LogLevel", LogLevel.info)
 
 
 def _timestamp(value: object) -> float | None:
@@ -341,12 +346,13 @@ def _timestamp(value: object) -> float | None:
 
 
 def record_as_event(record: Mapping[str, Any], worker: int, now: float) -> LogEvent:
-    """A twisted.logger event that :func:`~secure_echo.logs.event_as_record` turns back
-    into ``record`` with ``worker`` added (after ``message``, before the other fields).
+    """The log event of a worker's ``record``, with ``worker`` added.
 
-    The worker's time, level and namespace are kept; the rendered ``message`` is used
-    as is (``log_format`` is ``{message}``, so braces in it are not a format).  ``now``
-    stands in for a missing or malformed time.
+    :func:`~secure_echo.logs.event_as_record` turns it back into ``record`` with
+    ``worker`` after ``message``, before the other fields.  The worker's time, level
+    and namespace are kept; the rendered ``message`` is used as is (``log_format`` is
+    ``{message}``, so braces in it are not a format).  ``now`` stands in for a missing
+    or malformed time.
     """
     namespace = record.get("namespace")
     message = record.get("message")
@@ -360,9 +366,11 @@ def record_as_event(record: Mapping[str, Any], worker: int, now: float) -> LogEv
         "event": record.get("event", DEFAULT_EVENT),
         "worker": worker,
     }
-    for key, value in record.items():
-        if key not in _RECORD_HEAD and not key.startswith("log_"):
-            event[key] = value
+    event.update(
+        (key, value)
+        for key, value in record.items()
+        if key not in _RECORD_HEAD and not key.startswith("log_")
+    )
     return event
 
 
@@ -416,9 +424,9 @@ class RestartPolicy:
 
     def next_delay(self) -> float:
         """Seconds until the next start; that start is counted from now on."""
-        now = self._clock.seconds()
+        now = float(self._clock.seconds())
         recent = [t for t in self._starts if t > now - self.window]
-        delay = min(self.base * 2 ** len(recent), self.cap)
+        delay = min(self.base * 2.0 ** len(recent), self.cap)
         if len(recent) >= self.limit:
             delay = max(delay, recent[-self.limit] + self.window - now)
         self._starts = [*recent, now + delay]
@@ -581,8 +589,12 @@ class WorkerProcess(ProcessProtocol):
         return True
 
 
-class _NeverAccepts(Factory):
-    """The supervisor's listening ports never accept; if one did, it closes at once."""
+class HeldForWorkers(Factory):
+    """The factory of the supervisor's ports, which never accept.
+
+    Twisted names it in its log ("HeldForWorkers starting on 8443").  Were a
+    connection accepted, it would be closed at once.
+    """
 
     noisy = False
 
@@ -644,7 +656,7 @@ class WorkerSupervisor(Service):
         self._environ = environ
         self._executable = executable
         self._handle_sighup = handle_sighup
-        self.listening = ListeningService(reactor, listens, _NeverAccepts(), self._listened)
+        self.listening = ListeningService(reactor, listens, HeldForWorkers(), self._listened)
         #: The sockets handed to every worker.
         self.sockets: tuple[SharedSocket, ...] = ()
         #: Live worker processes by index (1 to N).
@@ -669,9 +681,9 @@ class WorkerSupervisor(Service):
             # connection has been accepted here.  Stop reading: the workers accept.
             port_any = cast("Any", port)
             port_any.stopReading()
-            # Closing our copy must not shut the socket down for the workers too
-            # (Twisted's tcp.Port calls shutdown() before close() unless told not to;
-            # it does the same for the sockets it adopts).
+            # Closing our copy must not shut the socket down for the workers too:
+            # Twisted's tcp.Port calls shutdown() before close(), except on the
+            # sockets it adopted (the flag it clears for those).
             port_any._shouldShutdown = False
             host = port.getHost()
             family = _family_of(host)
@@ -688,12 +700,12 @@ class WorkerSupervisor(Service):
     @override
     def privilegedStartService(self) -> None:
         self.listening.privilegedStartService()
-        super().privilegedStartService()
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
 
     @override
     def startService(self) -> None:
-        super().startService()
-        self.listening.startService()
+        super().startService()  # type: ignore[no-untyped-call]
+        self.listening.startService()  # type: ignore[no-untyped-call]
         if self._handle_sighup:
             self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
         for index in range(1, self.worker_count + 1):
@@ -702,7 +714,7 @@ class WorkerSupervisor(Service):
 
     @override
     def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         self._stopping = True
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
@@ -992,20 +1004,20 @@ def make_supervisor(options: config.Options, reactor: Any) -> tap.OrderedMultiSe
     workers drain while the log and metrics still take their records.
     """
     cfg = options.config
-    top = tap.OrderedMultiService()
+    top = tap.OrderedMultiService()  # type: ignore[no-untyped-call]
     if cfg.log_stdout == "json":
         top.log_observer = JSONLinesObserver(sys.stdout)
     if cfg.log_file is not None:
         JSONLogService(
             cfg.log_file, cfg.log_max_bytes, cfg.log_keep, reactor=reactor
-        ).setServiceParent(top)
+        ).setServiceParent(top)  # type: ignore[no-untyped-call]
     stats = WorkerStats()
     if cfg.metrics is not None:
         metrics = Metrics(active_connections=stats.total)
         globalLogPublisher.addObserver(metrics.observer)
         MetricsService(
             reactor, cfg.metrics, metrics_site(metrics, metrics.state, reactor)
-        ).setServiceParent(top)
+        ).setServiceParent(top)  # type: ignore[no-untyped-call]
     notifier = Notifier.from_environment()
 
     def listening(ports: list[IListeningPort]) -> None:
@@ -1024,8 +1036,8 @@ def make_supervisor(options: config.Options, reactor: Any) -> tap.OrderedMultiSe
         notifier=notifier,
         stats=stats,
         on_listening=listening,
-    ).setServiceParent(top)
+    ).setServiceParent(top)  # type: ignore[no-untyped-call]
     if notifier is not None:
         # Last added, first stopped: STOPPING=1 goes out as the drain starts.
-        NotifyService(notifier, reactor, watchdog_interval()).setServiceParent(top)
+        NotifyService(notifier, reactor, watchdog_interval()).setServiceParent(top)  # type: ignore[no-untyped-call]
     return top
