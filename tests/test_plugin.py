@@ -80,7 +80,10 @@ def _dependency_dirs() -> list[str]:
         assert spec.origin is not None
         depth = len(name.split(".")) - (spec.submodule_search_locations is None)
         directory = str(Path(spec.origin).parents[depth])
-        if directory not in found and not Path(directory).is_relative_to(ROOT):
+        # The source tree itself must not be on the path (it holds secure_echo);
+        # a virtualenv that happens to live inside the checkout is fine: the new
+        # venv's own site-packages comes first, so its secure_echo wins.
+        if directory not in found and Path(directory) not in {ROOT, ROOT / "src"}:
             found.append(directory)
     return found
 
