@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from secure_echo.config import validate_listen
-from secure_echo.service import ListeningService, describe_listen_failure
+from secure_echo.service import ListeningService, MetricsService, describe_listen_failure
 
 
 def _port_is_free(port: int) -> bool:
@@ -203,3 +203,43 @@ class DescribeListenFailureTests(SynchronousTestCase):
         """Every message is one line."""
         for code in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL, errno.EMFILE):
             self.assertNotIn("\n", describe_listen_failure("tcp:1", self.cannot_listen(code, "x")))
+
+
+class MetricsServiceTests(TestCase):
+    """The --metrics listener: a real port, and a busy one stops start-up."""
+
+    def setUp(self) -> None:
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.stderr = io.StringIO()
+        self.patch(sys, "stderr", self.stderr)
+        self.patch(sys, "__stderr__", self.stderr)
+
+    async def test_listens_and_stops(self) -> None:
+        """It listens on the endpoint, logs metrics_listening with the port, and stops."""
+        service = MetricsService(
+            reactor, "tcp:0:interface=127.0.0.1", Factory.forProtocol(Protocol)
+        )
+        service.privilegedStartService()
+        service.startService()
+        (event,) = [e for e in self.events if e.get("event") == "metrics_listening"]
+        assert service.port is not None
+        self.assertEqual(event["port"], service.port.getHost().port)  # type: ignore[attr-defined]
+        await service.stopService()
+        self.assertIsNone(service.port)
+
+    def test_busy_port_exits(self) -> None:
+        """A port in use stops start-up with one line naming --metrics."""
+        holder = socket.socket()
+        self.addCleanup(holder.close)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        service = MetricsService(
+            reactor, f"tcp:{port}:interface=127.0.0.1", Factory.forProtocol(Protocol)
+        )
+        with self.assertRaises(SystemExit):
+            service.privilegedStartService()
+        output = self.stderr.getvalue()
+        self.assertEqual(output.count("\n"), 1, output)
+        self.assertIn("--metrics", output)
+        self.assertIn("already in use", output)
