@@ -177,6 +177,9 @@ class WheelTests(SynchronousTestCase):
                 "install",
                 "--no-deps",
                 "--no-index",
+                # The dependency directories may hold an installed secure-echo of
+                # the same version; it must not count as "already satisfied".
+                "--ignore-installed",
                 str(wheels[0]),
             ],
             work,
