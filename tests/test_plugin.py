@@ -88,6 +88,47 @@ def _dependency_dirs() -> list[str]:
     return found
 
 
+def _without_secure_echo(directories: list[str], overlay_root: Path) -> list[str]:
+    """``directories``, with any that hold an installed secure-echo replaced.
+
+    Where the dependencies live next to an installed secure-echo (a virtualenv
+    made by ``pip install .``), Twisted's own ``twisted/plugins`` directory would
+    hold that install's plugin file and shadow the wheel under test.  Such a
+    directory is replaced by an overlay of symbolic links to everything in it but
+    secure-echo's files.
+    """
+    result: list[str] = []
+    for index, directory in enumerate(directories):
+        source = Path(directory)
+        if (
+            not (source / "secure_echo").exists()
+            and not (source / "twisted" / "plugins" / "secure_echo_plugin.py").exists()
+        ):
+            result.append(directory)
+            continue
+        overlay = overlay_root / str(index)
+        overlay.mkdir(parents=True)
+        for entry in source.iterdir():
+            if entry.name == "secure_echo" or entry.name.startswith("secure_echo-"):
+                continue
+            if entry.name != "twisted":
+                (overlay / entry.name).symlink_to(entry)
+                continue
+            twisted_dir = overlay / "twisted"
+            twisted_dir.mkdir()
+            for part in entry.iterdir():
+                if part.name != "plugins":
+                    (twisted_dir / part.name).symlink_to(part)
+                    continue
+                plugins = twisted_dir / "plugins"
+                plugins.mkdir()
+                for plugin in part.iterdir():
+                    if plugin.name not in {"secure_echo_plugin.py", "dropin.cache"}:
+                        (plugins / plugin.name).symlink_to(plugin)
+        result.append(str(overlay))
+    return result
+
+
 def _purelib(python: Path, cwd: Path) -> str:
     """The pure-Python site-packages directory of ``python``'s environment."""
     code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
@@ -165,7 +206,7 @@ class WheelTests(SynchronousTestCase):
         python = venv / "bin" / "python"
         purelib = Path(_purelib(python, work)).resolve()
         (purelib / "secure_echo_test_deps.pth").write_text(
-            "".join(f"{d}\n" for d in _dependency_dirs())
+            "".join(f"{d}\n" for d in _without_secure_echo(_dependency_dirs(), work / "deps"))
         )
         installed = _run(
             [
