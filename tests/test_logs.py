@@ -256,3 +256,42 @@ class LogFileServiceTests(SynchronousTestCase):
         self.assertEqual(log_file.rotateLength, 4096)
         self.assertEqual(log_file.maxRotatedFiles, 7)
         self.assertEqual(Path(log_file.path), self.path)
+
+
+class RenderMessageTests(SynchronousTestCase):
+    """The fast message rendering agrees with Twisted's and falls back to it."""
+
+    def test_same_text_as_twisted(self) -> None:
+        """Field-only format strings render exactly as formatEvent renders them."""
+        from twisted.logger import formatEvent  # noqa: PLC0415
+
+        from secure_echo.logs import render_message  # noqa: PLC0415
+
+        event = {
+            "log_format": "connection {conn_id} from {peer!r} closed: {close_reason} {n:.2f}",
+            "conn_id": 7,
+            "peer": "[::1]:5",
+            "close_reason": "eof",
+            "n": 1.5,
+        }
+        self.assertEqual(render_message(event), formatEvent(event))
+
+    def test_fallback(self) -> None:
+        """Twisted's own syntax and broken events go through formatEvent."""
+        from twisted.logger import formatEvent  # noqa: PLC0415
+
+        from secure_echo.logs import render_message  # noqa: PLC0415
+
+        class Source:
+            def name(self) -> str:
+                return "called"
+
+        for event in (
+            {"log_format": "{source.name()}", "source": Source()},
+            {"log_format": "{missing}"},
+            {"message": ("legacy",)},
+        ):
+            self.assertEqual(render_message(event), formatEvent(event))
+        self.assertEqual(
+            render_message({"log_format": "{source.name()}", "source": Source()}), "called"
+        )
