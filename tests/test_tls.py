@@ -307,7 +307,7 @@ class LoadAndValidateTests(SynchronousTestCase):
     def test_garbage_key(self) -> None:
         """A key file without a private key names --key."""
         # A PEM header with garbage after it (spelled in two parts: no key here).
-        bad = _write(self.dir / "bad-key.pem", b"-----BEGIN " + b"PRIVATE KEY-----\nxx\n")
+        bad = _write(self.dir / "bad-key.pem", b"-----BEGIN PRIVATE" + b" KEY-----\nxx\n")
         self.assert_refused(self.settings(key=bad), "--key", "no usable PEM private key")
 
     def test_encrypted_key(self) -> None:
