@@ -69,6 +69,22 @@ def _field(value: object) -> object:
     return value
 
 
+def iso_timestamp(value: object) -> float | None:
+    """An ISO 8601 field of a record (``time``, ``not_after``) as Unix time, else None.
+
+    A time without a zone is taken as UTC, as every time secure-echo writes is.
+    """
+    if not isinstance(value, str):
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return when.timestamp()
+
+
 def render_message(event: LogEvent) -> str:
     """The event's human text.
 

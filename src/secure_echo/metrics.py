@@ -105,6 +105,7 @@ from zope.interface import implementer
 
 import secure_echo
 from secure_echo.limits import DRAINING, LIMIT_PER_IP, LIMIT_TOTAL
+from secure_echo.logs import iso_timestamp
 from secure_echo.record import CloseReason
 
 if TYPE_CHECKING:
@@ -234,19 +235,6 @@ def _seconds_from_ms(value: object) -> float | None:
         if math.isfinite(seconds) and seconds >= 0.0:
             return seconds
     return None
-
-
-def _timestamp(value: object) -> float | None:
-    """An ISO 8601 field as Unix time (naive means UTC), else None."""
-    if not isinstance(value, str):
-        return None
-    try:
-        when = datetime.datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
-    return when.timestamp()
 
 
 def _label(value: object, known: frozenset[str] | tuple[str, ...]) -> str:
@@ -487,7 +475,7 @@ class Metrics:
         self._slow_readers.inc()
 
     def _certificate_loaded(self, event: LogEvent) -> None:
-        not_after = _timestamp(event.get("not_after"))
+        not_after = iso_timestamp(event.get("not_after"))
         if not_after is not None:
             self.state.not_after = not_after
 

@@ -517,6 +517,7 @@ class TLSServerConnection(TwistedProtocol):
     def _read_application_data(self) -> None:
         chunks, finished, error = self._io.read()
         app = self._app
+        flushed = False
         if chunks and app is not None:
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             self.record.bytes_in += len(data)
@@ -528,14 +529,16 @@ class TLSServerConnection(TwistedProtocol):
                 out = self._out
                 if out:
                     self._out = []
+                    # Encrypting drains the whole outgoing BIO, tickets included.
                     self._encrypt(out[0] if len(out) == 1 else b"".join(out))
+                    flushed = True
         if error is not None:
             self._tls_failed(ssl_error_text(error))
             return
         if finished:
             self._peer_finished = CloseReason.EOF
             self._end_of_input()
-        else:
+        elif not flushed:
             # A renegotiation refusal, a key update or a ticket may be pending.
             self._flush_tls()
 

@@ -57,7 +57,6 @@ Limits (``--max-connections``, ``--max-connections-per-ip``) apply per worker.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import signal
@@ -80,7 +79,7 @@ from typing_extensions import override
 import secure_echo
 from secure_echo import tap
 from secure_echo.configfile import Kind
-from secure_echo.logs import DEFAULT_EVENT, JSONLinesObserver, JSONLogService
+from secure_echo.logs import DEFAULT_EVENT, JSONLinesObserver, JSONLogService, iso_timestamp
 from secure_echo.metrics import Metrics, metrics_site
 from secure_echo.sdnotify import Notifier, NotifyService, watchdog_interval
 from secure_echo.service import ListeningService, MetricsService
@@ -333,18 +332,6 @@ def _level(name: object) -> LogLevel:
     return cast("LogLevel", LogLevel.info)
 
 
-def _timestamp(value: object) -> float | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        when = datetime.datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
-    return when.timestamp()
-
-
 def record_as_event(record: Mapping[str, Any], worker: int, now: float) -> LogEvent:
     """The log event of a worker's ``record``, with ``worker`` added.
 
@@ -357,7 +344,7 @@ def record_as_event(record: Mapping[str, Any], worker: int, now: float) -> LogEv
     namespace = record.get("namespace")
     message = record.get("message")
     event: dict[str, Any] = {
-        "log_time": _timestamp(record.get("time")) or now,
+        "log_time": iso_timestamp(record.get("time")) or now,
         "log_level": _level(record.get("level")),
         "log_namespace": namespace if isinstance(namespace, str) else "secure_echo.worker",
         "log_format": "{message}",
