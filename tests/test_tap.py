@@ -6,7 +6,7 @@ import io
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application.service import MultiService
 from twisted.internet.task import Clock
@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from secure_echo import tap
 from secure_echo.handler import EchoHandler
 from secure_echo.logs import JSONLogService
+from secure_echo.metrics import Metrics
 from secure_echo.protocol import LineFactory, LineSettings
 from secure_echo.record import CloseReason, ConnectionRecord
 from secure_echo.reload import ReloadService
@@ -199,6 +200,68 @@ class MakeServiceTests(TapTestCase):
         output = self.stdout.getvalue()
         self.assertIn(f"CA certificate: {dev.ca_cert}", output)
         self.assertIn("127.0.0.1:9443", output)
+
+
+class ConnectionRecordTests(TapTestCase):
+    """Where connection_closed goes: the JSON sinks always, the text log by choice."""
+
+    def close_one(self, *args: str) -> tuple[list[str], list[dict[str, object]]]:
+        """Start with ``args`` and --log-file, close one connection: (file events, global)."""
+        log_file = Path(self.mktemp())
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        top = tap.makeService(
+            self.options("--log-file", str(log_file), *args), reactor=MemoryReactorClock()
+        )
+        self.start(top)
+        (service,) = [c for c in top if isinstance(c, tap.TLSService)]
+        FakeConnection(service._factory, closes=True).gone()
+        written = [json.loads(line)["event"] for line in log_file.read_text().splitlines()]
+        return written, self.named_events("connection_closed")
+
+    def test_file_only_by_default(self) -> None:
+        """With --log-file alone the record is in the file, not in the text log."""
+        written, in_global = self.close_one()
+        self.assertEqual(written.count("connection_closed"), 1)
+        self.assertEqual(in_global, [])
+        # Everything else still reaches the text log.
+        self.assertNotEqual(self.named_events("listening"), [])
+
+    def test_text_log_when_asked(self) -> None:
+        """--log-stdout text puts the records in the text log as well."""
+        written, in_global = self.close_one("--log-stdout", "text")
+        self.assertEqual(written.count("connection_closed"), 1)
+        self.assertEqual(len(in_global), 1)
+
+    def test_json_stdout_gets_them(self) -> None:
+        """--log-stdout json: every sink is JSON, so every one gets the records."""
+        written, in_global = self.close_one("--log-stdout", "json")
+        self.assertEqual(written.count("connection_closed"), 1)
+        self.assertEqual(len(in_global), 1)
+
+    def test_without_log_file(self) -> None:
+        """No --log-file: the text log is the only log, and has them."""
+        top = tap.makeService(self.options(), reactor=MemoryReactorClock())
+        self.start(top)
+        (service,) = [c for c in top if isinstance(c, tap.TLSService)]
+        FakeConnection(service._factory, closes=True).gone()
+        self.assertEqual(len(self.named_events("connection_closed")), 1)
+
+    def test_metrics_count_them(self) -> None:
+        """The metrics observe the records that skip the text log."""
+        made: list[Metrics] = []
+
+        class Recorded(Metrics):
+            def __init__(self, **kwargs: Any) -> None:
+                super().__init__(**kwargs)
+                made.append(self)
+
+        self.patch(tap, "Metrics", Recorded)
+        self.close_one("--metrics", "tcp:0:interface=127.0.0.1")
+        (metrics,) = made
+        value = metrics.registry.get_sample_value(
+            "secure_echo_connections_total", {"close_reason": "connection_lost"}
+        )
+        self.assertEqual(value, 1.0)
 
 
 class DevBannerTests(TapTestCase):

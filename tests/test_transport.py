@@ -68,6 +68,44 @@ class EchoOverTLSTests(TransportTestsMixin, SynchronousTestCase):
         self.pair.pump()
         self.assertEqual(self.pair.received.count(b"\n"), 100)
 
+    def _client_finished(self) -> None:
+        """Run the handshake until the client has written its Finished (not yet sent)."""
+        for _ in range(20):
+            try:
+                self.pair.client.do_handshake()
+            except ssl.SSLWantReadError:
+                self.pair.to_server()
+                self.pair.to_client()
+            else:
+                return
+        self.fail("the handshake did not complete")
+
+    def test_tickets_leave_with_first_reply(self) -> None:
+        """Finished and the first line in one read: one stream write carries both
+        the session tickets and the reply."""
+        self._client_finished()
+        self.pair.send(b"first\n")
+        before = self.pair.transport.writes
+        self.pair.to_server()
+        self.assertEqual(self.pair.transport.writes - before, 1)
+        self.pair.pump()
+        self.assertEqual(self.pair.received, b"first\n")
+        session = self.pair.client.session
+        assert session is not None
+        self.assertTrue(session.has_ticket)
+
+    def test_tickets_sent_without_data(self) -> None:
+        """Finished alone: the tickets still go out in that read."""
+        self._client_finished()
+        before = self.pair.transport.writes
+        self.pair.to_server()
+        self.assertEqual(self.pair.transport.writes - before, 1)
+        self.pair.to_client()
+        self.pair.read_client()
+        session = self.pair.client.session
+        assert session is not None
+        self.assertTrue(session.has_ticket)
+
     def test_tls_facts_recorded(self) -> None:
         """The handshake's version, cipher and group reach connection_closed."""
         self.pair.handshake()

@@ -26,19 +26,26 @@ import datetime
 import json
 import signal
 import sys
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
 from twisted.application.service import Service
-from twisted.logger import ILogObserver, LogEvent, Logger, formatEvent, globalLogPublisher
+from twisted.logger import (
+    ILogObserver,
+    LogEvent,
+    Logger,
+    LogPublisher,
+    formatEvent,
+    globalLogPublisher,
+)
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 from typing_extensions import override
 from zope.interface import implementer
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from pathlib import Path
-
-    from twisted.logger import LogPublisher
 
 #: The ``event`` value given to records that do not name one (Twisted's own).
 DEFAULT_EVENT = "twisted"
@@ -83,6 +90,22 @@ def iso_timestamp(value: object) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=datetime.UTC)
     return when.timestamp()
+
+
+#: The record written once per connection; the volume of the log.
+CONNECTION_RECORD = "connection_closed"
+
+
+def connection_records_apart(log_file: object, log_stdout: str | None) -> bool:
+    """Whether ``connection_closed`` records skip twistd's text log.
+
+    With a JSON log file and no ``--log-stdout`` choice, the per-connection records
+    go to the file (and the metrics) only: the text log is then for people (start,
+    reloads, warnings), and the one record per connection is not rendered twice.
+    ``--log-stdout text`` asks for them in the text log as well; with
+    ``--log-stdout json`` every sink is JSON and takes every record.
+    """
+    return log_file is not None and log_stdout is None
 
 
 def render_message(event: LogEvent) -> str:
@@ -200,11 +223,15 @@ class JSONLogService(Service):
         keep: int,
         publisher: LogPublisher | None = None,
         reactor: Any = None,
+        *,
+        also: Sequence[LogPublisher] = (),
     ) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.keep = keep
         self._publisher = publisher if publisher is not None else globalLogPublisher
+        #: Further publishers the file takes records from (the connection records').
+        self._also = tuple(also)
         self.log = Logger(observer=self._publisher)
         self._reactor = reactor
         self._file: LogFile | None = None
@@ -249,7 +276,8 @@ class JSONLogService(Service):
         # directory its unprivileged user may not create files in.
         self._file = open_log_file(self.path, self.max_bytes, self.keep)
         self._observer = JSONLinesObserver(self._file)
-        self._publisher.addObserver(self._observer)
+        for publisher in (self._publisher, *self._also):
+            publisher.addObserver(self._observer)
         super().privilegedStartService()
 
     @override
@@ -267,8 +295,43 @@ class JSONLogService(Service):
             signal.signal(signal.SIGUSR1, self._previous_usr1)
             self._previous_usr1 = None
         if self._observer is not None:
-            self._publisher.removeObserver(self._observer)
+            for publisher in (self._publisher, *self._also):
+                publisher.removeObserver(self._observer)
             self._observer = None
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+@dataclass(frozen=True)
+class LogSinks:
+    """The daemon's log outputs as the options chose them (see docs/logging.md)."""
+
+    #: twistd's log observer for ``--log-stdout json`` (None: twistd's own text log).
+    stdout: JSONLinesObserver | None
+    #: The ``--log-file`` service.
+    file: JSONLogService | None
+    #: The publisher of ``connection_closed`` when it skips the text log.
+    connections: LogPublisher | None
+
+    @property
+    def also(self) -> tuple[LogPublisher, ...]:
+        """Publishers besides the global one that log readers must observe."""
+        return (self.connections,) if self.connections is not None else ()
+
+
+def log_sinks(
+    log_file: Path | None, max_bytes: int, keep: int, log_stdout: str | None, reactor: Any
+) -> LogSinks:
+    """Build the outputs for the logging options; the caller parents ``file``."""
+    # Given to twistd as the application's log observer: its text observer is then
+    # not installed, so standard output carries JSON Lines only.
+    stdout = JSONLinesObserver(sys.stdout) if log_stdout == "json" else None
+    connections = LogPublisher() if connection_records_apart(log_file, log_stdout) else None
+    also = (connections,) if connections is not None else ()
+    service = (
+        JSONLogService(log_file, max_bytes, keep, reactor=reactor, also=also)
+        if log_file is not None
+        else None
+    )
+    return LogSinks(stdout, service, connections)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
-from twisted.logger import ILogObserver, Logger, globalLogPublisher
+from twisted.logger import ILogObserver, Logger, LogPublisher, globalLogPublisher
 from twisted.python import usage
 from twisted.python.components import Componentized
 from typing_extensions import override
@@ -31,7 +31,7 @@ from secure_echo.limits import (
     default_max_connections,
     raise_fd_limit,
 )
-from secure_echo.logs import JSONLinesObserver, JSONLogService
+from secure_echo.logs import log_sinks
 from secure_echo.metrics import Metrics, metrics_site
 from secure_echo.protocol import LineFactory, LineSettings
 from secure_echo.proxyproto import ProxyProtocolFactory
@@ -244,20 +244,18 @@ def makeService(options: _config.Options, reactor: Any = None) -> MultiService:
 
         return make_supervisor(options, reactor)
     top = OrderedMultiService()
-    if cfg.log_stdout == "json":
-        # Given to twistd as the application's log observer: its text observer
-        # is then not installed, so standard output carries JSON Lines only.
-        top.log_observer = JSONLinesObserver(sys.stdout)
-    if cfg.log_file is not None:
-        JSONLogService(
-            cfg.log_file, cfg.log_max_bytes, cfg.log_keep, reactor=reactor
-        ).setServiceParent(top)
+    sinks = log_sinks(cfg.log_file, cfg.log_max_bytes, cfg.log_keep, cfg.log_stdout, reactor)
+    top.log_observer = sinks.stdout
+    if sinks.file is not None:
+        sinks.file.setServiceParent(top)
     contexts = cfg.contexts
     factory, fd_limits = build_factory(cfg, reactor)
+    if sinks.connections is not None:
+        factory.connection_log = Logger(factory.log.namespace, factory, sinks.connections)
     if cfg.metrics is not None:
         # Added before TLSService so it stops after the drain: /readyz answers
         # "draining" while connections finish, instead of refusing connections.
-        metrics_service(cfg.metrics, factory, reactor).setServiceParent(top)
+        metrics_service(cfg.metrics, factory, reactor, sinks.also).setServiceParent(top)
     TLSService(cfg, factory, reactor, fd_limits).setServiceParent(top)
     reloader = TLSReloader(
         contexts,
@@ -296,10 +294,16 @@ def makeService(options: _config.Options, reactor: Any = None) -> MultiService:
     return top
 
 
-def metrics_service(endpoint: str, factory: TLSServerFactory, reactor: Any) -> MetricsService:
-    """The ``--metrics`` HTTP service, fed by the daemon's log events."""
+def metrics_service(
+    endpoint: str, factory: TLSServerFactory, reactor: Any, also: Sequence[LogPublisher] = ()
+) -> MetricsService:
+    """The ``--metrics`` HTTP service, fed by the daemon's log events.
+
+    ``also`` are further publishers it reads (the connection records').
+    """
     metrics = Metrics(active_connections=lambda: len(factory.connections))
-    globalLogPublisher.addObserver(metrics.observer)
+    for publisher in (globalLogPublisher, *also):
+        publisher.addObserver(metrics.observer)
     return MetricsService(reactor, endpoint, metrics_site(metrics, metrics.state, reactor))
 
 

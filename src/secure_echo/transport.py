@@ -357,7 +357,10 @@ class TLSServerConnection(TwistedProtocol):
             record.client_cert_sans = subject_alt_names(peer_cert)
             record.client_cert_not_after = peer_cert.not_valid_after_utc.isoformat()
         record.resumed = session_reused(tls)
-        self._flush_tls()
+        # The session tickets OpenSSL just queued are not sent here: the read that
+        # finished the handshake is read on at once (dataReceived), and whatever it
+        # leads to (the first replies, or nothing) flushes the outgoing BIO, so the
+        # tickets leave in the same send as the first replies.
         app = factory.app_factory.build(record)
         self._app = app
         app.makeConnection(self)
@@ -798,6 +801,9 @@ class TLSServerFactory(Factory):
         self.plaintext_reply = (
             f"-ERR tls-required this port speaks TLS; try: {plaintext_hint}\n".encode()
         )
+        #: Where ``connection_closed`` goes: the global log unless the service
+        #: maker routes the per-connection records elsewhere (docs/logging.md).
+        self.connection_log: Logger = self.log
         self.connections: set[TLSServerConnection] = set()
         self.draining = False
         self._drained: Deferred[None] | None = None
@@ -827,7 +833,7 @@ class TLSServerFactory(Factory):
         if self.limiter is not None:
             self.limiter.release(connection.peer_key)
         fields = connection.record.close_fields(self.clock.seconds())
-        self.log.info(
+        self.connection_log.info(
             "connection {conn_id} from {peer} closed: {close_reason}",
             event="connection_closed",
             **fields,

@@ -79,7 +79,12 @@ from typing_extensions import override
 import secure_echo
 from secure_echo import tap
 from secure_echo.configfile import Kind
-from secure_echo.logs import DEFAULT_EVENT, JSONLinesObserver, JSONLogService, iso_timestamp
+from secure_echo.logs import (
+    CONNECTION_RECORD,
+    DEFAULT_EVENT,
+    iso_timestamp,
+    log_sinks,
+)
 from secure_echo.metrics import Metrics, metrics_site
 from secure_echo.sdnotify import Notifier, NotifyService, watchdog_interval
 from secure_echo.service import ListeningService, MetricsService
@@ -625,6 +630,7 @@ class WorkerSupervisor(Service):
         notifier: Notifier | None = None,
         stats: WorkerStats | None = None,
         publisher: Callable[[LogEvent], None] | None = None,
+        connection_publisher: Callable[[LogEvent], None] | None = None,
         on_listening: Callable[[list[IListeningPort]], object] | None = None,
         environ: Mapping[str, str] | None = None,
         executable: str = sys.executable,
@@ -639,6 +645,10 @@ class WorkerSupervisor(Service):
         self.notifier = notifier
         self.stats = stats if stats is not None else WorkerStats()
         self._publisher = publisher if publisher is not None else globalLogPublisher
+        #: Where the workers' ``connection_closed`` records go (default: with the rest).
+        self._connection_publisher = (
+            connection_publisher if connection_publisher is not None else self._publisher
+        )
         self._on_listening = on_listening
         self._environ = environ
         self._executable = executable
@@ -836,7 +846,8 @@ class WorkerSupervisor(Service):
         if name == STATS_EVENT:
             self.stats.update(process.index, record.get("connections"))
             return
-        self._publisher(record_as_event(record, process.index, self._reactor.seconds()))
+        publish = self._connection_publisher if name == CONNECTION_RECORD else self._publisher
+        publish(record_as_event(record, process.index, self._reactor.seconds()))
         if name == READY_EVENT:
             process.ready = True
             self._worker_ready(process.index)
@@ -992,16 +1003,15 @@ def make_supervisor(options: config.Options, reactor: Any) -> tap.OrderedMultiSe
     """
     cfg = options.config
     top = tap.OrderedMultiService()  # type: ignore[no-untyped-call]
-    if cfg.log_stdout == "json":
-        top.log_observer = JSONLinesObserver(sys.stdout)
-    if cfg.log_file is not None:
-        JSONLogService(
-            cfg.log_file, cfg.log_max_bytes, cfg.log_keep, reactor=reactor
-        ).setServiceParent(top)  # type: ignore[no-untyped-call]
+    sinks = log_sinks(cfg.log_file, cfg.log_max_bytes, cfg.log_keep, cfg.log_stdout, reactor)
+    top.log_observer = sinks.stdout
+    if sinks.file is not None:
+        sinks.file.setServiceParent(top)  # type: ignore[no-untyped-call]
     stats = WorkerStats()
     if cfg.metrics is not None:
         metrics = Metrics(active_connections=stats.total)
-        globalLogPublisher.addObserver(metrics.observer)
+        for publisher in (globalLogPublisher, *sinks.also):
+            publisher.addObserver(metrics.observer)
         MetricsService(
             reactor, cfg.metrics, metrics_site(metrics, metrics.state, reactor)
         ).setServiceParent(top)  # type: ignore[no-untyped-call]
@@ -1022,6 +1032,7 @@ def make_supervisor(options: config.Options, reactor: Any) -> tap.OrderedMultiSe
         certificate=(cfg.tls.subject, cfg.tls.not_after.isoformat()),
         notifier=notifier,
         stats=stats,
+        connection_publisher=sinks.connections,
         on_listening=listening,
     ).setServiceParent(top)  # type: ignore[no-untyped-call]
     if notifier is not None:
