@@ -384,7 +384,8 @@ class Options(usage.Options):
             None,
             (
                 "json: JSON Lines records on stdout instead of twistd's text (for "
-                "journald); text: twistd's text log (the default)."
+                "journald); text: twistd's text log, with the connection records even "
+                "when --log-file has them (by default they go to --log-file only)."
             ),
         ],
         ["state-dir", None, None, "Where development certificates are kept."],
