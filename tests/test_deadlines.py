@@ -259,6 +259,16 @@ class WriteStallTests(SynchronousTestCase):
         self.assertEqual(named(self.events, "slow_reader"), [])
 
 
+    def test_close_with_nothing_held_arms_nothing(self) -> None:
+        """A close with Twisted's buffer empty leaves no timer: the socket closes
+        on the next reactor turn, and the kernel finishes what it holds."""
+        self.pair.server.loseConnection()
+        self.assertTrue(self.stream.disconnecting)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.pair.finish_stream()
+        self.assertFalse(self.stream.aborted)
+
+
 class IdleWithPendingReplyTests(SynchronousTestCase):
     """The idle timeout does not cut off a reply the server still owes."""
 

@@ -50,7 +50,6 @@ if TYPE_CHECKING:
 #: The ``event`` value given to records that do not name one (Twisted's own).
 DEFAULT_EVENT = "twisted"
 
-_SKIP = frozenset({"log_logger", "log_source", "log_format", "log_trace", "log_io"})
 
 
 def _default(value: object) -> object:
@@ -62,9 +61,13 @@ def _default(value: object) -> object:
     return repr(value)
 
 
+#: One encoder for every record: ``json.dumps`` with options builds a new one per call.
+_ENCODER = json.JSONEncoder(default=_default, ensure_ascii=False, allow_nan=False)
+
+
 def _dumps(value: object) -> str:
     """Strict JSON (no NaN or Infinity) on one line."""
-    return json.dumps(value, default=_default, ensure_ascii=False, allow_nan=False)
+    return _ENCODER.encode(value)
 
 
 def _field(value: object) -> object:
@@ -142,15 +145,13 @@ def event_as_record(event: LogEvent) -> dict[str, Any]:
         "message": render_message(event),
     }
     for key, value in event.items():
-        if key in _SKIP or key in record or key in {"log_time", "log_level", "log_namespace"}:
-            continue
-        if key == "log_failure":
-            if isinstance(value, Failure):
+        # Twisted's own keys all start with log_; of them only a failure is kept.
+        if key.startswith("log_"):
+            if key == "log_failure" and isinstance(value, Failure):
                 record["traceback"] = value.getTraceback()
             continue
-        if key.startswith("log_"):
-            continue
-        record[key] = value
+        if key not in record:
+            record[key] = value
     return record
 
 
