@@ -258,10 +258,11 @@ class WriteStallTests(SynchronousTestCase):
         self.assertFalse(self.stream.aborted)
         self.assertEqual(named(self.events, "slow_reader"), [])
 
-
     def test_close_with_nothing_held_arms_nothing(self) -> None:
-        """A close with Twisted's buffer empty leaves no timer: the socket closes
-        on the next reactor turn, and the kernel finishes what it holds."""
+        """A close with Twisted's buffer empty leaves no timer.
+
+        The socket closes on the next reactor turn; the kernel finishes what it holds.
+        """
         self.pair.server.loseConnection()
         self.assertTrue(self.stream.disconnecting)
         self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -81,8 +81,7 @@ class EchoOverTLSTests(TransportTestsMixin, SynchronousTestCase):
         self.fail("the handshake did not complete")
 
     def test_tickets_leave_with_first_reply(self) -> None:
-        """Finished and the first line in one read: one stream write carries both
-        the session tickets and the reply."""
+        """Finished and the first line in one read: one write has tickets and reply."""
         self._client_finished()
         self.pair.send(b"first\n")
         before = self.pair.transport.writes

@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 DEFAULT_EVENT = "twisted"
 
 
-
 def _default(value: object) -> object:
     """JSON fallback: sets become lists, everything else its ``repr``."""
     if isinstance(value, set | frozenset | tuple):
