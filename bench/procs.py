@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from scenarios import WORKERS
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
 
@@ -63,16 +65,21 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 
 @dataclass(frozen=True)
 class ProcSnapshot:
-    """Every process's parent and CPU seconds (own + reaped children's), read at once."""
+    """Every process's parent and CPU seconds (own + reaped children's), read at once.
+
+    ``cpu`` is user + kernel time; ``user`` the user-space part of it.
+    """
 
     parent: dict[int, int]
     cpu: dict[int, float]
+    user: dict[int, float]
 
     @classmethod
     def take(cls) -> ProcSnapshot:
         """Read ``/proc/*/stat``: utime + stime + cutime + cstime of each process."""
         parent: dict[int, int] = {}
         cpu: dict[int, float] = {}
+        user: dict[int, float] = {}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
@@ -85,7 +92,8 @@ class ProcSnapshot:
             parent[pid] = int(fields[1])
             # fields[0] is field 3 (state); fields 14-17 are utime, stime, cutime, cstime.
             cpu[pid] = sum(int(v) for v in fields[11:15]) / _CLK_TCK
-        return cls(parent, cpu)
+            user[pid] = (int(fields[11]) + int(fields[13])) / _CLK_TCK
+        return cls(parent, cpu, user)
 
     def tree(self, root: int) -> set[int]:
         """``root`` and all its descendants."""
@@ -96,6 +104,10 @@ class ProcSnapshot:
             grew = not found <= members
             members |= found
         return members
+
+    def tree_user(self, root: int) -> float:
+        """User-space CPU seconds of ``root`` and its descendants."""
+        return sum(self.user.get(pid, 0.0) for pid in self.tree(root))
 
     def tree_cpu(self, root: int) -> float:
         """CPU seconds of ``root`` and its descendants (a server that forks workers)."""
@@ -170,9 +182,9 @@ class Pinning:
 
     enabled: bool
 
-    def prefix(self, cpu: int) -> list[str]:
-        """The command prefix that runs a child on ``cpu``."""
-        return ["taskset", "-c", str(cpu)] if self.enabled else []
+    def prefix(self, *cpus: int) -> list[str]:
+        """The command prefix that runs a child on ``cpus``."""
+        return ["taskset", "-c", ",".join(map(str, cpus))] if self.enabled else []
 
     @classmethod
     def detect(cls, want: bool) -> Pinning:
@@ -225,6 +237,8 @@ def make_pki(directory: Path) -> PKI:
 def server_command(name: str, pki: PKI, workdir: Path) -> list[str]:
     """The command line of server ``name``."""
     cert, key = str(pki.server_cert), str(pki.server_key)
+    if name in WORKERS:
+        return [*server_command("secure-echo", pki, workdir), "--workers", str(WORKERS[name])]
     if name == "secure-echo":
         return [
             sys.executable,
@@ -286,7 +300,7 @@ class Server:
 
 
 def _port_of(name: str, workdir: Path) -> int | None:
-    if name == "secure-echo":
+    if name.startswith("secure-echo"):
         log = workdir / "log.jsonl"
         if not log.exists():
             return None
@@ -303,10 +317,12 @@ def _port_of(name: str, workdir: Path) -> int | None:
 def start_server(name: str, pki: PKI, workdir: Path, pinning: Pinning) -> Server:
     """Start server ``name`` pinned to the server CPU and wait until it listens."""
     workdir.mkdir(parents=True, exist_ok=True)
+    # A server with workers gets both cores: the point is to use more than one.
+    cpus = (SERVER_CPU, GENERATOR_CPU) if name in WORKERS else (SERVER_CPU,)
     stdout = (workdir / "stdout.txt").open("wb")
     stderr = (workdir / "stderr.txt").open("wb")
     process = subprocess.Popen(
-        [*pinning.prefix(SERVER_CPU), *server_command(name, pki, workdir)],
+        [*pinning.prefix(*cpus), *server_command(name, pki, workdir)],
         cwd=workdir,
         env=child_env(),
         stdin=subprocess.DEVNULL,

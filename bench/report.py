@@ -177,10 +177,10 @@ def headroom_table(
     """How busy each core was during the measured windows, and which runs are flagged."""
     lines = [
         (
-            "| scenario | server | server core busy (median) | generator core busy (max) "
-            "| other processes (max) | flags |"
+            "| scenario | server | server core busy (median) | of it user space (median) "
+            "| generator core busy (max) | other processes (max) | flags |"
         ),
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     for scenario in scenarios:
         for server in servers:
@@ -190,11 +190,12 @@ def headroom_table(
                 f"rep {r['rep'] + 1}: {', '.join(r['flags'])}" for r in done if r["flags"]
             ] + [f"rep {r['rep'] + 1}: FAILED" for r in mine if not r["ok"]]
             server_busy = _pct((r["metrics"]["server_cpu_util"] for r in done), "median")
+            server_user = _pct((r["metrics"].get("server_user_util") for r in done), "median")
             generator_busy = _pct((r["metrics"]["gen_cpu_util"] for r in done), "max")
             other = _pct((r.get("other_load") for r in done), "max")
             lines.append(
-                f"| {scenario.key} | {server} | {server_busy} | {generator_busy} | "
-                f"{other} | {'; '.join(flagged) or ''} |"
+                f"| {scenario.key} | {server} | {server_busy} | {server_user} | "
+                f"{generator_busy} | {other} | {'; '.join(flagged) or ''} |"
             )
     return lines
 
@@ -267,7 +268,9 @@ def markdown(
     )
     headroom = (
         "Share of the measured wall time each pinned core spent running the process "
-        f"(CPU time {DIVIDE} wall time). A generator at {SATURATED_PCT} or more is flagged. "
+        f"(CPU time {DIVIDE} wall time); for the server also the part of it in user space "
+        "(its own code and its TLS library; the rest is the kernel's work for its sockets). "
+        f"A generator at {SATURATED_PCT} or more is flagged. "
         "Other processes: CPU time that every other user-space process on the machine used "
         f"in the window, {DIVIDE} wall time; with both cores pinned, it was taken from the "
         "server or the generator."

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import procs
 import report
 from procs import BENCH, GENERATOR_CPU, ROOT, BenchError, Pinning, start_server
-from scenarios import BASELINE, SERVERS, Scenario, select
+from scenarios import BASELINE, EXTRA_SERVERS, SERVERS, Scenario, select
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -97,7 +97,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--servers",
         default=",".join(SERVERS),
-        help=f"comma-separated subset of {','.join(SERVERS)} (ratios need {BASELINE})",
+        help=(
+            f"comma-separated subset of {','.join(SERVERS)} (ratios need {BASELINE}), "
+            f"plus optionally {','.join(EXTRA_SERVERS)}"
+        ),
     )
     args = parser.parse_args(argv)
     args.reps = args.reps or (1 if args.quick else 3)
@@ -114,7 +117,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     except ValueError as error:
         parser.error(str(error))
     args.server_list = [s.strip() for s in args.servers.split(",") if s.strip()]
-    if unknown := set(args.server_list) - set(SERVERS):
+    if unknown := set(args.server_list) - set(SERVERS) - set(EXTRA_SERVERS):
         parser.error(f"unknown server(s): {', '.join(sorted(unknown))}")
     if args.reps < 1 or args.duration <= 0 or args.warmup < 0:
         parser.error("--reps must be >= 1, --duration > 0, --warmup >= 0")
@@ -273,11 +276,13 @@ class Bench:
                 window["rss0"] = procs.tree_rss_kib(pid)
             snapshot = procs.ProcSnapshot.take()
             window["cpu0"] = snapshot.tree_cpu(pid)
+            window["user0"] = snapshot.tree_user(pid)
             others.append(snapshot.others())
 
         def on_measured(_event: procs.Event) -> None:
             snapshot = procs.ProcSnapshot.take()
             window["cpu1"] = snapshot.tree_cpu(pid)
+            window["user1"] = snapshot.tree_user(pid)
             others.append(snapshot.others())
             if scenario.mode == "idle":
                 time.sleep(RSS_SETTLE)
@@ -294,6 +299,7 @@ class Bench:
         result = run.result
         record["loadgen"] = result
         record["server_cpu_s"] = window["cpu1"] - window["cpu0"]
+        record["server_user_s"] = window["user1"] - window["user0"]
         # Every core here is pinned to the server or the generator: whatever other
         # processes ran in the window took it from one of them.
         other_cpu = procs.other_cpu_between(others[0], others[1])
@@ -356,8 +362,12 @@ def figures(scenario: Scenario, record: Record) -> dict[str, float | None]:
     cpu = record["server_cpu_s"]
     wall = result["wall_s"]
     latency = result["latency_us"]
+    user = record.get("server_user_s")
     out: dict[str, float | None] = {
         "server_cpu_util": cpu / wall if wall else None,
+        # The user-space part: what a server's own code and TLS library cost, as
+        # against the kernel's work for its sockets.
+        "server_user_util": user / wall if wall and user is not None else None,
         "gen_cpu_util": result["gen_cpu_util"],
     }
     if scenario.mode == "pingpong":

@@ -13,8 +13,15 @@ SERVERS: tuple[str, ...] = ("secure-echo", "textbook", "asyncio")
 #: Every ratio is a server's figure divided by this server's, from the same repetition.
 BASELINE = "textbook"
 
+#: Servers ``--servers`` may add: secure-echo with ``--workers 2``, its processes free
+#: to run on both cores (so sharing the generator's), for measuring the scaling.
+EXTRA_SERVERS: tuple[str, ...] = ("secure-echo-w2",)
+#: Worker processes of each extra server.
+WORKERS = {"secure-echo-w2": 2}
+
 SERVER_TITLES = {
     "secure-echo": "secure-echo (twistd, JSON logging)",
+    "secure-echo-w2": "secure-echo --workers 2, on both cores (the generator's too)",
     "textbook": "textbook Twisted (LineReceiver, ssl: endpoint)",
     "asyncio": "asyncio Protocol + stdlib ssl",
 }
