@@ -18,7 +18,16 @@ import textwrap
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from scenarios import BASELINE, METRICS, SCENARIOS, SERVER_TITLES, SERVERS, Metric, Scenario
+from scenarios import (
+    BASELINE,
+    EXTRA_SERVERS,
+    METRICS,
+    SCENARIOS,
+    SERVER_TITLES,
+    SERVERS,
+    Metric,
+    Scenario,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -137,7 +146,7 @@ def cell(stat: Stat, metric: Metric, *, baseline: bool) -> str:
 
 def _column_order(servers: Sequence[str]) -> list[str]:
     """The baseline first, then the others in suite order."""
-    rest = [s for s in SERVERS if s in servers and s != BASELINE]
+    rest = [s for s in (*SERVERS, *EXTRA_SERVERS) if s in servers and s != BASELINE]
     return [BASELINE, *rest] if BASELINE in servers else rest
 
 
@@ -345,7 +354,7 @@ def plot(
     except ImportError:
         print("warning: matplotlib missing (pip install -e '.[bench]'); no PNG written")
         return None
-    others = [s for s in SERVERS if s in meta["servers"] and s != BASELINE]
+    others = [s for s in (*SERVERS, *EXTRA_SERVERS) if s in meta["servers"] and s != BASELINE]
     panels = [
         (
             better,
@@ -365,7 +374,7 @@ def plot(
         len(panels), 1, figsize=(14, 4.8 * len(panels)), squeeze=False, layout="constrained"
     )
     width = 0.8 / len(others)
-    colors = {"secure-echo": "#1f77b4", "asyncio": "#ff7f0e"}
+    colors = {"secure-echo": "#1f77b4", "asyncio": "#ff7f0e", "secure-echo-w2": "#2ca02c"}
     for ax, (better, rows) in zip(axes[:, 0], panels, strict=True):
         extremes = [1.0]
         for i, server in enumerate(others):
