@@ -21,7 +21,11 @@ class SocketTransport(FileDescriptor):
         self.queued: list[bytes] = []
 
     def write(self, data: Any) -> None:
-        self.queued.append(bytes(data))
+        # Twisted's write refuses anything but bytes; so does this one.
+        if type(data) is not bytes:
+            msg = f"write() got {type(data).__name__}, not bytes"
+            raise TypeError(msg)
+        self.queued.append(data)
 
     def fileno(self) -> int:
         return self.socket.fileno()
@@ -63,6 +67,32 @@ class OptimisticSendTests(SynchronousTestCase):
         remainder = self.transport.queued[0]
         self.assertTrue(0 < len(remainder) < len(big))
         self.assertTrue(big.endswith(remainder))
+
+    def test_view_sent_directly(self) -> None:
+        """A view of the record buffer is sent as it is, without a copy."""
+        buffer = bytearray(b"view records")
+        self.connection._send_stream(memoryview(buffer))
+        self.assertEqual(self.transport.queued, [])
+        self.assertEqual(self.theirs.recv(100), b"view records")
+
+    def test_view_remainder_copied(self) -> None:
+        """What the kernel does not take of a view is queued as a copy.
+
+        The view's buffer is reused by the next read, so the queue must own its bytes.
+        """
+        buffer = bytearray(bytes(range(256)) * 40000)
+        self.connection._send_stream(memoryview(buffer))
+        (remainder,) = self.transport.queued
+        self.assertIs(type(remainder), bytes)
+        expected = bytes(buffer[len(buffer) - len(remainder) :])
+        buffer[:] = b"\0" * len(buffer)  # the next read overwrites the buffer
+        self.assertEqual(remainder, expected)
+
+    def test_view_queued_as_copy(self) -> None:
+        """With something already queued, a view is queued as a copy too."""
+        self.transport._tempDataLen = 3
+        self.connection._send_stream(memoryview(bytearray(b"later")))
+        self.assertEqual(self.transport.queued, [b"later"])
 
     def test_other_transports_use_write(self) -> None:
         """A transport that is not Twisted's FileDescriptor is never bypassed."""

@@ -59,3 +59,53 @@ class ImplementationTests(SynchronousTestCase):
         self.assertEqual(fast, public)
         self.assertEqual(fast[0], b"x" * 60_000 + b"\n" + b"short\n")
         self.assertTrue(fast[1])
+
+
+class FastRecordIOTests(SynchronousTestCase):
+    """What the fast record I/O hands the transport, over a real TLS session."""
+
+    def setUp(self) -> None:
+        self.patch(recordio, "use_fast", True)
+        pki = make_pki(self.mktemp())
+        self.pair = TLSPair(server_factory(pki, Clock()), client_context(pki))
+        self.pair.handshake()
+        self.io = self.pair.server._io
+        assert isinstance(self.io, recordio.FastRecordIO)
+
+    def test_records_of_one_read_in_one_chunk(self) -> None:
+        """Several records fed at once come out as one bytes, not one per record."""
+        for part in (b"one\n", b"two\n", b"three\n"):
+            self.pair.client.write(part)  # a record each
+        self.io.feed(self.pair.outgoing.read())
+        chunks, finished, error = self.io.read()
+        self.assertEqual(chunks, [b"one\ntwo\nthree\n"])
+        self.assertEqual((finished, error), (False, None))
+
+    def test_more_than_the_buffer(self) -> None:
+        """Plaintext larger than the shared buffer comes out whole, in order."""
+        data = bytes(range(256)) * 2048  # 512 KiB: 32 records, 4 buffers' worth
+        self.pair.client.write(data)
+        self.io.feed(self.pair.outgoing.read())
+        chunks, _, _ = self.io.read()
+        self.assertEqual(b"".join(chunks), data)
+        self.assertLessEqual(len(chunks), 5)
+
+    def test_pending_out_is_a_view_when_small(self) -> None:
+        """Ciphertext that fits the shared buffer is handed out as a view of it."""
+        self.io.write(b"reply\n")
+        out = self.io.pending_out()
+        self.assertIsInstance(out, memoryview)
+        self.pair.incoming.write(bytes(out))
+        self.pair.read_client()
+        self.assertEqual(self.pair.received, b"reply\n")
+        self.assertEqual(self.io.pending_out(), b"")
+
+    def test_pending_out_larger_than_the_buffer(self) -> None:
+        """More ciphertext than the buffer holds comes out whole, as bytes."""
+        data = bytes(range(256)) * 1024  # 256 KiB of plaintext
+        self.io.write(data)
+        out = self.io.pending_out()
+        self.assertIsInstance(out, bytes)
+        self.pair.incoming.write(out)
+        self.pair.read_client()
+        self.assertEqual(self.pair.received, data)

@@ -36,6 +36,8 @@ FAST_AVAILABLE: Final = _lib is not None and all(hasattr(_lib, name) for name in
 #: The shared buffer: larger than any single read the transport asks for.
 _BUFFER_SIZE: Final = 1 << 17
 _buffer: Any = _ffi.new("char[]", _BUFFER_SIZE) if FAST_AVAILABLE else None
+#: Room one SSL_read needs: a whole record's plaintext (TLS caps it at 16 KiB).
+_RECORD_ROOM: Final = 1 << 14
 #: Bytes asked of one public-API read.
 _PUBLIC_READ: Final = 65536
 
@@ -57,8 +59,11 @@ class RecordIO(Protocol):
     def write(self, data: bytes) -> None:
         """Encrypt ``data``; raises ``SSL.Error`` on failure."""
 
-    def pending_out(self) -> bytes:
-        """Every ciphertext byte waiting to be sent (``b""`` if none)."""
+    def pending_out(self) -> bytes | memoryview:
+        """Every ciphertext byte waiting to be sent (``b""`` if none).
+
+        A ``memoryview`` is only valid until the next call into the record I/O.
+        """
         ...
 
 
@@ -78,15 +83,25 @@ class FastRecordIO:
         _lib.BIO_write(self._into, data, len(data))
 
     def read(self) -> tuple[list[bytes], bool, SSL.Error | None]:
-        """SSL_read until OpenSSL wants more input; no exception on the way."""
+        """SSL_read until OpenSSL wants more input; no exception on the way.
+
+        The records' plaintext is laid end to end in the shared buffer and copied
+        out once, so a read of several records is one ``bytes``, not a join.
+        """
         ssl = self._ssl
         buffer = _buffer
         chunks: list[bytes] = []
+        used = 0
         while True:
-            count = _lib.SSL_read(ssl, buffer, _BUFFER_SIZE)
+            if _BUFFER_SIZE - used < _RECORD_ROOM:
+                chunks.append(_ffi.buffer(buffer, used)[:])
+                used = 0
+            count = _lib.SSL_read(ssl, buffer + used, _BUFFER_SIZE - used)
             if count > 0:
-                chunks.append(_ffi.buffer(buffer, count)[:])
+                used += count
                 continue
+            if used:
+                chunks.append(_ffi.buffer(buffer, used)[:])
             error = _lib.SSL_get_error(ssl, count)
             if error == _lib.SSL_ERROR_WANT_READ:
                 return chunks, False, None
@@ -113,21 +128,27 @@ class FastRecordIO:
             with _ffi.from_buffer(view) as chunk:
                 sent = _lib.SSL_write(ssl, chunk, len(view))
 
-    def pending_out(self) -> bytes:
-        """BIO_read the outgoing memory BIO until it is empty."""
+    def pending_out(self) -> bytes | memoryview:
+        """BIO_read the outgoing memory BIO until it is empty.
+
+        When it all fits in the shared buffer (the usual case) the answer is a view
+        of that buffer, not a copy: valid until the next call into this module, so
+        the caller sends it at once (and copies what the socket does not take).
+        """
         source = self._from
         buffer = _buffer
-        out: list[bytes] = []
-        while True:
+        count = _lib.BIO_read(source, buffer, _BUFFER_SIZE)
+        if count <= 0:
+            return b""
+        if count < _BUFFER_SIZE:
+            return memoryview(_ffi.buffer(buffer, count))
+        out = [_ffi.buffer(buffer, count)[:]]
+        while count == _BUFFER_SIZE:
             count = _lib.BIO_read(source, buffer, _BUFFER_SIZE)
             if count <= 0:
                 break
             out.append(_ffi.buffer(buffer, count)[:])
-            if count < _BUFFER_SIZE:
-                break
-        if not out:
-            return b""
-        return out[0] if len(out) == 1 else b"".join(out)
+        return b"".join(out)
 
     def _fail(self, result: int) -> NoReturn:
         """Raise pyOpenSSL's exception for a failed call's ``result``."""

@@ -592,7 +592,7 @@ class TLSServerConnection(TwistedProtocol):
         if records:
             self._send_stream(records)
 
-    def _send_stream(self, data: bytes) -> None:
+    def _send_stream(self, data: bytes | memoryview) -> None:
         """Hand ciphertext to the stream, sending at once when nothing is queued.
 
         Twisted's ``FileDescriptor.write`` queues the data and registers for
@@ -601,6 +601,9 @@ class TLSServerConnection(TwistedProtocol):
         usual case for an echo, a direct ``send`` does the same work in one system
         call; only what the kernel does not take goes through the queue, so the
         byte order is kept and the transport's flow control still sees it.
+
+        ``data`` may be a view of the record I/O's buffer: it is sent before
+        anything else runs, and what goes to the queue is copied.
         """
         transport = self.transport
         sock = self._socket
@@ -617,7 +620,7 @@ class TLSServerConnection(TwistedProtocol):
             if sent == len(data):
                 return
             data = data[sent:]
-        cast("Any", transport).write(data)
+        cast("Any", transport).write(bytes(data))
 
     # -- transport for the application -------------------------------------------
 
