@@ -98,7 +98,7 @@ def iso_timestamp(value: object) -> float | None:
 CONNECTION_RECORD = "connection_closed"
 
 
-def connection_records_apart(log_file: object, log_stdout: str | None) -> bool:
+def connection_records_apart(log_file: Path | None, log_stdout: str | None) -> bool:
     """Whether ``connection_closed`` records skip twistd's text log.
 
     With a JSON log file and no ``--log-stdout`` choice, the per-connection records
