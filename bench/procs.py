@@ -315,7 +315,7 @@ def _port_of(name: str, workdir: Path) -> int | None:
 
 
 def start_server(name: str, pki: PKI, workdir: Path, pinning: Pinning) -> Server:
-    """Start server ``name`` pinned to the server CPU and wait until it listens."""
+    """Start server ``name`` on the server CPU (both CPUs with workers) until it listens."""
     workdir.mkdir(parents=True, exist_ok=True)
     # A server with workers gets both cores: the point is to use more than one.
     cpus = (SERVER_CPU, GENERATOR_CPU) if name in WORKERS else (SERVER_CPU,)
