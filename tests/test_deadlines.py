@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from secure_echo import transport as transport_module
 from secure_echo.protocol import LineSettings
 from tests.helpers import make_pki
 from tests.tlspair import (
@@ -258,16 +259,22 @@ class WriteStallTests(SynchronousTestCase):
         self.assertFalse(self.stream.aborted)
         self.assertEqual(named(self.events, "slow_reader"), [])
 
-    def test_close_with_nothing_held_arms_nothing(self) -> None:
-        """A close with Twisted's buffer empty leaves no timer.
+    def test_close_with_nothing_held_still_watched(self) -> None:
+        """A close with Twisted's buffer empty is still watched for a stall.
 
-        The socket closes on the next reactor turn; the kernel finishes what it holds.
+        Twisted closes the socket once it is writable; a kernel send buffer that a
+        client stopped reading may never make it so.  Here the kernel keeps 5000
+        unacknowledged bytes that never shrink: the close is aborted as a slow reader.
         """
+        def kernel_count(_sock: object, request: int) -> int:
+            return 5000 if request == transport_module._SIOCOUTQ else 0
+
+        self.patch(transport_module, "_kernel_count", kernel_count)
         self.pair.server.loseConnection()
         self.assertTrue(self.stream.disconnecting)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-        self.pair.finish_stream()
-        self.assertFalse(self.stream.aborted)
+        self.clock.advance(10.1)
+        self.assertTrue(self.stream.aborted)
+        self.assertEqual(len(named(self.events, "slow_reader")), 1)
 
 
 class IdleWithPendingReplyTests(SynchronousTestCase):

@@ -453,21 +453,14 @@ class TLSServerConnection(TwistedProtocol):
         has sent but the client has not acknowledged (its send queue), so a client
         that reads slowly is seen making progress.
         """
-        held = self._held()
-        if held is None:
-            return None
-        queued = _kernel_count(self._socket, _SIOCOUTQ)
-        return held + (queued or 0)
-
-    def _held(self) -> int | None:
-        """Bytes Twisted's stream transport still holds, if it can say."""
         transport = self.transport
         data = getattr(transport, "dataBuffer", None)
         offset = getattr(transport, "offset", None)
         pending = getattr(transport, "_tempDataLen", None)
         if data is None or not isinstance(offset, int) or not isinstance(pending, int):
             return None
-        return len(data) - offset + pending
+        queued = _kernel_count(self._socket, _SIOCOUTQ)
+        return len(data) - offset + pending + (queued or 0)
 
     def _cancel_stall_timer(self) -> None:
         timer, self._stall_timer = self._stall_timer, None
@@ -751,11 +744,11 @@ class TLSServerConnection(TwistedProtocol):
         else:
             transport.loseConnection()
         # The stream closes once its buffer is written; a client that does not
-        # read would keep it open forever, so the stall check stays on.  With
-        # nothing held here the socket is closed on the next reactor turn, and
-        # what the kernel still sends is the kernel's to finish: no check needed.
-        if self._lingering or self._held() != 0:
-            self._arm_stall_timer()
+        # read would keep it open forever, so the stall check stays on.  It does
+        # even when Twisted holds nothing: Twisted closes only once the socket is
+        # writable, which a full kernel send buffer to a client that stopped
+        # reading may never become.
+        self._arm_stall_timer()
 
     def _linger_check(self) -> None:
         """Close a lingering stream once the client has all of our data."""
