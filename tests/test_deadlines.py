@@ -266,6 +266,7 @@ class WriteStallTests(SynchronousTestCase):
         client stopped reading may never make it so.  Here the kernel keeps 5000
         unacknowledged bytes that never shrink: the close is aborted as a slow reader.
         """
+
         def kernel_count(_sock: object, request: int) -> int:
             return 5000 if request == transport_module._SIOCOUTQ else 0
 
