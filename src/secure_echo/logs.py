@@ -22,11 +22,11 @@ secure-echo, so no record can carry a client's bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import signal
 import sys
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
 from twisted.application.service import Service
@@ -303,7 +303,7 @@ class JSONLogService(Service):
             self._file = None
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class LogSinks:
     """The daemon's log outputs as the options chose them (see docs/logging.md)."""
 
@@ -328,10 +328,8 @@ def log_sinks(
     # not installed, so standard output carries JSON Lines only.
     stdout = JSONLinesObserver(sys.stdout) if log_stdout == "json" else None
     connections = LogPublisher() if connection_records_apart(log_file, log_stdout) else None
-    also = (connections,) if connections is not None else ()
-    service = (
-        JSONLogService(log_file, max_bytes, keep, reactor=reactor, also=also)
-        if log_file is not None
-        else None
-    )
-    return LogSinks(stdout, service, connections)
+    sinks = LogSinks(stdout, None, connections)
+    if log_file is None:
+        return sinks
+    service = JSONLogService(log_file, max_bytes, keep, reactor=reactor, also=sinks.also)
+    return dataclasses.replace(sinks, file=service)
