@@ -224,7 +224,7 @@ class PKI:
 def make_pki(directory: Path) -> PKI:
     """Write a CA and an ECDSA P-256 server certificate for 127.0.0.1 into ``directory``."""
     sys.path[:0] = [str(ROOT / "src")]
-    from secure_echo import certgen  # noqa: PLC0415 - importable only once src/ is on the path
+    from secure_echo.tools import certgen  # noqa: PLC0415 - importable once src/ is on the path
 
     ca = certgen.make_ca("secure-echo bench CA", days=1)
     server = certgen.issue_server(ca, ("127.0.0.1", "localhost"), days=1)

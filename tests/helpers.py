@@ -6,7 +6,7 @@ import datetime
 from dataclasses import dataclass
 from pathlib import Path
 
-from secure_echo import certgen
+from secure_echo.tools import certgen
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Tests for :mod:`secure_echo.allowlist`: matching client certificates and validating entries."""
+"""Tests for :mod:`secure_echo.tls.allowlist`: matching and validating allow-list entries."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.trial.unittest import SynchronousTestCase
 
-from secure_echo import certgen
-from secure_echo.allowlist import AllowList, AllowListError, spki_sha256
+from secure_echo.tls.allowlist import AllowList, AllowListError, spki_sha256
+from secure_echo.tools import certgen
 
 SPIFFE_WEB = "spiffe://example.org/ns/prod/sa/web"
 

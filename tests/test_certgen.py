@@ -1,4 +1,4 @@
-"""Tests for :mod:`secure_echo.certgen`: extensions, chains, and how files are written."""
+"""Tests for :mod:`secure_echo.tools.certgen`: extensions, chains, and how files are written."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 from twisted.trial.unittest import SynchronousTestCase
 
-from secure_echo import certgen
+from secure_echo.tools import certgen
 
 NOW = datetime.datetime(2030, 6, 1, 12, 0, tzinfo=datetime.UTC)
 

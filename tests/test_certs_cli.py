@@ -1,4 +1,4 @@
-"""Tests for :mod:`secure_echo.certs_cli`, the ``secure-echo-certs`` command."""
+"""Tests for :mod:`secure_echo.tools.certs_cli`, the ``secure-echo-certs`` command."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 from twisted.trial.unittest import SynchronousTestCase
 
-from secure_echo import certgen
-from secure_echo.certs_cli import main
+from secure_echo.tools import certgen
+from secure_echo.tools.certs_cli import main
 
 INIT_FILES = (
     "ca.pem",

@@ -1,4 +1,4 @@
-"""Tests for :mod:`secure_echo.client`, the ``secure-echo-client`` command.
+"""Tests for :mod:`secure_echo.tools.client`, the ``secure-echo-client`` command.
 
 Pure parts (address parsing, error wording, line accounting, option checks) are called
 directly.  End-to-end behaviour runs the client as a subprocess against
@@ -26,8 +26,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from secure_echo import certgen
-from secure_echo.client import (
+from secure_echo.tools import certgen
+from secure_echo.tools.client import (
     CHUNK,
     DEFAULT_INFO_LINE,
     EXIT_CONNECTION,
@@ -50,7 +50,7 @@ from secure_echo.client import (
     parse_proxy_source,
     proxy_v2_header,
 )
-from secure_echo.proxyproto import ProxyHeader, parse_header
+from secure_echo.wire.proxy import ProxyHeader, parse_header
 
 REPO = Path(__file__).resolve().parent.parent
 PEER_SCRIPT = REPO / "tests" / "ssl_echo_peer.py"
@@ -164,13 +164,13 @@ def client_env() -> dict[str, str]:
 
 def client_command(*args: str) -> list[str]:
     """Return the command line that runs the client module with ``args``."""
-    return [sys.executable, "-m", "secure_echo.client", *args]
+    return [sys.executable, "-m", "secure_echo.tools.client", *args]
 
 
 def run_client(
     *args: str, data: bytes = b"", stdin: IO[bytes] | None = None, timeout: float = RUN_TIMEOUT
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run ``python -m secure_echo.client ARGS`` with ``data`` (or ``stdin``) as input."""
+    """Run ``python -m secure_echo.tools.client ARGS`` with ``data`` (or ``stdin``) as input."""
     command, env = client_command(*args), client_env()
     if stdin is not None:
         return subprocess.run(

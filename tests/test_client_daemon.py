@@ -1,6 +1,6 @@
 """``secure-echo-client`` against the real daemon: ``--proxy-v2`` and ``info``.
 
-The client runs as ``python -m secure_echo.client`` with :func:`tests.daemon.child_env`,
+The client runs as ``python -m secure_echo.tools.client`` with :func:`tests.daemon.child_env`,
 the daemon as ``twistd -n secure-echo`` through :mod:`tests.daemon`.  Each kind of
 daemon is shared by the tests of this module (:func:`tests.daemon.shared_daemon`);
 a test finds its own records by a log position taken before the client runs and by
@@ -24,7 +24,7 @@ from typing import IO, Final
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from secure_echo.client import EXIT_CONNECTION, EXIT_OK, EXIT_WRONG_REPLY
+from secure_echo.tools.client import EXIT_CONNECTION, EXIT_OK, EXIT_WRONG_REPLY
 from tests.daemon import Daemon, Event, child_env, shared_daemon
 from tests.test_integration import default_daemon, server_args, shared_pki
 
@@ -73,7 +73,7 @@ def mtls_info_daemon() -> Daemon:
 
 def client_command(*args: str) -> list[str]:
     """The command line of ``secure-echo-client ARGS`` run from this checkout."""
-    return [sys.executable, "-m", "secure_echo.client", *args]
+    return [sys.executable, "-m", "secure_echo.tools.client", *args]
 
 
 def run_client(*args: str) -> subprocess.CompletedProcess[bytes]:

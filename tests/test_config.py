@@ -1,4 +1,4 @@
-"""Tests for :mod:`secure_echo.config` and the one-line errors of ``tap.Options``."""
+"""Tests for :mod:`secure_echo.daemon.options` and the one-line errors of ``tap.Options``."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from cryptography import x509
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from secure_echo import config, tap
-from secure_echo.config import DEFAULT_BACKLOG, Config, Listen, parse, validate_listen
-from secure_echo.tls import ClientAuth, TLSProfile
+from secure_echo import tap
+from secure_echo.daemon import options as config
+from secure_echo.daemon.options import DEFAULT_BACKLOG, Config, Listen, parse, validate_listen
+from secure_echo.tls.policy import ClientAuth, TLSProfile
 from tests.helpers import make_pki
 
 

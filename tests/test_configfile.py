@@ -1,4 +1,4 @@
-"""Tests for :mod:`secure_echo.configfile`: ``--config``, ``--print-config`` and reload."""
+"""Tests for :mod:`secure_echo.daemon.configfile`: ``--config``, ``--print-config`` and reload."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ from typing import Any, ClassVar
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from secure_echo import config, configfile, tap
-from secure_echo.config import DEFAULT_LISTEN, FILE_KEYS, Config, parse
-from secure_echo.configfile import COMMAND_LINE_ONLY, ConfigFileError, Key, Kind
-from secure_echo.tls import GROUPS, TLS12_CIPHERS, TLS13_CIPHERS, ClientAuth, TLSConfigError
-from secure_echo.tls import TLSProfile as Profile
+from secure_echo import tap
+from secure_echo.daemon import configfile
+from secure_echo.daemon import options as config
+from secure_echo.daemon.configfile import COMMAND_LINE_ONLY, ConfigFileError, Key, Kind
+from secure_echo.daemon.options import DEFAULT_LISTEN, FILE_KEYS, Config, parse
+from secure_echo.tls.policy import GROUPS, TLS12_CIPHERS, TLS13_CIPHERS, ClientAuth, TLSConfigError
+from secure_echo.tls.policy import TLSProfile as Profile
 from tests.helpers import make_pki
 
 CONTRIB = Path(__file__).resolve().parent.parent / "contrib" / "secure-echo.toml"
@@ -440,7 +442,7 @@ class ReloadTests(FileTestCase):
             f'client-ca = "{self.pki.ca_cert.absolute()}"\nclient-auth = "optional"\n'
             'tls-profile = "modern"\nallow-dns = ["Client.Example.org"]\n'
         )
-        settings = configfile.reload_tls_settings(cfg)
+        settings = config.reload_tls_settings(cfg)
         self.assertEqual(settings.client_ca, self.pki.ca_cert.absolute())
         self.assertIs(settings.client_auth, ClientAuth.OPTIONAL)
         self.assertIs(settings.profile, Profile.MODERN)
@@ -453,7 +455,7 @@ class ReloadTests(FileTestCase):
             "", "--tls-profile", "modern", "--allow-cn", "x", "--client-ca", str(self.pki.ca_cert)
         )
         self.write('tls-profile = "intermediate"\nallow-cn = ["y"]\n')
-        settings = configfile.reload_tls_settings(cfg)
+        settings = config.reload_tls_settings(cfg)
         self.assertIs(settings.profile, Profile.MODERN)
         self.assertEqual(settings.allow.cns, frozenset({"x"}))
         self.assertEqual(settings.client_ca, self.pki.ca_cert.absolute())
@@ -462,21 +464,21 @@ class ReloadTests(FileTestCase):
         """A broken file at reload is a one-line TLSConfigError naming the file and key."""
         cfg = self.parse_file("")
         self.write("max-line-lenght = 3\n")
-        error = self.assertRaises(TLSConfigError, configfile.reload_tls_settings, cfg)
+        error = self.assertRaises(TLSConfigError, config.reload_tls_settings, cfg)
         self.assertEqual(
             str(error),
             f'--config {self.file}: unknown key "max-line-lenght"; '
             'did you mean "max-line-length"?',
         )
         self.file.unlink()
-        error = self.assertRaises(TLSConfigError, configfile.reload_tls_settings, cfg)
+        error = self.assertRaises(TLSConfigError, config.reload_tls_settings, cfg)
         self.assertIn("no such file", str(error))
 
     def test_bad_tls_value(self) -> None:
         """A bad TLS value in the re-read file names the file and key."""
         cfg = self.parse_file("")
         self.write('client-auth = "required"\n')
-        error = self.assertRaises(TLSConfigError, configfile.reload_tls_settings, cfg)
+        error = self.assertRaises(TLSConfigError, config.reload_tls_settings, cfg)
         self.assertTrue(
             str(error).startswith(f'--config {self.file}: key "client-auth": '), str(error)
         )
@@ -486,7 +488,7 @@ class ReloadTests(FileTestCase):
     def test_without_file(self) -> None:
         """Without a config file the command-line settings are rebuilt."""
         cfg = parse(["--cert", str(self.pki.server_cert), "--key", str(self.pki.server_key)])
-        settings = configfile.reload_tls_settings(cfg)
+        settings = config.reload_tls_settings(cfg)
         self.assertEqual(settings.cert, self.pki.server_cert.absolute())
         self.assertEqual(settings.key, self.pki.server_key.absolute())
 
@@ -495,7 +497,7 @@ class ReloadTests(FileTestCase):
         cfg = self.parse_file("")
         self.write('client-ca = "ca.pem"\n')
         cfg = Config(**{**cfg.__dict__, "command_line": {"client-auth": "sometimes"}})
-        error = self.assertRaises(TLSConfigError, configfile.reload_tls_settings, cfg)
+        error = self.assertRaises(TLSConfigError, config.reload_tls_settings, cfg)
         self.assertTrue(str(error).startswith("--client-auth: unknown mode"), str(error))
 
 

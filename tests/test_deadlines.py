@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from secure_echo import transport as transport_module
-from secure_echo.protocol import LineSettings
+from secure_echo.line.protocol import LineSettings
+from secure_echo.tls import connection as transport_module
 from tests.helpers import make_pki
 from tests.tlspair import (
     HeldHandler,
@@ -21,7 +21,7 @@ from tests.tlspair import (
 )
 
 if TYPE_CHECKING:
-    from secure_echo.transport import TLSServerFactory
+    from secure_echo.tls.connection import TLSServerFactory
 
 
 class IdleTimeoutTests(SynchronousTestCase):

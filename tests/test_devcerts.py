@@ -1,4 +1,4 @@
-"""Tests for :mod:`secure_echo.devcerts`: first-run certificates, reuse, repair, errors."""
+"""Tests for :mod:`secure_echo.tools.devcerts`: first-run certificates, reuse, repair, errors."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from secure_echo import certgen, devcerts
-from secure_echo.devcerts import DevCerts, DevCertsError, ensure_dev_certs
+from secure_echo.tools import certgen, devcerts
+from secure_echo.tools.devcerts import DevCerts, DevCertsError, ensure_dev_certs
 
 T0 = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
 FILES = ("ca.pem", "ca-key.pem", "server.pem", "server-key.pem")

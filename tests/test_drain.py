@@ -10,8 +10,8 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from secure_echo.limits import ConnectionLimiter
-from secure_echo.protocol import LineSettings
+from secure_echo.edge.limits import ConnectionLimiter
+from secure_echo.line.protocol import LineSettings
 from tests.helpers import make_pki
 from tests.tlspair import (
     CountingTransport,
@@ -24,7 +24,7 @@ from tests.tlspair import (
 )
 
 if TYPE_CHECKING:
-    from secure_echo.transport import TLSServerConnection, TLSServerFactory
+    from secure_echo.tls.connection import TLSServerConnection, TLSServerFactory
 
 
 class DrainTests(SynchronousTestCase):

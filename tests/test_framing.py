@@ -1,4 +1,4 @@
-"""Tests for :mod:`secure_echo.framing`: lines at every split point, limits, cost."""
+"""Tests for :mod:`secure_echo.line.framing`: lines at every split point, limits, cost."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from secure_echo.framing import CRLF, LF, LineFramer, Overlong, terminator_of
+from secure_echo.line.framing import CRLF, LF, LineFramer, Overlong, terminator_of
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from typing_extensions import Buffer
 
-    from secure_echo.framing import Event
+    from secure_echo.line.framing import Event
 
 #: Hypothesis budget: enough to find framing bugs, small enough for CI.
 PROPERTY = settings(max_examples=300, deadline=None, database=None)

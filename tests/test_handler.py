@@ -1,4 +1,4 @@
-"""Tests for :mod:`secure_echo.handler`: the interface and the echo handler."""
+"""Tests for :mod:`secure_echo.line.handler`: the interface and the echo handler."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyClass, verifyObject
 
-from secure_echo.handler import EchoHandler, IBatchLineHandler, ILineHandler
+from secure_echo.line.handler import EchoHandler, IBatchLineHandler, ILineHandler
 
 
 class EchoHandlerTests(SynchronousTestCase):

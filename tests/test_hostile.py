@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from twisted.trial.unittest import SkipTest
 
-from secure_echo import certgen
+from secure_echo.tools import certgen
 from tests.daemon import Daemon, shared_daemon, start_daemon
 from tests.hostile_clients import (
     MIB,

@@ -7,8 +7,8 @@ import json
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from secure_echo.protocol import LineSettings
-from secure_echo.tls import ClientAuth, TLSSettings
+from secure_echo.line.protocol import LineSettings
+from secure_echo.tls.policy import ClientAuth, TLSSettings
 from tests.helpers import make_pki
 from tests.tlspair import TLSPair, client_context, server_factory
 

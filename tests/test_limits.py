@@ -1,4 +1,4 @@
-"""Tests for :mod:`secure_echo.limits`: peer keys, connection counting, refusal logs, fds."""
+"""Tests for :mod:`secure_echo.edge.limits`: peer keys, connection counting, refusal logs, fds."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from secure_echo import limits
-from secure_echo.limits import (
+from secure_echo.edge import limits
+from secure_echo.edge.limits import (
     DRAINING,
     FD_RESERVE,
     LIMIT_PER_IP,
@@ -350,7 +350,7 @@ class FdLimitTests(SynchronousTestCase):
         self.assertEqual(limits.raise_fd_limit(), (soft, hard))
 
     def _fake_rlimits(self, soft: int, hard: int, *, fail: bool = False) -> list[tuple[int, int]]:
-        """Replace get/setrlimit for :mod:`secure_echo.limits`; return the calls to set."""
+        """Replace get/setrlimit for :mod:`secure_echo.edge.limits`; return the calls to set."""
         calls: list[tuple[int, int]] = []
 
         def getrlimit(which: int) -> tuple[int, int]:

@@ -12,7 +12,7 @@ from typing import Any
 from twisted.logger import Logger, LogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from secure_echo.logs import JSONLogService
+from secure_echo.daemon.logs import JSONLogService
 
 
 class ImmediateReactor:
@@ -97,7 +97,7 @@ class WriteFailureTests(SynchronousTestCase):
         """An OSError from the stream is reported once on stderr; later records go on."""
         from io import StringIO  # noqa: PLC0415
 
-        from secure_echo.logs import JSONLinesObserver  # noqa: PLC0415
+        from secure_echo.daemon.logs import JSONLinesObserver  # noqa: PLC0415
 
         class Flaky(StringIO):
             fail = True

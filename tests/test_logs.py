@@ -1,4 +1,4 @@
-"""Tests for :mod:`secure_echo.logs`: JSON Lines records and the rotating file service."""
+"""Tests for :mod:`secure_echo.daemon.logs`: JSON Lines records and the rotating file service."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 from twisted.logger import Logger, LogLevel, LogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from secure_echo.logs import (
+from secure_echo.daemon.logs import (
     DEFAULT_EVENT,
     JSONLinesObserver,
     JSONLogService,
@@ -265,7 +265,7 @@ class RenderMessageTests(SynchronousTestCase):
         """Field-only format strings render exactly as formatEvent renders them."""
         from twisted.logger import formatEvent  # noqa: PLC0415
 
-        from secure_echo.logs import render_message  # noqa: PLC0415
+        from secure_echo.daemon.logs import render_message  # noqa: PLC0415
 
         event = {
             "log_format": "connection {conn_id} from {peer!r} closed: {close_reason} {n:.2f}",
@@ -280,7 +280,7 @@ class RenderMessageTests(SynchronousTestCase):
         """Twisted's own syntax and broken events go through formatEvent."""
         from twisted.logger import formatEvent  # noqa: PLC0415
 
-        from secure_echo.logs import render_message  # noqa: PLC0415
+        from secure_echo.daemon.logs import render_message  # noqa: PLC0415
 
         class Source:
             def name(self) -> str:

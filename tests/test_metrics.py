@@ -1,4 +1,4 @@
-"""Tests for :mod:`secure_echo.metrics`: log events in, Prometheus samples and health out."""
+"""Tests for :mod:`secure_echo.daemon.metrics`: log events in, Prometheus samples and health."""
 
 from __future__ import annotations
 
@@ -28,14 +28,14 @@ from twisted.web.test.requesthelper import DummyRequest
 from typing_extensions import override
 
 import secure_echo
-from secure_echo.limits import DRAINING, LIMIT_PER_IP, LIMIT_TOTAL, RefusalLog
-from secure_echo.metrics import (
+from secure_echo.daemon.metrics import (
     HANDSHAKE_FAILURE_REASONS,
     Metrics,
     handshake_failure_reason,
     metrics_site,
 )
-from secure_echo.record import CloseReason, ConnectionRecord
+from secure_echo.edge.limits import DRAINING, LIMIT_PER_IP, LIMIT_TOTAL, RefusalLog
+from secure_echo.tls.record import CloseReason, ConnectionRecord
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IListeningPort

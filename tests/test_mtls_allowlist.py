@@ -10,16 +10,16 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from secure_echo import certgen
-from secure_echo.allowlist import AllowList, spki_sha256
-from secure_echo.tls import ClientAuth, TLSSettings, load_and_validate
+from secure_echo.tls.allowlist import AllowList, spki_sha256
+from secure_echo.tls.policy import ClientAuth, TLSSettings, load_and_validate
+from secure_echo.tools import certgen
 from tests.helpers import make_pki
 from tests.tlspair import TLSPair, capture_events, client_context, named, server_factory
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from secure_echo.transport import TLSServerFactory
+    from secure_echo.tls.connection import TLSServerFactory
 
 SPIFFE_WEB = "spiffe://example.org/ns/prod/sa/web"
 

@@ -8,8 +8,8 @@ from typing import Any
 from twisted.internet.abstract import FileDescriptor
 from twisted.trial.unittest import SynchronousTestCase
 
-from secure_echo.record import ConnectionRecord
-from secure_echo.transport import TLSServerConnection, _direct_socket
+from secure_echo.tls.connection import TLSServerConnection, _direct_socket
+from secure_echo.tls.record import ConnectionRecord
 
 
 class SocketTransport(FileDescriptor):

@@ -86,7 +86,7 @@ class PeerTests(SynchronousTestCase):
             [
                 sys.executable,
                 "-m",
-                "secure_echo.client",
+                "secure_echo.tools.client",
                 f"127.0.0.1:{daemon.port}",
                 "--ca",
                 str(pki.ca_cert),
@@ -106,7 +106,7 @@ class PeerTests(SynchronousTestCase):
             [
                 sys.executable,
                 "-m",
-                "secure_echo.client",
+                "secure_echo.tools.client",
                 "check",
                 f"127.0.0.1:{daemon.port}",
                 "--ca",

@@ -1,4 +1,4 @@
-"""Tests for :mod:`secure_echo.protocol`: ordering, errors, timeouts, backpressure, close."""
+"""Tests for :mod:`secure_echo.line.protocol`: ordering, errors, timeouts, backpressure, close."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from secure_echo.handler import EchoHandler, ILineHandler
-from secure_echo.protocol import (
+from secure_echo.line.handler import EchoHandler, ILineHandler
+from secure_echo.line.protocol import (
     HANDLER_FAILED,
     HANDLER_TIMEOUT,
     LINE_TOO_LONG,
@@ -25,7 +25,7 @@ from secure_echo.protocol import (
     LineSettings,
     error_reply,
 )
-from secure_echo.record import ConnectionRecord
+from secure_echo.tls.record import ConnectionRecord
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -1,4 +1,4 @@
-"""Tests for :mod:`secure_echo.proxyproto`: the PROXY header parser and reader."""
+"""Tests for :mod:`secure_echo.wire.proxy` and :mod:`secure_echo.edge.proxyreader`."""
 
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from secure_echo.limits import ConnectionLimiter
-from secure_echo.proxyproto import (
+from secure_echo.edge.addresses import format_address
+from secure_echo.edge.limits import ConnectionLimiter
+from secure_echo.edge.proxyreader import ProxyHeaderReader, ProxyProtocolFactory, is_trusted
+from secure_echo.wire.proxy import (
     LOCAL,
     PP2_CLIENT_CERT_CONN,
     PP2_CLIENT_SSL,
@@ -43,19 +45,15 @@ from secure_echo.proxyproto import (
     V1_MAX_LENGTH,
     V2_SIGNATURE,
     ProxyHeader,
-    ProxyHeaderReader,
     ProxyProtocolError,
-    ProxyProtocolFactory,
     build_v1_header,
     build_v2_header,
     crc32c,
     encode_tlvs,
-    is_trusted,
     looks_like_proxy,
     parse_header,
     ssl_tlv,
 )
-from secure_echo.transport import format_address
 from tests.helpers import make_pki
 from tests.tlspair import capture_events, client_context, named, server_factory
 

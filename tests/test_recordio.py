@@ -10,7 +10,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from secure_echo import recordio
+from secure_echo.tls import recordio
 from tests import test_transport
 from tests.helpers import make_pki
 from tests.tlspair import TLSPair, client_context, server_factory

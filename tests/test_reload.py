@@ -1,4 +1,4 @@
-"""Tests for :mod:`secure_echo.reload`: one-transaction reloads, SIGHUP and file polling."""
+"""Tests for :mod:`secure_echo.daemon.reload`: one-transaction reloads, SIGHUP and file polling."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from secure_echo import certgen
-from secure_echo.reload import ReloadService, TLSReloader
-from secure_echo.tls import ContextHolder, TLSSettings, load_and_validate
+from secure_echo.daemon.reload import ReloadService, TLSReloader
+from secure_echo.tls.policy import ContextHolder, TLSSettings, load_and_validate
+from secure_echo.tools import certgen
 from tests.helpers import make_pki, write_expired_server
 from tests.tlspair import TLSPair, capture_events, client_context, named, server_factory
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from pathlib import Path
     from types import FrameType
 
-    from secure_echo.transport import TLSServerFactory
+    from secure_echo.tls.connection import TLSServerFactory
 
 
 def wall_clock() -> Clock:
@@ -330,7 +330,7 @@ class PeriodicExpiryTests(SynchronousTestCase):
 
     def test_warns_again_later(self) -> None:
         """Twelve hours on, a certificate now inside the window is warned about."""
-        from secure_echo.reload import EXPIRY_CHECK_INTERVAL  # noqa: PLC0415
+        from secure_echo.daemon.reload import EXPIRY_CHECK_INTERVAL  # noqa: PLC0415
 
         pki = make_pki(self.mktemp())
         holder = ContextHolder(load_and_validate(TLSSettings(pki.server_cert, pki.server_key)))

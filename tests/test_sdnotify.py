@@ -1,4 +1,4 @@
-"""Tests for :mod:`secure_echo.sdnotify`, against real ``AF_UNIX`` datagram listeners."""
+"""Tests for :mod:`secure_echo.daemon.sdnotify`, against real ``AF_UNIX`` datagram listeners."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import FailTest, SynchronousTestCase
 
-from secure_echo.sdnotify import (
+from secure_echo.daemon.sdnotify import (
     Notifier,
     NotifyService,
     monotonic_usec,

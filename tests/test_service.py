@@ -1,4 +1,4 @@
-"""Tests for :mod:`secure_echo.service`: listening for real, or stopping start-up."""
+"""Tests for :mod:`secure_echo.daemon.services`: listening for real, or stopping start-up."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from secure_echo.config import validate_listen
-from secure_echo.service import ListeningService, MetricsService, describe_listen_failure
+from secure_echo.daemon.options import validate_listen
+from secure_echo.daemon.services import ListeningService, MetricsService, describe_listen_failure
 
 
 def _port_is_free(port: int) -> bool:

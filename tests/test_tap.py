@@ -1,4 +1,4 @@
-"""Tests for :mod:`secure_echo.tap`: the service tree, start-up events and shutdown."""
+"""Tests for :mod:`secure_echo.daemon.maker`: the service tree, start-up events and shutdown."""
 
 from __future__ import annotations
 
@@ -15,18 +15,19 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from secure_echo import tap
-from secure_echo.handler import EchoHandler
-from secure_echo.logs import JSONLogService
-from secure_echo.metrics import Metrics
-from secure_echo.protocol import LineFactory, LineSettings
-from secure_echo.record import CloseReason, ConnectionRecord
-from secure_echo.reload import ReloadService
-from secure_echo.service import ListeningService
-from secure_echo.transport import TLSServerConnection, TLSServerFactory
+from secure_echo.daemon import maker
+from secure_echo.daemon.logs import JSONLogService
+from secure_echo.daemon.metrics import Metrics
+from secure_echo.daemon.reload import ReloadService
+from secure_echo.daemon.services import ListeningService
+from secure_echo.line.handler import EchoHandler
+from secure_echo.line.protocol import LineFactory, LineSettings
+from secure_echo.tls.connection import TLSServerConnection, TLSServerFactory
+from secure_echo.tls.record import CloseReason, ConnectionRecord
 from tests.helpers import make_pki
 
 if TYPE_CHECKING:
-    from secure_echo.config import Config
+    from secure_echo.daemon.options import Config
 
 
 class FakeConnection:
@@ -95,7 +96,9 @@ class MakeServiceTests(TapTestCase):
         """The tree is a MultiService of TLSService, ReloadService and ListeningService."""
         top = tap.makeService(self.options(), reactor=MemoryReactorClock())
         self.assertIsInstance(top, MultiService)
-        self.assertEqual([type(c) for c in top], [tap.TLSService, ReloadService, ListeningService])
+        self.assertEqual(
+            [type(c) for c in top], [maker.TLSService, ReloadService, ListeningService]
+        )
         self.assertFalse(top.running)
 
     def test_log_service_first(self) -> None:
@@ -108,7 +111,7 @@ class MakeServiceTests(TapTestCase):
         children = list(top)
         self.assertEqual(
             [type(c) for c in children],
-            [JSONLogService, tap.TLSService, ReloadService, ListeningService],
+            [JSONLogService, maker.TLSService, ReloadService, ListeningService],
         )
         log_service = children[0]
         assert isinstance(log_service, JSONLogService)
@@ -213,7 +216,7 @@ class ConnectionRecordTests(TapTestCase):
             self.options("--log-file", str(log_file), *args), reactor=MemoryReactorClock()
         )
         self.start(top)
-        (service,) = [c for c in top if isinstance(c, tap.TLSService)]
+        (service,) = [c for c in top if isinstance(c, maker.TLSService)]
         FakeConnection(service._factory, closes=True).gone()
         written = [json.loads(line)["event"] for line in log_file.read_text().splitlines()]
         return written, self.named_events("connection_closed")
@@ -242,7 +245,7 @@ class ConnectionRecordTests(TapTestCase):
         """No --log-file: the text log is the only log, and has them."""
         top = tap.makeService(self.options(), reactor=MemoryReactorClock())
         self.start(top)
-        (service,) = [c for c in top if isinstance(c, tap.TLSService)]
+        (service,) = [c for c in top if isinstance(c, maker.TLSService)]
         FakeConnection(service._factory, closes=True).gone()
         self.assertEqual(len(self.named_events("connection_closed")), 1)
 
@@ -255,7 +258,7 @@ class ConnectionRecordTests(TapTestCase):
                 super().__init__(**kwargs)
                 made.append(self)
 
-        self.patch(tap, "Metrics", Recorded)
+        self.patch(maker, "Metrics", Recorded)
         self.close_one("--metrics", "tcp:0:interface=127.0.0.1")
         (metrics,) = made
         value = metrics.registry.get_sample_value(
@@ -274,7 +277,7 @@ class DevBannerTests(TapTestCase):
         """The banner names the CA file and a client command for the listening port."""
         cfg = self.config("--listen", "tcp:9555:interface=127.0.0.1")
         self.stdout.truncate(0)
-        tap.print_dev_banner(cfg)
+        maker.print_dev_banner(cfg)
         output = self.stdout.getvalue()
         assert cfg.dev_certs is not None
         self.assertIn(str(cfg.dev_certs.ca_cert), output)
@@ -287,18 +290,18 @@ class DevBannerTests(TapTestCase):
         tap.Options().parseOptions(["--state-dir", state])
         options = tap.Options()
         options.parseOptions(["--state-dir", state])
-        tap.print_dev_banner(options.config)
+        maker.print_dev_banner(options.config)
         self.assertIn("(reused)", self.stdout.getvalue())
 
     def test_default_port_for_unix(self) -> None:
         """For a non-TCP first endpoint the banner falls back to port 8443."""
         path = Path(self.mktemp()).absolute()
-        tap.print_dev_banner(self.config("--listen", f"unix:{path}"))
+        maker.print_dev_banner(self.config("--listen", f"unix:{path}"))
         self.assertIn("127.0.0.1:8443", self.stdout.getvalue())
 
     def test_silent_with_real_certificate(self) -> None:
         """With --cert there is no banner."""
-        tap.print_dev_banner(self.config(dev=False))
+        maker.print_dev_banner(self.config(dev=False))
         self.assertEqual(self.stdout.getvalue(), "")
 
 
@@ -312,7 +315,7 @@ class ShutdownTests(TapTestCase):
         self.factory = TLSServerFactory(
             cfg.contexts, LineFactory(EchoHandler(), LineSettings(), self.clock), self.clock
         )
-        self.service = tap.TLSService(cfg, self.factory, self.clock)
+        self.service = maker.TLSService(cfg, self.factory, self.clock)
         self.service.startService()
 
     def add(self, *, closes: bool) -> FakeConnection:

@@ -1,4 +1,4 @@
-"""Tests for :mod:`secure_echo.tls`: validation of the files and the policy on the wire.
+"""Tests for :mod:`secure_echo.tls.policy`: validation of the files and the policy on the wire.
 
 The policy is checked by real handshakes in memory: the server is a pyOpenSSL
 ``Connection`` built from :func:`build_context`, the client is usually the stdlib
@@ -22,8 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 from OpenSSL import SSL
 from twisted.trial.unittest import SynchronousTestCase
 
-from secure_echo import certgen
-from secure_echo.tls import (
+from secure_echo.tls.policy import (
     GROUPS,
     TLS12_CIPHERS,
     TLS13_CIPHERS,
@@ -39,6 +38,7 @@ from secure_echo.tls import (
     set_groups,
     verify_error_text,
 )
+from secure_echo.tools import certgen
 from tests.helpers import make_pki, write_expired_server
 
 if TYPE_CHECKING:

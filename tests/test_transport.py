@@ -1,4 +1,4 @@
-"""Tests for :mod:`secure_echo.transport`: TLS over a simulated stream."""
+"""Tests for :mod:`secure_echo.tls.connection`: TLS over a simulated stream."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from secure_echo.protocol import LineSettings
-from secure_echo.tls import ClientAuth, TLSSettings, load_and_validate
-from secure_echo.transport import format_address, ssl_error_text
+from secure_echo.edge.addresses import format_address
+from secure_echo.line.protocol import LineSettings
+from secure_echo.tls.connection import ssl_error_text
+from secure_echo.tls.policy import ClientAuth, TLSSettings, load_and_validate
 from tests.helpers import PKI, make_pki
 from tests.tlspair import HeldHandler, TLSPair, client_context, server_factory
 
@@ -193,7 +194,7 @@ class EchoOverTLSTests(TransportTestsMixin, SynchronousTestCase):
 
     def test_server_shutdown_reason(self) -> None:
         """close(reason) records the server's reason in connection_closed."""
-        from secure_echo.record import CloseReason  # noqa: PLC0415
+        from secure_echo.tls.record import CloseReason  # noqa: PLC0415
 
         self.pair.handshake()
         self.pair.server.close(CloseReason.SERVER_SHUTDOWN)

@@ -1,8 +1,8 @@
 """``--workers N``: the supervisor's pieces in memory, then the real daemon with two workers.
 
-The unit tests drive :class:`~secure_echo.workers.WorkerSupervisor` with a memory reactor
+The unit tests drive :class:`~secure_echo.pool.supervisor.WorkerSupervisor` with a memory reactor
 that records ``spawnProcess`` calls and a :class:`~twisted.internet.task.Clock`; worker
-processes are :class:`~secure_echo.workers.WorkerProcess` protocols fed bytes by hand.
+processes are :class:`~secure_echo.pool.supervisor.WorkerProcess` protocols fed bytes by hand.
 The integration tests run ``twistd -n secure-echo --workers 2`` and talk to it with real
 TLS clients; which worker served a connection is read from the ``worker`` field of its
 ``connection_closed`` record, or, while it is open, from ``/proc``.
@@ -41,19 +41,13 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from secure_echo import config, tap, workers
-from secure_echo.logs import event_as_record
-from secure_echo.sdnotify import Notifier
-from secure_echo.worker import (
-    ParentWatch,
-    PipeLogObserver,
-    SharedPortsService,
-    WorkerLifecycle,
-    adopt_port,
-    build_worker_service,
-    worker_options,
-)
-from secure_echo.workers import (
+from secure_echo import tap
+from secure_echo.daemon import maker
+from secure_echo.daemon import options as config
+from secure_echo.daemon.logs import event_as_record
+from secure_echo.daemon.sdnotify import Notifier
+from secure_echo.pool import supervisor as workers
+from secure_echo.pool.supervisor import (
     SPEC_ENV,
     RecordReader,
     ReloadOutcome,
@@ -68,6 +62,15 @@ from secure_echo.workers import (
     record_as_event,
     worker_environment,
     worker_values,
+)
+from secure_echo.pool.worker import (
+    ParentWatch,
+    PipeLogObserver,
+    SharedPortsService,
+    WorkerLifecycle,
+    adopt_port,
+    build_worker_service,
+    worker_options,
 )
 from tests.daemon import Daemon, Event, child_env, start_daemon
 from tests.helpers import make_pki
@@ -152,7 +155,7 @@ class RecordAsEventTests(SynchronousTestCase):
         "time": "2026-01-02T03:04:05.123456+00:00",
         "level": "warn",
         "event": "connection_closed",
-        "namespace": "secure_echo.transport.TLSServerFactory",
+        "namespace": "secure_echo.tls.connection.TLSServerFactory",
         "message": "connection 7 closed: {not a format}",
         "conn_id": 7,
         "peer": "127.0.0.1:5000",
@@ -336,7 +339,7 @@ class SpecTests(SynchronousTestCase):
         self.assertEqual(WorkerSpec.from_json(env[SPEC_ENV]).values, {"x": 1})
         paths = env["PYTHONPATH"].split(os.pathsep)
         self.assertIn("elsewhere", paths)
-        root = Path(workers.__file__).resolve().parent.parent
+        root = Path(workers.__file__).resolve().parent.parent.parent
         site_dirs = {Path(p).resolve() for p in sysconfig.get_paths().values()}
         if root in site_dirs:
             # Installed: the worker finds secure_echo in site-packages anyway.
@@ -442,12 +445,12 @@ class ConfigTests(SynchronousTestCase):
         top = tap.makeService(options, MemoryReactorClock())
         kinds = [type(child) for child in top]
         self.assertIn(WorkerSupervisor, kinds)
-        self.assertNotIn(tap.TLSService, kinds)
+        self.assertNotIn(maker.TLSService, kinds)
         spec = WorkerSpec(1, worker_values(options))
         tree, ports, factory = build_worker_service(spec, MemoryReactorClock())
         children = list(tree)
         self.assertIs(children[-1], ports)
-        self.assertTrue(any(isinstance(child, tap.TLSService) for child in children))
+        self.assertTrue(any(isinstance(child, maker.TLSService) for child in children))
         self.assertFalse(
             any(type(child).__name__ == "ListeningService" for child in children), children
         )
@@ -565,7 +568,9 @@ class SupervisorTests(SupervisorCase):
         processes = self.start()
         self.assertEqual([p.index for p in processes], [1, 2])
         for index, (process, args, env, child_fds) in enumerate(self.reactor.spawned, 1):
-            self.assertEqual(args, ["/usr/bin/python3", "-m", "secure_echo.worker", str(index)])
+            self.assertEqual(
+                args, ["/usr/bin/python3", "-m", "secure_echo.pool.worker", str(index)]
+            )
             self.assertEqual(child_fds, {0: "w", 1: "r", 2: "r", 7: 7})
             self.assertNotIn("NOTIFY_SOCKET", env)
             self.assertNotIn("WATCHDOG_USEC", env)
@@ -927,7 +932,7 @@ def read_records(stream: Any, until: Callable[[dict[str, Any]], bool]) -> list[d
 
 
 class WorkerProcessTests(SynchronousTestCase):
-    """``python -m secure_echo.worker`` started by hand, as the supervisor would."""
+    """``python -m secure_echo.pool.worker`` started by hand, as the supervisor would."""
 
     def setUp(self) -> None:
         self.pki = make_pki(self.mktemp())
@@ -942,7 +947,7 @@ class WorkerProcessTests(SynchronousTestCase):
         env = child_env({"NOTIFY_SOCKET": "/nowhere"})
         env[SPEC_ENV] = spec_json
         process = subprocess.Popen(
-            [sys.executable, "-m", "secure_echo.worker", "1"],
+            [sys.executable, "-m", "secure_echo.pool.worker", "1"],
             env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

@@ -18,10 +18,10 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from secure_echo.handler import EchoHandler, ILineHandler
-from secure_echo.protocol import LineFactory, LineSettings
-from secure_echo.tls import ContextHolder, TLSSettings, load_and_validate
-from secure_echo.transport import TLSServerFactory
+from secure_echo.line.handler import EchoHandler, ILineHandler
+from secure_echo.line.protocol import LineFactory, LineSettings
+from secure_echo.tls.connection import TLSServerFactory
+from secure_echo.tls.policy import ContextHolder, TLSSettings, load_and_validate
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from twisted.internet.task import Clock
     from twisted.trial.unittest import SynchronousTestCase
 
-    from secure_echo.limits import ConnectionLimiter, RefusalLog
+    from secure_echo.edge.limits import ConnectionLimiter, RefusalLog
     from tests.helpers import PKI
 
 

@@ -1,55 +1,36 @@
-"""``twistd secure-echo``: the options and the service maker.
+"""``twistd secure-echo``: the options and the service maker that the plugin names.
 
-``Options`` is :class:`secure_echo.config.Options` with one change for twistd: a
-usage error is printed as a single line and the process exits, instead of twistd
-printing its whole help page above it.  ``makeService`` only builds services; the
-reactor is passed in (or imported when called), never at module level.
+``Options`` is :class:`secure_echo.daemon.options.Options` with one change for
+twistd: a usage error is printed as a single line and the process exits, instead
+of twistd printing its whole help page above it.  ``makeService`` builds either
+the single-process daemon (:mod:`secure_echo.daemon.maker`) or, for
+``--workers N``, the supervisor of N workers (:mod:`secure_echo.pool.supervisor`).
+It only builds services; the reactor is passed in (or imported when called),
+never at module level.
+
+This module is the top of the layers: it alone may import both the daemon and
+the pool.
 """
 
 from __future__ import annotations
 
-import shlex
-import shutil
-import sys
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO, cast
+from typing import TYPE_CHECKING, Any
 
-from twisted.application.service import MultiService, Service
-from twisted.internet import defer
-from twisted.logger import ILogObserver, Logger, LogPublisher, globalLogPublisher
 from twisted.python import usage
-from twisted.python.components import Componentized
 from typing_extensions import override
 
-from secure_echo import config as _config
-from secure_echo.configfile import reload_tls_settings
-from secure_echo.devcerts import client_command
-from secure_echo.handler import EchoHandler
-from secure_echo.limits import (
-    ConnectionLimiter,
-    RefusalLog,
-    default_max_connections,
-    raise_fd_limit,
-)
-from secure_echo.logs import log_sinks
-from secure_echo.metrics import Metrics, metrics_site
-from secure_echo.protocol import LineFactory, LineSettings
-from secure_echo.proxyproto import ProxyProtocolFactory
-from secure_echo.reload import ReloadService, TLSReloader
-from secure_echo.sdnotify import Notifier, NotifyService, watchdog_interval
-from secure_echo.service import ListeningService, MetricsService
-from secure_echo.transport import TLSServerFactory, format_address
+from secure_echo.daemon import options as _config
+from secure_echo.daemon.maker import make_service
+from secure_echo.pool.supervisor import make_supervisor
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from twisted.internet.interfaces import IListeningPort, IProtocolFactory
-
-    from secure_echo.tls import ContextHolder
+    from twisted.application.service import MultiService
 
 
 class Options(_config.Options):
-    """Twistd's view of :class:`secure_echo.config.Options`.
+    """Twistd's view of :class:`secure_echo.daemon.options.Options`.
 
     A usage error is one stderr line and exit status 2; ``--print-config`` prints
     the validated settings as JSON and exits 0, so twistd never starts.
@@ -66,266 +47,13 @@ class Options(_config.Options):
             raise SystemExit(0)
 
 
-class TLSService(Service):
-    """Owns the TLS context and the open connections; closes them at shutdown."""
-
-    log = Logger()
-
-    def __init__(
-        self,
-        cfg: _config.Config,
-        factory: TLSServerFactory,
-        clock: Any,
-        fd_limits: tuple[int, int] | None = None,
-    ) -> None:
-        self._config = cfg
-        self._factory = factory
-        self._clock = clock
-        self._fd_limits = fd_limits
-
-    @override
-    def startService(self) -> None:
-        super().startService()
-        loaded = self._config.tls
-        if self._config.dev_certs is not None:
-            self.log.warn(
-                "using a development certificate made for localhost; clients must trust "
-                "{ca_cert}. Give --cert and --key for anything else",
-                event="dev_certificate",
-                ca_cert=str(self._config.dev_certs.ca_cert),
-                cert=str(self._config.dev_certs.server_cert),
-                created=self._config.dev_certs.created,
-            )
-        self.log.info(
-            "TLS context loaded ({profile}): {subject}, valid until {not_after}",
-            event="tls_context_loaded",
-            profile=str(loaded.settings.profile),
-            subject=loaded.subject,
-            not_after=loaded.not_after.isoformat(),
-            cert=str(loaded.settings.cert),
-            client_ca=str(loaded.settings.client_ca) if loaded.settings.client_ca else None,
-            client_auth=str(loaded.settings.client_auth),
-            allow_list=loaded.settings.allow.active,
-        )
-        limiter = self._factory.limiter
-        self.log.info(
-            "limits: {max_connections} connections, {max_per_ip} per IP; "
-            "file descriptors {fd_soft}/{fd_hard}",
-            event="limits",
-            max_connections=limiter.max_total if limiter else None,
-            max_per_ip=limiter.max_per_ip if limiter else None,
-            fd_soft=self._fd_limits[0] if self._fd_limits else None,
-            fd_hard=self._fd_limits[1] if self._fd_limits else None,
-            handshake_timeout=self._factory.handshake_timeout,
-            idle_timeout=self._factory.idle_timeout,
-            write_stall_timeout=self._factory.write_stall_timeout,
-            max_connection_age=self._factory.max_connection_age,
-        )
-
-    @override
-    def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
-        return self._factory.drain(self._config.drain_timeout)
-
-
-def print_dev_banner(
-    cfg: _config.Config, port: int | None = None, stream: TextIO | None = None
-) -> None:
-    """Tell a first-time user where the CA is and how to connect.
-
-    ``port`` is the bound port (so ``tcp:0`` prints the real one); without it the
-    port is read from the first ``--listen``.  The banner goes to the original
-    stdout, which twistd has not redirected into its log.
-    """
-    dev = cfg.dev_certs
-    if dev is None:
-        return
-    if port is None:
-        port = 8443
-        parts = cfg.listens[0].description.split(":")
-        if cfg.listens[0].kind in {"tcp", "tcp6"} and len(parts) > 1 and parts[1].isdigit():
-            port = int(parts[1])
-    commands = client_command(dev.ca_cert, "127.0.0.1", port)
-    # Installed in a virtualenv that is not on PATH: name the client by its path.
-    script = Path(sys.executable).with_name("secure-echo-client")
-    if shutil.which("secure-echo-client") is None and script.exists():
-        commands = commands.replace("secure-echo-client", shlex.quote(str(script)), 1)
-    out = stream or sys.__stdout__ or sys.stdout
-    out.write(
-        "secure-echo: using a development certificate for localhost "
-        f"({'created' if dev.created else 'reused'}).\n"
-        f"secure-echo: CA certificate: {dev.ca_cert}\n"
-        "secure-echo: connect with:\n"
-        f"{commands}\n"
-    )
-    out.flush()
-
-
-def _first_tcp_port(ports: list[IListeningPort]) -> int | None:
-    for port in ports:
-        number = getattr(port.getHost(), "port", None)
-        if isinstance(number, int):
-            return number
-    return None
-
-
-class OrderedMultiService(MultiService):
-    """A MultiService that stops its children one at a time, last added first.
-
-    ``MultiService`` stops every child at once; the log service must outlive the
-    services whose shutdown it records (every ``connection_closed`` of a drain).
-
-    ``log_observer``, if set, becomes the twistd application's log observer: twistd
-    reads it from the application when it starts logging, after ``makeService``.
-    """
-
-    log_observer: ILogObserver | None = None
-
-    @override
-    def setServiceParent(self, parent: Any) -> None:
-        if self.log_observer is not None and isinstance(parent, Componentized):
-            parent.setComponent(ILogObserver, self.log_observer)
-        super().setServiceParent(parent)
-
-    @override
-    def stopService(self) -> defer.Deferred[None]:
-        Service.stopService(self)
-        children = list(self)
-        children.reverse()
-
-        async def stop_each() -> None:
-            for child in children:
-                await defer.maybeDeferred(child.stopService)
-
-        return defer.Deferred.fromCoroutine(stop_each())
-
-
-def build_factory(cfg: _config.Config, reactor: Any) -> tuple[TLSServerFactory, tuple[int, int]]:
-    """The TLS server factory of the daemon, and the file-descriptor limits it used.
-
-    Raises the soft file-descriptor limit to the hard one first, so the default
-    connection limit is what the process may really hold.
-    """
-    fd_limits = raise_fd_limit()
-    limiter = ConnectionLimiter(
-        cfg.max_connections or default_max_connections(fd_limits[0]),
-        cfg.max_connections_per_ip,
-    )
-    settings = LineSettings(
-        max_line_length=cfg.max_line_length,
-        max_pending=cfg.max_pending,
-        handler_timeout=cfg.handler_timeout,
-        info_line=cfg.info_line,
-    )
-    factory = TLSServerFactory(
-        cfg.contexts,
-        LineFactory(EchoHandler(), settings, reactor),
-        reactor,
-        handshake_timeout=cfg.handshake_timeout,
-        idle_timeout=cfg.idle_timeout,
-        write_stall_timeout=cfg.write_stall_timeout,
-        max_connection_age=cfg.max_connection_age,
-        limiter=limiter,
-        refusals=RefusalLog(reactor),
-    )
-    return factory, fd_limits
-
-
 def makeService(options: _config.Options, reactor: Any = None) -> MultiService:
     """Build the daemon's services from validated options."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor  # noqa: PLC0415
 
         reactor = default_reactor
-    cfg = options.config
-    if cfg.workers > 1:
+    if options.config.workers > 1:
         # --workers N: this process binds and supervises, N worker processes serve.
-        from secure_echo.workers import make_supervisor  # noqa: PLC0415 - workers imports tap
-
         return make_supervisor(options, reactor)
-    top = OrderedMultiService()
-    sinks = log_sinks(cfg.log_file, cfg.log_max_bytes, cfg.log_keep, cfg.log_stdout, reactor)
-    top.log_observer = sinks.stdout
-    if sinks.file is not None:
-        sinks.file.setServiceParent(top)
-    contexts = cfg.contexts
-    factory, fd_limits = build_factory(cfg, reactor)
-    if sinks.connections is not None:
-        factory.connection_log = Logger(factory.log.namespace, factory, sinks.connections)
-    if cfg.metrics is not None:
-        # Added before TLSService so it stops after the drain: /readyz answers
-        # "draining" while connections finish, instead of refusing connections.
-        metrics_service(cfg.metrics, factory, reactor, sinks.also).setServiceParent(top)
-    TLSService(cfg, factory, reactor, fd_limits).setServiceParent(top)
-    reloader = TLSReloader(
-        contexts,
-        # Re-reads --config (if any) so cert, key, client CA and allow-lists
-        # change together; command-line values still win.
-        lambda: reload_tls_settings(cfg),
-        reactor,
-        expiry_warning_days=cfg.expiry_warning_days,
-    )
-    ReloadService(
-        reloader, reactor, cfg.reload_interval, extra_files=(cfg.config_file,)
-    ).setServiceParent(top)
-    served = with_proxy_protocol(cfg, factory, reactor)
-    notifier = Notifier.from_environment()
-
-    def listening(ports: list[IListeningPort]) -> None:
-        if cfg.log_stdout != "json":  # keep JSON output pure; dev_certificate says it
-            print_dev_banner(cfg, _first_tcp_port(ports))
-        if notifier is not None:
-            # READY=1 once every port listens with a loaded context; the reactor
-            # runs from here on, so systemd's start timeout covers all of it.
-            reactor.callWhenRunning(notifier.ready, service_status(contexts, ports))
-
-    ListeningService(reactor, cfg.listens, served, on_listening=listening).setServiceParent(top)
-    if notifier is not None:
-        reloader.before.append(notifier.reloading)
-        reloader.after.append(
-            lambda ok: notifier.ready(
-                service_status(contexts)
-                if ok
-                else "reload failed, still serving: " + service_status(contexts)
-            )
-        )
-        # Last added, first stopped: STOPPING=1 goes out as the drain starts.
-        NotifyService(notifier, reactor, watchdog_interval()).setServiceParent(top)
-    return top
-
-
-def metrics_service(
-    endpoint: str, factory: TLSServerFactory, reactor: Any, also: Sequence[LogPublisher] = ()
-) -> MetricsService:
-    """The ``--metrics`` HTTP service, fed by the daemon's log events.
-
-    ``also`` are further publishers it reads (the connection records').
-    """
-    metrics = Metrics(active_connections=lambda: len(factory.connections))
-    for publisher in (globalLogPublisher, *also):
-        publisher.addObserver(metrics.observer)
-    return MetricsService(reactor, endpoint, metrics_site(metrics, metrics.state, reactor))
-
-
-def with_proxy_protocol(
-    cfg: _config.Config, factory: TLSServerFactory, reactor: Any
-) -> IProtocolFactory:
-    """``factory`` behind a PROXY protocol reader, if ``--proxy-protocol`` asks."""
-    if cfg.proxy_protocol == "off":
-        return factory
-    return ProxyProtocolFactory(
-        factory,
-        reactor,
-        mode=cast("Any", cfg.proxy_protocol),
-        trusted=cfg.proxy_trusted,
-        timeout=cfg.proxy_timeout,
-    )
-
-
-def service_status(contexts: ContextHolder, ports: list[IListeningPort] | None = None) -> str:
-    """The one-line STATUS= text systemd shows."""
-    loaded = contexts.loaded
-    where = ""
-    if ports:
-        where = "listening on " + ", ".join(format_address(p.getHost()) for p in ports) + "; "
-    return f"{where}certificate {loaded.subject} valid until {loaded.not_after:%Y-%m-%d}"
+    return make_service(options, reactor)

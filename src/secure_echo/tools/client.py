@@ -347,7 +347,7 @@ def proxy_v2_header(
     """
     # The header builder's module also holds the daemon's Twisted reader; importing it
     # only here keeps the client's other modes on the standard library alone.
-    from secure_echo.proxyproto import build_v2_header  # noqa: PLC0415
+    from secure_echo.wire.proxy import build_v2_header  # noqa: PLC0415
 
     destination = _plain_ip(peer[0])
     source = _plain_ip(local[0] if claimed is None else claimed.host)

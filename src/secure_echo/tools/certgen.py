@@ -1,6 +1,6 @@
 """Certificate issuing: a small CA that signs server and client certificates.
 
-Used by the development-certificate bootstrap (:mod:`secure_echo.devcerts`), the
+Used by the development-certificate bootstrap (:mod:`secure_echo.tools.devcerts`), the
 ``secure-echo-certs`` command and the test suite.  Everything is ECDSA P-256: it is
 fast to generate, accepted by every TLS 1.2+ client, and matches the default policy.
 

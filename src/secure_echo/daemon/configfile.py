@@ -18,15 +18,16 @@ Precedence: defaults < file < command line.  A repeatable option given on the co
 line replaces the file's array; it does not extend it.
 
 Errors: this module checks the file itself (readable, UTF-8, TOML syntax, known keys,
-value types).  Values are then validated by :class:`secure_echo.config.Options` like
+value types).  Values are then validated by :class:`secure_echo.daemon.options.Options` like
 command-line values, and an error about a value from the file is reworded to name
 the file and the key.  Every error is one line::
 
     --config /etc/secure-echo.toml: unknown key "max-line-lenght"; did you mean "max-line-length"?
 
-Reload: :func:`reload_tls_settings` re-reads the file and rebuilds the TLS settings
-(certificate, key, client CA, client-auth, profile, allow-lists) as one set, with the
-command-line values captured at start still taking precedence.
+Reload: :func:`secure_echo.daemon.options.reload_tls_settings` re-reads the file and
+rebuilds the TLS settings (certificate, key, client CA, client-auth, profile,
+allow-lists) as one set, with the command-line values captured at start still taking
+precedence.
 """
 
 from __future__ import annotations
@@ -42,13 +43,9 @@ from typing import TYPE_CHECKING, Final
 
 from twisted.python import usage
 
-from secure_echo.tls import TLSConfigError
-
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from secure_echo.config import Config
-    from secure_echo.tls import TLSSettings
 
 #: A value ready for :class:`usage.Options`: a string for a parameter, a tuple of
 #: strings for a repeatable option, a bool for a flag.
@@ -271,38 +268,3 @@ def in_file_terms(error: usage.UsageError, path: Path, key: str) -> ConfigFileEr
     text = str(error)
     rest = text.removeprefix(f"--{key}").removeprefix(":").lstrip()
     return ConfigFileError(path, f'key "{key}": {rest}', key)
-
-
-def _as_tls_error(error: usage.UsageError) -> TLSConfigError:
-    """The same one line as a :class:`TLSConfigError`, which a reload reports."""
-    option, _, rest = str(error).partition(": ")
-    problem, separator, fix = rest.rpartition("; ")
-    if not separator:
-        problem, fix = rest, "correct it and reload again"
-    return TLSConfigError(option, problem, fix)
-
-
-def reload_tls_settings(cfg: Config) -> TLSSettings:
-    """Re-read ``cfg``'s config file and build the TLS settings it now asks for.
-
-    The certificate, key, client CA, client-auth mode, profile and allow-lists come
-    from the file as it is now, except where the command line gave them at start
-    (``cfg.command_line``), which still wins.  The whole file is checked again
-    (syntax, keys, types), but only the TLS options are validated and used; other
-    changed keys take effect at the next start.  Without a config file this rebuilds
-    the settings from the command line alone.
-
-    Raises :class:`TLSConfigError` (one line, naming the file and key where the
-    problem is in the file), so a caller can keep the current settings.
-    """
-    # config imports this module to read the file; the Options it builds are needed
-    # only here, at reload time.
-    from secure_echo.config import Options  # noqa: PLC0415
-
-    options = Options()
-    try:
-        options.apply_sources(cfg.config_file, cfg.command_line)
-        settings, _ = options.tls_settings()
-    except usage.UsageError as error:
-        raise _as_tls_error(options.in_file_terms(error)) from None
-    return settings

@@ -4,10 +4,10 @@
 checks every one of them, resolving them into a :class:`Config`.  Every problem is a
 ``usage.UsageError`` whose text is one line: the option, the problem, the fix.
 Nothing here listens or starts anything; a busy port is found when the listening
-service starts (see :mod:`secure_echo.service`).
+service starts (see :mod:`secure_echo.daemon.services`).
 
 Sources, lowest precedence first: the defaults declared below, a ``--config`` TOML
-file (:mod:`secure_echo.configfile`; keys are the long option names), the command
+file (:mod:`secure_echo.daemon.configfile`; keys are the long option names), the command
 line.  ``parseOptions`` reads the file before twistd's parser applies the command
 line, so a command-line value always wins and a repeatable option given there
 replaces the file's list.  :attr:`Config.sources` records where each value came
@@ -32,10 +32,10 @@ from twisted.internet import endpoints
 from twisted.python import usage
 from typing_extensions import override
 
-from secure_echo import configfile, devcerts
-from secure_echo.allowlist import AllowList, AllowListError
-from secure_echo.configfile import Key, Kind, OptionValue
-from secure_echo.tls import (
+from secure_echo.daemon import configfile
+from secure_echo.daemon.configfile import Key, Kind, OptionValue
+from secure_echo.tls.allowlist import AllowList, AllowListError
+from secure_echo.tls.policy import (
     GROUPS,
     TLS12_CIPHERS,
     TLS13_CIPHERS,
@@ -47,7 +47,8 @@ from secure_echo.tls import (
     TLSSettings,
     fingerprint_sha256,
 )
-from secure_echo.tls import load_and_validate as load_tls
+from secure_echo.tls.policy import load_and_validate as load_tls
+from secure_echo.tools import devcerts
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Mapping, Sequence
@@ -163,10 +164,10 @@ class Config:
     #: Option name to "default", "file" or "command-line".
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
     #: The values the command line gave (paths made absolute), which a reload of
-    #: the config file must keep: see :func:`secure_echo.configfile.reload_tls_settings`.
+    #: the config file must keep: see :func:`reload_tls_settings`.
     command_line: Mapping[str, OptionValue] = field(default_factory=dict, compare=False)
     #: ``--workers``: 1 serves in this process; more runs that many worker
-    #: processes under this one (:mod:`secure_echo.workers`).
+    #: processes under this one (:mod:`secure_echo.pool.supervisor`).
     workers: int = 1
 
 
@@ -783,7 +784,7 @@ def _option_values(cfg: Config) -> dict[str, object]:
 
 
 def _tls_policy(cfg: Config) -> dict[str, object]:
-    """The TLS policy in force, as :func:`secure_echo.tls.build_context` applies it."""
+    """The TLS policy in force, as :func:`secure_echo.tls.policy.build_context` applies it."""
     loaded = cfg.tls
     settings = loaded.settings
     modern = settings.profile is TLSProfile.MODERN
@@ -847,3 +848,34 @@ def print_effective_settings(cfg: Config, out: IO[str] | None = None) -> None:
     stream = out or sys.stdout
     stream.write(json.dumps(effective_settings(cfg), indent=2) + "\n")
     stream.flush()
+
+
+def _as_tls_error(error: usage.UsageError) -> TLSConfigError:
+    """The same one line as a :class:`TLSConfigError`, which a reload reports."""
+    option, _, rest = str(error).partition(": ")
+    problem, separator, fix = rest.rpartition("; ")
+    if not separator:
+        problem, fix = rest, "correct it and reload again"
+    return TLSConfigError(option, problem, fix)
+
+
+def reload_tls_settings(cfg: Config) -> TLSSettings:
+    """Re-read ``cfg``'s config file and build the TLS settings it now asks for.
+
+    The certificate, key, client CA, client-auth mode, profile and allow-lists come
+    from the file as it is now, except where the command line gave them at start
+    (``cfg.command_line``), which still wins.  The whole file is checked again
+    (syntax, keys, types), but only the TLS options are validated and used; other
+    changed keys take effect at the next start.  Without a config file this rebuilds
+    the settings from the command line alone.
+
+    Raises :class:`TLSConfigError` (one line, naming the file and key where the
+    problem is in the file), so a caller can keep the current settings.
+    """
+    options = Options()
+    try:
+        options.apply_sources(cfg.config_file, cfg.command_line)
+        settings, _ = options.tls_settings()
+    except usage.UsageError as error:
+        raise _as_tls_error(options.in_file_terms(error)) from None
+    return settings

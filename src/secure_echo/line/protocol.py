@@ -1,7 +1,7 @@
 """The line protocol: framing, handler calls, ordered replies, limits.
 
 The protocol is a translator.  It turns ``dataReceived`` into framer events, hands
-each line to an :class:`~secure_echo.handler.ILineHandler`, and writes the replies,
+each line to an :class:`~secure_echo.line.handler.ILineHandler`, and writes the replies,
 in line order, as error replies where a handler failed.
 
 State rules (all of them live in this module):
@@ -14,7 +14,7 @@ State rules (all of them live in this module):
    seconds yields ``-ERR handler-failed``/``-ERR handler-timeout`` in its line's
    place, and a log event.  The connection goes on.
 3. An overlong line yields ``-ERR line-too-long`` in its place; see
-   :mod:`secure_echo.framing`.
+   :mod:`secure_echo.line.framing`.
 4. Memory is bounded: the framer holds at most ``max_line_length + 1`` bytes, and
    when ``max_pending`` replies are waiting, reading pauses until the FIFO drains
    to half of that.  The transport separately pauses reading while the client
@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final, cast
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -40,14 +41,13 @@ from twisted.python.failure import Failure
 from typing_extensions import override
 from zope.interface import implementer
 
-from secure_echo.framing import LF, LineFramer, Overlong, terminator_of
-from secure_echo.handler import IBatchLineHandler
+from secure_echo.line.framing import LF, LineFramer, Overlong, terminator_of
+from secure_echo.line.handler import IBatchLineHandler
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
-    from secure_echo.handler import ILineHandler
-    from secure_echo.record import ConnectionRecord
+    from secure_echo.line.handler import ILineHandler
 
 #: Stable reason tokens of ``-ERR`` replies (docs/protocol.md).
 LINE_TOO_LONG: Final = "line-too-long"
@@ -58,6 +58,25 @@ HANDLER_TIMEOUT: Final = "handler-timeout"
 def error_reply(token: str, text: str, terminator: bytes) -> bytes:
     """Format an error reply: ``-ERR <token> <text>`` and the line's terminator."""
     return b"-ERR %s %s%s" % (token.encode("ascii"), text.encode("ascii"), terminator or LF)
+
+
+class LineRecord(TypingProtocol):
+    """What the protocol counts and reports about its connection.
+
+    The transport below owns the record (:class:`secure_echo.tls.record.ConnectionRecord`
+    is one); the line protocol only adds to its line counters and asks it for the
+    info reply, so this layer needs nothing of the transport's.
+    """
+
+    conn_id: Any
+    lines_in: int
+    lines_out: int
+    overlong_lines: int
+    handler_errors: int
+
+    def info(self) -> dict[str, Any]:
+        """The connection as the server sees it (the ``--info-line`` reply)."""
+        ...
 
 
 class _Slot:
@@ -102,7 +121,7 @@ class LineProtocol(Protocol):
         handler: ILineHandler,
         settings: LineSettings,
         clock: IReactorTime,
-        record: ConnectionRecord,
+        record: LineRecord,
     ) -> None:
         self._handler = handler
         self._settings = settings
@@ -366,6 +385,6 @@ class LineFactory:
         self.settings = settings
         self.clock = clock
 
-    def build(self, record: ConnectionRecord) -> LineProtocol:
+    def build(self, record: LineRecord) -> LineProtocol:
         """Make the protocol for one connection."""
         return LineProtocol(self.handler, self.settings, self.clock, record)

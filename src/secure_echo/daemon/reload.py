@@ -1,7 +1,7 @@
 """Reloading the TLS material without a restart: SIGHUP and file watching.
 
 A reload is one transaction: the certificate chain, key, client CA and allow-lists
-are read and validated together (:func:`secure_echo.tls.load_and_validate`), a new
+are read and validated together (:func:`secure_echo.tls.policy.load_and_validate`), a new
 context is built from them, and only then swapped in for new connections.  If any
 step fails the old context stays in use and ``tls_reload_failed`` is logged; open
 connections always keep the context they started with.
@@ -32,7 +32,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from typing_extensions import override
 
-from secure_echo.tls import (
+from secure_echo.tls.policy import (
     ContextHolder,
     LoadedTLS,
     TLSConfigError,

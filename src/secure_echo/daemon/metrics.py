@@ -104,9 +104,9 @@ from typing_extensions import override
 from zope.interface import implementer
 
 import secure_echo
-from secure_echo.limits import DRAINING, LIMIT_PER_IP, LIMIT_TOTAL
-from secure_echo.logs import iso_timestamp
-from secure_echo.record import CloseReason
+from secure_echo.daemon.logs import iso_timestamp
+from secure_echo.edge.limits import DRAINING, LIMIT_PER_IP, LIMIT_TOTAL
+from secure_echo.tls.record import CloseReason
 
 if TYPE_CHECKING:
     from collections.abc import Callable

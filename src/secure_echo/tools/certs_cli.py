@@ -16,7 +16,7 @@ testing client-certificate allow-lists.
 Contract:
 
 * Keys are written 0600 and certificates 0644, each atomically
-  (:mod:`secure_echo.certgen`).
+  (:mod:`secure_echo.tools.certgen`).
 * No file is overwritten unless ``--force`` is given; the check covers every
   target before anything is written, so a refusal writes nothing.
 * A leaf never outlives its CA: ``client`` refuses ``--days`` beyond the CA's
@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from secure_echo import certgen
-from secure_echo.devcerts import client_command
+from secure_echo.tools import certgen
+from secure_echo.tools.devcerts import client_command
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

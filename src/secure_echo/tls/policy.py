@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from OpenSSL import SSL
 from OpenSSL.crypto import X509
 
-from secure_echo.allowlist import AllowList
+from secure_echo.tls.allowlist import AllowList
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

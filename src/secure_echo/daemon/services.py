@@ -20,14 +20,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from typing_extensions import override
 
-from secure_echo.transport import format_address
+from secure_echo.edge.addresses import format_address
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 
-    from secure_echo.config import Listen
+    from secure_echo.daemon.options import Listen
 
 
 class ListenError(Exception):

@@ -11,7 +11,7 @@ first, then the event's own named fields (docs/logging.md lists them all):
     A stable event name.  Our events set it explicitly; events from Twisted itself
     (which has no such field) get ``twisted``.
 ``namespace``
-    The emitting logger's namespace (e.g. ``secure_echo.transport``).
+    The emitting logger's namespace (e.g. ``secure_echo.tls.connection``).
 ``message``
     The rendered human text.
 

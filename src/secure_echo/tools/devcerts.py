@@ -23,7 +23,7 @@ Rules, applied under the lock on every call:
 2. The server pair is reused if the same checks pass for it, it was signed by the
    current CA and it names every entry of :data:`DEV_NAMES`.  Otherwise it is
    re-issued from the current CA and ``ca.pem`` is left untouched.
-3. Each file is written atomically (:mod:`secure_echo.certgen`), keys 0600 from
+3. Each file is written atomically (:mod:`secure_echo.tools.certgen`), keys 0600 from
    creation on.  A crash between two files leaves a set that rule 1 or 2 repairs
    on the next call.
 4. Filesystem failures become :class:`DevCertsError` with a one-line message that
@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from secure_echo import certgen
+from secure_echo.tools import certgen
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

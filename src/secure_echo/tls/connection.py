@@ -18,7 +18,7 @@ State rules (everything that changes them lives in this module):
    gets one plaintext ``-ERR tls-required`` line and the connection closes
    (``plaintext_client``).
 3. Handshake complete: the timer stops, the TLS facts go into the
-   :class:`~secure_echo.record.ConnectionRecord`, and only now is the application
+   :class:`~secure_echo.tls.record.ConnectionRecord`, and only now is the application
    protocol built and connected.  A handshake failure is logged with its reason
    and the connection closes (``handshake_failed``).
 4. Reads: all application data decrypted from one socket read is handed over in
@@ -47,7 +47,7 @@ State rules (everything that changes them lives in this module):
    (``server_shutdown``).
 10. One ``connection_closed`` event per accepted connection, at the very end.
     Connections refused by a limit never become a connection; the factory's
-    :class:`~secure_echo.limits.RefusalLog` records them.
+    :class:`~secure_echo.edge.limits.RefusalLog` records them.
 """
 
 from __future__ import annotations
@@ -62,7 +62,6 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from OpenSSL import SSL
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
@@ -75,16 +74,17 @@ from twisted.logger import Logger
 from typing_extensions import override
 from zope.interface import implementer
 
-from secure_echo.limits import DRAINING, ConnectionLimiter, RefusalLog, peer_key
-from secure_echo.record import CloseReason, ConnectionRecord
-from secure_echo.recordio import record_io
-from secure_echo.tls import fingerprint_sha256, session_reused, subject_alt_names
+from secure_echo.edge.addresses import format_address
+from secure_echo.edge.limits import DRAINING, ConnectionLimiter, RefusalLog, peer_key
+from secure_echo.tls.policy import fingerprint_sha256, session_reused, subject_alt_names
+from secure_echo.tls.record import CloseReason, ConnectionRecord
+from secure_echo.tls.recordio import record_io
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, IReactorTime
     from twisted.python.failure import Failure
 
-    from secure_echo.tls import ContextHolder
+    from secure_echo.tls.policy import ContextHolder
 
 #: The first byte of a TLS handshake record.
 _TLS_HANDSHAKE = 0x16
@@ -96,19 +96,6 @@ class LineAppFactory(Protocol):
     def build(self, record: ConnectionRecord) -> IProtocol:
         """Build the application protocol for a connection that completed its handshake."""
         ...
-
-
-def format_address(address: IAddress) -> str:
-    """Render an address for logs: ``host:port``, ``[v6]:port`` or ``unix:path``."""
-    if isinstance(address, IPv4Address):
-        return f"{address.host}:{address.port}"
-    if isinstance(address, IPv6Address):
-        return f"[{address.host}]:{address.port}"
-    if isinstance(address, UNIXAddress):
-        raw = address.name
-        name = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-        return f"unix:{name or '-'}"
-    return str(address)
 
 
 #: ioctl requests: bytes waiting to be read; bytes sent but not acknowledged.

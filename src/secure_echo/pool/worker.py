@@ -1,9 +1,9 @@
-"""A worker process of ``--workers N``: ``python -m secure_echo.worker INDEX``.
+"""A worker process of ``--workers N``: ``python -m secure_echo.pool.worker INDEX``.
 
-Started only by the supervisor (:mod:`secure_echo.workers`), which passes:
+Started only by the supervisor (:mod:`secure_echo.pool.supervisor`), which passes:
 
 * the listening sockets, at the descriptor numbers the spec names;
-* the spec, JSON in ``$SECURE_ECHO_WORKER`` (:class:`~secure_echo.workers.WorkerSpec`);
+* the spec, JSON in ``$SECURE_ECHO_WORKER`` (:class:`~secure_echo.pool.supervisor.WorkerSpec`);
   ``INDEX`` in argv is only there to make the process recognisable in ``ps``;
 * stdin: a pipe the supervisor never writes to.  End of file on it means the
   supervisor is gone: the worker drains and exits (``supervisor_gone``);
@@ -11,7 +11,7 @@ Started only by the supervisor (:mod:`secure_echo.workers`), which passes:
   standard streams are redirected into the log);
 * stderr: a pipe for what is written before logging starts (a crash at import).
 
-The worker is the single-process daemon, ``tap.makeService``, with its
+The worker is the single-process daemon, ``maker.make_service``, with its
 ``ListeningService`` replaced by :class:`SharedPortsService`, which adopts the
 supervisor's sockets instead of binding.  It opens no log file, serves no metrics and
 never talks to systemd (the supervisor does all three).  It logs ``worker_ready`` once it
@@ -40,10 +40,11 @@ from twisted.python import usage
 from typing_extensions import override
 from zope.interface import implementer
 
-from secure_echo import config, tap
-from secure_echo.logs import JSONLinesObserver
-from secure_echo.service import ListeningService
-from secure_echo.workers import (
+from secure_echo.daemon import maker
+from secure_echo.daemon import options as config
+from secure_echo.daemon.logs import JSONLinesObserver
+from secure_echo.daemon.services import ListeningService
+from secure_echo.pool.supervisor import (
     READY_EVENT,
     SPEC_ENV,
     STATS_EVENT,
@@ -62,9 +63,9 @@ if TYPE_CHECKING:
     from twisted.logger import LogEvent
     from twisted.python.failure import Failure
 
-    from secure_echo.transport import TLSServerFactory
+    from secure_echo.tls.connection import TLSServerFactory
 
-log = Logger(namespace="secure_echo.worker")
+log = Logger(namespace="secure_echo.pool.worker")
 
 
 class _SharedUNIXPort(unix.Port):
@@ -284,21 +285,21 @@ def worker_options(spec: WorkerSpec) -> config.Options:
 def build_worker_service(
     spec: WorkerSpec, reactor: Any
 ) -> tuple[MultiService, SharedPortsService, TLSServerFactory]:
-    """``tap.makeService`` with the shared sockets in place of listening.
+    """``maker.make_service`` with the shared sockets in place of listening.
 
     Returns the service tree, its ports service and the connection factory.
     """
-    top = tap.makeService(worker_options(spec), reactor)
+    top = maker.make_service(worker_options(spec), reactor)
     served: IProtocolFactory | None = None
     factory: TLSServerFactory | None = None
     for child in list(top):
         if isinstance(child, ListeningService):
             served = child._factory
             child.disownServiceParent()  # type: ignore[no-untyped-call]
-        elif isinstance(child, tap.TLSService):
+        elif isinstance(child, maker.TLSService):
             factory = child._factory
     if served is None or factory is None:  # pragma: no cover - guards a change in tap
-        msg = "tap.makeService built no ListeningService or TLSService"
+        msg = "maker.make_service built no ListeningService or TLSService"
         raise RuntimeError(msg)
     ports = SharedPortsService(reactor, spec.sockets, served)
     ports.setServiceParent(top)  # type: ignore[no-untyped-call]

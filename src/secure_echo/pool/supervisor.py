@@ -9,14 +9,14 @@ Roles:
 
 * **Supervisor** (:class:`WorkerSupervisor`, built by :func:`make_supervisor` when
   ``--workers`` is above 1).  It listens in ``privilegedStartService`` with the same
-  :class:`~secure_echo.service.ListeningService` as one process (same one-line errors,
+  :class:`~secure_echo.daemon.services.ListeningService` as one process (same one-line errors,
   same ``listening`` events, ``systemd:`` sockets adopted), then at once stops reading
   from those ports: it never accepts.  It keeps them open to hand to every worker it
-  starts: ``python -m secure_echo.worker INDEX`` with each socket at its own descriptor
+  starts: ``python -m secure_echo.pool.worker INDEX`` with each socket at its own descriptor
   number and a :class:`WorkerSpec` (JSON in ``$SECURE_ECHO_WORKER``) that holds the
   supervisor's validated option values, so every worker, restarted ones included, runs
   the settings the supervisor started with.
-* **Worker** (:mod:`secure_echo.worker`): the single-process daemon (``tap.makeService``)
+* **Worker** (:mod:`secure_echo.pool.worker`): the single-process daemon (``maker.make_service``)
   that adopts the sockets instead of listening, opens no log file, serves no metrics
   and never talks to systemd.
 
@@ -77,18 +77,18 @@ from twisted.logger import InvalidLogLevelError, Logger, LogLevel, globalLogPubl
 from typing_extensions import override
 
 import secure_echo
-from secure_echo import tap
-from secure_echo.configfile import Kind
-from secure_echo.logs import (
+from secure_echo.daemon import maker
+from secure_echo.daemon.configfile import Kind
+from secure_echo.daemon.logs import (
     CONNECTION_RECORD,
     DEFAULT_EVENT,
     iso_timestamp,
     log_sinks,
 )
-from secure_echo.metrics import Metrics, metrics_site
-from secure_echo.sdnotify import Notifier, NotifyService, watchdog_interval
-from secure_echo.service import ListeningService, MetricsService
-from secure_echo.transport import format_address
+from secure_echo.daemon.metrics import Metrics, metrics_site
+from secure_echo.daemon.sdnotify import Notifier, NotifyService, watchdog_interval
+from secure_echo.daemon.services import ListeningService, MetricsService
+from secure_echo.edge.addresses import format_address
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -98,7 +98,7 @@ if TYPE_CHECKING:
     from twisted.logger import LogEvent
     from twisted.python.failure import Failure
 
-    from secure_echo import config
+    from secure_echo.daemon import options as config
 
 #: The environment variable that carries a worker's :class:`WorkerSpec` (JSON).
 SPEC_ENV: Final = "SECURE_ECHO_WORKER"
@@ -340,7 +340,7 @@ def _level(name: object) -> LogLevel:
 def record_as_event(record: Mapping[str, Any], worker: int, now: float) -> LogEvent:
     """The log event of a worker's ``record``, with ``worker`` added.
 
-    :func:`~secure_echo.logs.event_as_record` turns it back into ``record`` with
+    :func:`~secure_echo.daemon.logs.event_as_record` turns it back into ``record`` with
     ``worker`` after ``message``, before the other fields.  The worker's time, level
     and namespace are kept; the rendered ``message`` is used as is (``log_format`` is
     ``{message}``, so braces in it are not a format).  ``now`` stands in for a missing
@@ -351,7 +351,7 @@ def record_as_event(record: Mapping[str, Any], worker: int, now: float) -> LogEv
     event: dict[str, Any] = {
         "log_time": iso_timestamp(record.get("time")) or now,
         "log_level": _level(record.get("level")),
-        "log_namespace": namespace if isinstance(namespace, str) else "secure_echo.worker",
+        "log_namespace": namespace if isinstance(namespace, str) else "secure_echo.pool.worker",
         "log_format": "{message}",
         "log_system": f"worker {worker}",
         "message": message if isinstance(message, str) else "",
@@ -792,7 +792,7 @@ class WorkerSupervisor(Service):
         child_fds.update({s.fd: s.fd for s in spec.sockets})
         process = WorkerProcess(index, self)
         # The index in argv only makes the worker recognisable in ps.
-        args = [self._executable, "-m", "secure_echo.worker", str(index)]
+        args = [self._executable, "-m", "secure_echo.pool.worker", str(index)]
         try:
             self._reactor.spawnProcess(
                 process,
@@ -994,15 +994,15 @@ def _first_tcp_port(ports: list[IListeningPort]) -> int | None:
     return None
 
 
-def make_supervisor(options: config.Options, reactor: Any) -> tap.OrderedMultiService:
-    """The services of a ``--workers N`` supervisor (``tap.makeService`` for N > 1).
+def make_supervisor(options: config.Options, reactor: Any) -> maker.OrderedMultiService:
+    """The services of a ``--workers N`` supervisor (``maker.make_service`` for N > 1).
 
     Children in start order (stopped in reverse): the log file, the metrics page, the
     supervisor, systemd's notifier.  So at shutdown ``STOPPING=1`` goes first, then the
     workers drain while the log and metrics still take their records.
     """
     cfg = options.config
-    top = tap.OrderedMultiService()  # type: ignore[no-untyped-call]
+    top = maker.OrderedMultiService()  # type: ignore[no-untyped-call]
     sinks = log_sinks(cfg.log_file, cfg.log_max_bytes, cfg.log_keep, cfg.log_stdout, reactor)
     top.log_observer = sinks.stdout
     if sinks.file is not None:
@@ -1019,7 +1019,7 @@ def make_supervisor(options: config.Options, reactor: Any) -> tap.OrderedMultiSe
 
     def listening(ports: list[IListeningPort]) -> None:
         if cfg.log_stdout != "json":  # keep JSON output pure; dev_certificate says it
-            tap.print_dev_banner(cfg, _first_tcp_port(ports))
+            maker.print_dev_banner(cfg, _first_tcp_port(ports))
 
     WorkerSupervisor(
         reactor,

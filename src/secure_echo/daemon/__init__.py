@@ -1,0 +1,1 @@
+"""The daemon: options and config file, the load step, the service maker and its services."""

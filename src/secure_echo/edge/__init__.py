@@ -1,0 +1,1 @@
+"""What happens to a socket before TLS: connection limits, the PROXY protocol reader, addresses."""

@@ -1,0 +1,4 @@
+"""The line protocol: framing, the handler interface, ordered replies.
+
+Knows nothing of TLS: it is the application protocol of any transport.
+"""

@@ -1,0 +1,1 @@
+"""``--workers N``: the supervisor, the worker process and their wire contract."""

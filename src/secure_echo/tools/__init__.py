@@ -1,0 +1,1 @@
+"""Command-line tools and certificate making: the client, secure-echo-certs, dev certificates."""
