@@ -14,8 +14,9 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from secure_echo import tap
-from secure_echo.daemon import options as config
-from secure_echo.daemon.options import DEFAULT_BACKLOG, Config, Listen, parse, validate_listen
+from secure_echo.daemon.load import Config, load
+from secure_echo.daemon.options import parse
+from secure_echo.daemon.settings import DEFAULT_BACKLOG, Listen, validate_listen
 from secure_echo.tls.policy import ClientAuth, TLSProfile
 from tests.helpers import make_pki
 
@@ -352,7 +353,7 @@ class TapOptionsTests(SynchronousTestCase):
         options = tap.Options()
         options.parseOptions(["--cert", str(pki.server_cert), "--key", str(pki.server_key)])
         self.assertEqual(stderr.getvalue(), "")
-        self.assertIsInstance(options.config, config.Config)
+        self.assertIsInstance(load(options.settings), Config)
 
 
 class NewOptionTests(ConfigTestCase):

@@ -19,7 +19,10 @@ from secure_echo import tap
 from secure_echo.daemon import configfile
 from secure_echo.daemon import options as config
 from secure_echo.daemon.configfile import COMMAND_LINE_ONLY, ConfigFileError, Key, Kind
-from secure_echo.daemon.options import DEFAULT_LISTEN, FILE_KEYS, Config, parse
+from secure_echo.daemon.load import Config
+from secure_echo.daemon.options import parse
+from secure_echo.daemon.printconfig import effective_settings
+from secure_echo.daemon.settings import DEFAULT_LISTEN, FILE_KEYS
 from secure_echo.tls.policy import GROUPS, TLS12_CIPHERS, TLS13_CIPHERS, ClientAuth, TLSConfigError
 from secure_echo.tls.policy import TLSProfile as Profile
 from tests.helpers import make_pki
@@ -127,9 +130,9 @@ class PrecedenceTests(FileTestCase):
         options = WithFlag()
         options.parseOptions(["--config", path, "--shout"])
         self.assertEqual(options["shout"], 1)
-        self.assertEqual(options.config.command_line, {"shout": True})
+        self.assertEqual(options.settings.command_line, {"shout": True})
         reloaded = WithFlag()
-        reloaded.apply_sources(None, options.config.command_line)
+        reloaded.apply_sources(None, options.settings.command_line)
         self.assertEqual(reloaded["shout"], 1)
         self.write("shout = 1\n")
         error = self.assertRaises(ConfigFileError, WithFlag().parseOptions, ["--config", path])
@@ -412,19 +415,20 @@ class PrintConfigTests(FileTestCase):
         """A Config built without options (as tests do) reports every source as default."""
         cfg = parse(["--cert", str(self.pki.server_cert), "--key", str(self.pki.server_key)])
         bare = Config(
-            cfg.listens,
-            cfg.tls,
-            cfg.contexts,
-            1,
-            2,
-            3.0,
-            4.0,
-            None,
-            4096,
-            1,
-            None,
+            listens=cfg.listens,
+            tls_settings=cfg.tls_settings,
+            dev_state_dir=None,
+            tls=cfg.tls,
+            contexts=cfg.contexts,
+            max_line_length=1,
+            max_pending=2,
+            handshake_timeout=3.0,
+            handler_timeout=4.0,
+            log_file=None,
+            log_max_bytes=4096,
+            log_keep=1,
         )
-        shown = config.effective_settings(bare)
+        shown = effective_settings(bare)
         options = shown["options"]
         assert isinstance(options, dict)
         self.assertEqual({o["source"] for o in options.values()}, {"default"})

@@ -19,8 +19,8 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from secure_echo.daemon.options import validate_listen
 from secure_echo.daemon.services import ListeningService, MetricsService, describe_listen_failure
+from secure_echo.daemon.settings import validate_listen
 
 
 def _port_is_free(port: int) -> bool:

@@ -16,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from secure_echo import tap
 from secure_echo.daemon import maker
+from secure_echo.daemon.load import load
 from secure_echo.daemon.logs import JSONLogService
 from secure_echo.daemon.metrics import Metrics
 from secure_echo.daemon.reload import ReloadService
@@ -27,7 +28,7 @@ from secure_echo.tls.record import CloseReason, ConnectionRecord
 from tests.helpers import make_pki
 
 if TYPE_CHECKING:
-    from secure_echo.daemon.options import Config
+    from secure_echo.daemon.load import Config
 
 
 class FakeConnection:
@@ -175,7 +176,7 @@ class MakeServiceTests(TapTestCase):
         self.assertEqual(event["client_auth"], "required")
         self.assertEqual(event["client_ca"], str(self.pki.ca_cert))
         self.assertEqual(event["cert"], str(self.pki.server_cert))
-        self.assertEqual(event["not_after"], options.config.tls.not_after.isoformat())
+        self.assertEqual(event["not_after"], load(options.settings).tls.not_after.isoformat())
         self.assertEqual(self.named_events("dev_certificate"), [])
         self.assertEqual(self.stdout.getvalue(), "")
 
@@ -183,7 +184,7 @@ class MakeServiceTests(TapTestCase):
         """With development certificates start-up warns with dev_certificate."""
         options = self.options(dev=True)
         self.start(tap.makeService(options, reactor=MemoryReactorClock()))
-        dev = options.config.dev_certs
+        dev = load(options.settings).dev_certs
         assert dev is not None
         [event] = self.named_events("dev_certificate")
         self.assertEqual(event["log_level"], LogLevel.warn)
@@ -198,7 +199,7 @@ class MakeServiceTests(TapTestCase):
         top = tap.makeService(options, reactor=MemoryReactorClock())
         self.assertEqual(self.stdout.getvalue(), "", "nothing is printed before listening")
         self.start(top)
-        dev = options.config.dev_certs
+        dev = load(options.settings).dev_certs
         assert dev is not None
         output = self.stdout.getvalue()
         self.assertIn(f"CA certificate: {dev.ca_cert}", output)
@@ -271,7 +272,7 @@ class DevBannerTests(TapTestCase):
     """print_dev_banner."""
 
     def config(self, *args: str, dev: bool = True) -> Config:
-        return self.options(*args, dev=dev).config
+        return load(self.options(*args, dev=dev).settings)
 
     def test_names_ca_and_port(self) -> None:
         """The banner names the CA file and a client command for the listening port."""
@@ -287,11 +288,25 @@ class DevBannerTests(TapTestCase):
     def test_reused(self) -> None:
         """A second run says the certificates were reused."""
         state = self.mktemp()
-        tap.Options().parseOptions(["--state-dir", state])
+        first = tap.Options()
+        first.parseOptions(["--state-dir", state])
+        load(first.settings)
         options = tap.Options()
         options.parseOptions(["--state-dir", state])
-        maker.print_dev_banner(options.config)
+        maker.print_dev_banner(load(options.settings))
         self.assertIn("(reused)", self.stdout.getvalue())
+
+    def test_parsing_makes_nothing(self) -> None:
+        """Parsing names the development certificate; only the load step makes it."""
+        state = Path(self.mktemp())
+        options = tap.Options()
+        options.parseOptions(["--state-dir", str(state)])
+        self.assertFalse(state.exists())
+        self.assertEqual(options.settings.dev_state_dir, state)
+        cfg = load(options.settings)
+        assert cfg.dev_certs is not None
+        self.assertTrue(cfg.dev_certs.server_cert.exists())
+        self.assertEqual(cfg.tls_settings.cert, cfg.dev_certs.server_cert)
 
     def test_default_port_for_unix(self) -> None:
         """For a non-TCP first endpoint the banner falls back to port 8443."""
@@ -311,7 +326,7 @@ class ShutdownTests(TapTestCase):
     def setUp(self) -> None:
         super().setUp()
         self.clock = Clock()
-        cfg = self.options().config
+        cfg = load(self.options().settings)
         self.factory = TLSServerFactory(
             cfg.contexts, LineFactory(EchoHandler(), LineSettings(), self.clock), self.clock
         )

@@ -44,8 +44,11 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from secure_echo import tap
 from secure_echo.daemon import maker
 from secure_echo.daemon import options as config
+from secure_echo.daemon.load import load
 from secure_echo.daemon.logs import event_as_record
+from secure_echo.daemon.printconfig import effective_settings
 from secure_echo.daemon.sdnotify import Notifier
+from secure_echo.daemon.settings import FILE_KEYS
 from secure_echo.pool import supervisor as workers
 from secure_echo.pool.supervisor import (
     SPEC_ENV,
@@ -70,7 +73,7 @@ from secure_echo.pool.worker import (
     WorkerLifecycle,
     adopt_port,
     build_worker_service,
-    worker_options,
+    worker_settings,
 )
 from tests.daemon import Daemon, Event, child_env, start_daemon
 from tests.helpers import make_pki
@@ -373,7 +376,7 @@ class ConfigTests(SynchronousTestCase):
         path.write_text("workers = 3\n")
         cfg = config.parse([*self.tls, "--config", str(path)])
         self.assertEqual(cfg.workers, 3)
-        shown = config.effective_settings(cfg)["options"]
+        shown = effective_settings(cfg)["options"]
         self.assertEqual(cast("Any", shown)["workers"], {"value": 3, "source": "file"})
 
     def test_worker_values(self) -> None:
@@ -407,7 +410,7 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(values["listen"], [])
         self.assertIsNone(values["log-file"])
         self.assertEqual(values["workers"], "1")
-        self.assertEqual(set(values), set(config.FILE_KEYS))
+        self.assertEqual(set(values), set(FILE_KEYS))
 
     def test_dev_certificates_directory(self) -> None:
         """Without --cert, workers are told the state directory the supervisor used."""
@@ -428,13 +431,13 @@ class ConfigTests(SynchronousTestCase):
             2,
             worker_values(options),
             config_file="/nowhere/se.toml",
-            command_line=dict(options.config.command_line),
+            command_line=dict(options.settings.command_line),
         )
-        cfg = worker_options(WorkerSpec.from_json(spec.to_json())).config
+        cfg = worker_settings(WorkerSpec.from_json(spec.to_json()))
         self.assertEqual(cfg.listens, ())
         self.assertEqual(cfg.workers, 1)
         self.assertEqual(cfg.max_line_length, 100)
-        self.assertEqual(cfg.tls.subject, options.config.tls.subject)
+        self.assertEqual(cfg.tls.subject, load(options.settings).tls.subject)
         self.assertEqual(cfg.config_file, Path("/nowhere/se.toml"))
         self.assertEqual(cfg.command_line["max-line-length"], "100")
 

@@ -20,7 +20,9 @@ from twisted.python import usage
 from typing_extensions import override
 
 from secure_echo.daemon import options as _config
+from secure_echo.daemon.load import Config, load
 from secure_echo.daemon.maker import make_service
+from secure_echo.daemon.printconfig import print_effective_settings
 from secure_echo.pool.supervisor import make_supervisor
 
 if TYPE_CHECKING:
@@ -43,8 +45,22 @@ class Options(_config.Options):
         except usage.UsageError as error:
             _config.one_line_exit(error)
         if self["print-config"]:
-            _config.print_effective_settings(self.config)
+            print_effective_settings(load_or_exit(self))
             raise SystemExit(0)
+
+
+def load_or_exit(options: _config.Options) -> Config:
+    """The load step (:func:`secure_echo.daemon.load.load`) for twistd.
+
+    Its one-line error goes to stderr and the process exits with status 2, like an
+    error in the options themselves: twistd calls ``makeService`` before it starts
+    logging or daemonizes, so the operator sees the line on the terminal.
+    """
+    try:
+        return load(options.settings)
+    except usage.UsageError as error:
+        _config.one_line_exit(error)
+        raise  # pragma: no cover - one_line_exit always raises SystemExit
 
 
 def makeService(options: _config.Options, reactor: Any = None) -> MultiService:
@@ -53,7 +69,8 @@ def makeService(options: _config.Options, reactor: Any = None) -> MultiService:
         from twisted.internet import reactor as default_reactor  # noqa: PLC0415
 
         reactor = default_reactor
-    if options.config.workers > 1:
+    cfg = load_or_exit(options)
+    if cfg.workers > 1:
         # --workers N: this process binds and supervises, N worker processes serve.
-        return make_supervisor(options, reactor)
-    return make_service(options, reactor)
+        return make_supervisor(options, cfg, reactor)
+    return make_service(cfg, reactor)

@@ -263,6 +263,29 @@ def read(path: Path, keys: Mapping[str, Key]) -> ConfigFile:
     return ConfigFile(path, fingerprint(data), values)
 
 
+_OPTION_IN_ERROR: Final = re.compile(r"--([a-z0-9-]+)")
+
+
+def reword_for_file(
+    error: usage.UsageError, config_file: Path | None, sources: Mapping[str, str]
+) -> usage.UsageError:
+    """``error`` reworded to name the file and key if its option came from the file.
+
+    ``sources`` maps option names to where their value came from (``file`` among
+    them); an error about any other option, or one that already names the file,
+    is returned as it is.
+    """
+    match = _OPTION_IN_ERROR.match(str(error))
+    if (
+        config_file is None
+        or isinstance(error, ConfigFileError)
+        or match is None
+        or sources.get(match[1]) != "file"
+    ):
+        return error
+    return in_file_terms(error, config_file, match[1])
+
+
 def in_file_terms(error: usage.UsageError, path: Path, key: str) -> ConfigFileError:
     """Reword an option's error (``--KEY...: problem; fix``) to name the file and key."""
     text = str(error)

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
     from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 
-    from secure_echo.daemon import options as _config
+    from secure_echo.daemon.load import Config
     from secure_echo.tls.policy import ContextHolder
 
 
@@ -54,7 +54,7 @@ class TLSService(Service):
 
     def __init__(
         self,
-        cfg: _config.Config,
+        cfg: Config,
         factory: TLSServerFactory,
         clock: Any,
         fd_limits: tuple[int, int] | None = None,
@@ -109,9 +109,7 @@ class TLSService(Service):
         return self._factory.drain(self._config.drain_timeout)
 
 
-def print_dev_banner(
-    cfg: _config.Config, port: int | None = None, stream: TextIO | None = None
-) -> None:
+def print_dev_banner(cfg: Config, port: int | None = None, stream: TextIO | None = None) -> None:
     """Tell a first-time user where the CA is and how to connect.
 
     ``port`` is the bound port (so ``tcp:0`` prints the real one); without it the
@@ -181,7 +179,7 @@ class OrderedMultiService(MultiService):
         return defer.Deferred.fromCoroutine(stop_each())
 
 
-def build_factory(cfg: _config.Config, reactor: Any) -> tuple[TLSServerFactory, tuple[int, int]]:
+def build_factory(cfg: Config, reactor: Any) -> tuple[TLSServerFactory, tuple[int, int]]:
     """The TLS server factory of the daemon, and the file-descriptor limits it used.
 
     Raises the soft file-descriptor limit to the hard one first, so the default
@@ -212,9 +210,8 @@ def build_factory(cfg: _config.Config, reactor: Any) -> tuple[TLSServerFactory, 
     return factory, fd_limits
 
 
-def make_service(options: _config.Options, reactor: Any) -> MultiService:
-    """Build the single-process daemon's services from validated options."""
-    cfg = options.config
+def make_service(cfg: Config, reactor: Any) -> MultiService:
+    """Build the single-process daemon's services from loaded settings."""
     top = OrderedMultiService()
     sinks = log_sinks(cfg.log_file, cfg.log_max_bytes, cfg.log_keep, cfg.log_stdout, reactor)
     top.log_observer = sinks.stdout
@@ -279,9 +276,7 @@ def metrics_service(
     return MetricsService(reactor, endpoint, metrics_site(metrics, metrics.state, reactor))
 
 
-def with_proxy_protocol(
-    cfg: _config.Config, factory: TLSServerFactory, reactor: Any
-) -> IProtocolFactory:
+def with_proxy_protocol(cfg: Config, factory: TLSServerFactory, reactor: Any) -> IProtocolFactory:
     """``factory`` behind a PROXY protocol reader, if ``--proxy-protocol`` asks."""
     if cfg.proxy_protocol == "off":
         return factory

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 
-    from secure_echo.daemon.options import Listen
+    from secure_echo.daemon.settings import Listen
 
 
 class ListenError(Exception):

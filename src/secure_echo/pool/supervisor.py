@@ -99,6 +99,8 @@ if TYPE_CHECKING:
     from twisted.python.failure import Failure
 
     from secure_echo.daemon import options as config
+    from secure_echo.daemon.load import Config
+    from secure_echo.daemon.settings import Listen
 
 #: The environment variable that carries a worker's :class:`WorkerSpec` (JSON).
 SPEC_ENV: Final = "SECURE_ECHO_WORKER"
@@ -235,9 +237,8 @@ def worker_values(options: config.Options) -> dict[str, Any]:
         if key.kind is Kind.PATH and value:
             value = str(Path(value).expanduser().absolute())
         values[name] = list(value) if isinstance(value, tuple) else value
-    dev = options.config.dev_certs
-    if dev is not None:
-        values["state-dir"] = str(dev.directory.parent)
+    if options.settings.dev_state_dir is not None:
+        values["state-dir"] = str(options.settings.dev_state_dir)
     values.update(
         {"listen": [], "log-file": None, "log-stdout": None, "metrics": None, "workers": "1"}
     )
@@ -622,7 +623,7 @@ class WorkerSupervisor(Service):
         workers: int,
         values: Mapping[str, Any],
         *,
-        listens: tuple[config.Listen, ...] = (),
+        listens: tuple[Listen, ...] = (),
         config_file: Path | None = None,
         command_line: Mapping[str, Any] | None = None,
         drain_timeout: float = 10.0,
@@ -994,14 +995,15 @@ def _first_tcp_port(ports: list[IListeningPort]) -> int | None:
     return None
 
 
-def make_supervisor(options: config.Options, reactor: Any) -> maker.OrderedMultiService:
+def make_supervisor(
+    options: config.Options, cfg: Config, reactor: Any
+) -> maker.OrderedMultiService:
     """The services of a ``--workers N`` supervisor (``maker.make_service`` for N > 1).
 
     Children in start order (stopped in reverse): the log file, the metrics page, the
     supervisor, systemd's notifier.  So at shutdown ``STOPPING=1`` goes first, then the
     workers drain while the log and metrics still take their records.
     """
-    cfg = options.config
     top = maker.OrderedMultiService()  # type: ignore[no-untyped-call]
     sinks = log_sinks(cfg.log_file, cfg.log_max_bytes, cfg.log_keep, cfg.log_stdout, reactor)
     top.log_observer = sinks.stdout

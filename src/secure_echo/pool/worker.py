@@ -42,6 +42,7 @@ from zope.interface import implementer
 
 from secure_echo.daemon import maker
 from secure_echo.daemon import options as config
+from secure_echo.daemon.load import Config, load
 from secure_echo.daemon.logs import JSONLinesObserver
 from secure_echo.daemon.services import ListeningService
 from secure_echo.pool.supervisor import (
@@ -263,23 +264,24 @@ class ParentWatch:
         return "ParentWatch"
 
 
-def worker_options(spec: WorkerSpec) -> config.Options:
-    """Options validated from ``spec.values``, as the supervisor validated them.
+def worker_settings(spec: WorkerSpec) -> Config:
+    """Settings validated from ``spec.values``, as the supervisor validated them, loaded.
 
-    Raises ``usage.UsageError`` if they no longer validate (a file went missing).
-    The config file and command line are set back to the supervisor's, for reloads.
+    Raises ``usage.UsageError`` if they no longer validate or load (a file went
+    missing).  The config file and command line are set back to the supervisor's,
+    for reloads.
     """
     options = config.Options()
     options.apply_sources(None, spec.values)
     options.postOptions()
-    options.config = replace(
-        options.config,
+    settings = replace(
+        options.settings,
         listens=(),
         workers=1,
         config_file=Path(spec.config_file) if spec.config_file else None,
         command_line=spec.command_line,
     )
-    return options
+    return load(settings)
 
 
 def build_worker_service(
@@ -289,7 +291,7 @@ def build_worker_service(
 
     Returns the service tree, its ports service and the connection factory.
     """
-    top = maker.make_service(worker_options(spec), reactor)
+    top = maker.make_service(worker_settings(spec), reactor)
     served: IProtocolFactory | None = None
     factory: TLSServerFactory | None = None
     for child in list(top):

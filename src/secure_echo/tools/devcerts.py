@@ -114,6 +114,15 @@ def default_state_dir() -> Path:
     return home / ".local" / "state" / "secure-echo"
 
 
+def server_paths(state_dir: Path) -> tuple[Path, Path]:
+    """Where :func:`ensure_dev_certs` keeps the server certificate and key under ``state_dir``.
+
+    Pure: nothing is read or made, so options can name the files before they exist.
+    """
+    paths = _Paths(state_dir / "dev-ca")
+    return paths.server_cert, paths.server_key
+
+
 def ensure_dev_certs(state_dir: Path, *, now: datetime.datetime | None = None) -> DevCerts:
     """Make, repair or reuse the development CA and server certificate under ``state_dir``.
 

@@ -1,0 +1,131 @@
+"""``--print-config``: the effective settings, where each came from, and the TLS policy."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import IO, TYPE_CHECKING
+
+from secure_echo.tls.policy import (
+    GROUPS,
+    TLS12_CIPHERS,
+    TLS13_CIPHERS,
+    ClientAuth,
+    TLSProfile,
+    fingerprint_sha256,
+)
+
+if TYPE_CHECKING:
+    from secure_echo.daemon.load import Config
+
+
+def _option_values(cfg: Config) -> dict[str, object]:
+    """Every file-settable option's effective value, as JSON-ready data."""
+    settings = cfg.tls.settings
+    allow = settings.allow
+    return {
+        "listen": [listen.description for listen in cfg.listens],
+        "backlog": cfg.backlog,
+        "cert": str(settings.cert),
+        "key": str(settings.key),
+        "client-ca": str(settings.client_ca) if settings.client_ca else None,
+        "client-auth": str(settings.client_auth),
+        "tls-profile": str(settings.profile),
+        "allow-cn": sorted(allow.cns),
+        "allow-dns": sorted(allow.dns),
+        "allow-uri": sorted(allow.uris),
+        "allow-spki-sha256": sorted(allow.spki_sha256),
+        "state-dir": str(cfg.dev_state_dir) if cfg.dev_state_dir else None,
+        "max-line-length": cfg.max_line_length,
+        "max-pending": cfg.max_pending,
+        "handshake-timeout": cfg.handshake_timeout,
+        "handler-timeout": cfg.handler_timeout,
+        "idle-timeout": cfg.idle_timeout,
+        "write-stall-timeout": cfg.write_stall_timeout,
+        "max-connection-age": cfg.max_connection_age,
+        "max-connections": cfg.max_connections,
+        "max-connections-per-ip": cfg.max_connections_per_ip,
+        "drain-timeout": cfg.drain_timeout,
+        "reload-interval": cfg.reload_interval,
+        "expiry-warning-days": cfg.expiry_warning_days,
+        "log-file": str(cfg.log_file) if cfg.log_file else None,
+        "log-max-bytes": cfg.log_max_bytes,
+        "log-keep": cfg.log_keep,
+        "log-stdout": cfg.log_stdout,
+        "metrics": cfg.metrics,
+        "proxy-protocol": cfg.proxy_protocol,
+        "proxy-trusted": [str(network) for network in cfg.proxy_trusted],
+        "proxy-timeout": cfg.proxy_timeout,
+        "info-line": (
+            cfg.info_line.decode("utf-8", "backslashreplace") if cfg.info_line else None
+        ),
+        "workers": cfg.workers,
+    }
+
+
+def _tls_policy(cfg: Config) -> dict[str, object]:
+    """The TLS policy in force, as :func:`secure_echo.tls.policy.build_context` applies it."""
+    loaded = cfg.tls
+    settings = loaded.settings
+    modern = settings.profile is TLSProfile.MODERN
+    verifying = settings.client_ca is not None and settings.client_auth is not ClientAuth.NONE
+    verify = ["VERIFY_PEER"] if verifying else ["VERIFY_NONE"]
+    if verifying and settings.client_auth is ClientAuth.REQUIRED:
+        verify.append("VERIFY_FAIL_IF_NO_PEER_CERT")
+    return {
+        "profile": str(settings.profile),
+        "min_version": "TLSv1.3" if modern else "TLSv1.2",
+        "max_version": "TLSv1.3",
+        # Under the modern profile the TLS 1.2 list is set but can never be used.
+        "tls12_ciphers": [] if modern else list(TLS12_CIPHERS),
+        "tls13_ciphers": list(TLS13_CIPHERS),
+        "groups": list(GROUPS),
+        "options": ["NO_COMPRESSION", "NO_RENEGOTIATION", "SINGLE_ECDH_USE"],
+        "client_auth": str(settings.client_auth),
+        "verify_mode": verify,
+        "client_ca": str(settings.client_ca) if settings.client_ca else None,
+        "client_ca_subjects": [ca.subject.rfc4514_string() for ca in loaded.client_cas],
+        "allow_list": {
+            "active": settings.allow.active,
+            "cn": sorted(settings.allow.cns),
+            "dns": sorted(settings.allow.dns),
+            "uri": sorted(settings.allow.uris),
+            "spki_sha256": sorted(settings.allow.spki_sha256),
+        },
+        "certificate": {
+            "cert": str(settings.cert),
+            "key": str(settings.key),
+            "subject": loaded.subject,
+            "issuer": loaded.leaf.issuer.rfc4514_string(),
+            "not_before": loaded.leaf.not_valid_before_utc.isoformat(),
+            "not_after": loaded.not_after.isoformat(),
+            "sha256": fingerprint_sha256(loaded.leaf),
+            "chain_length": len(loaded.chain),
+            "development": cfg.dev_certs is not None,
+        },
+    }
+
+
+def effective_settings(cfg: Config) -> dict[str, object]:
+    """What ``--print-config`` shows: every option's value and source, and the TLS policy.
+
+    ``options`` maps each option (the ``--config`` key) to ``{"value", "source"}``,
+    the source being one of :data:`secure_echo.daemon.settings.SOURCES`; ``tls`` is
+    the policy in force.
+    """
+    return {
+        "config_file": str(cfg.config_file) if cfg.config_file else None,
+        "config_sha256": cfg.config_sha256,
+        "options": {
+            name: {"value": value, "source": cfg.sources.get(name, "default")}
+            for name, value in _option_values(cfg).items()
+        },
+        "tls": _tls_policy(cfg),
+    }
+
+
+def print_effective_settings(cfg: Config, out: IO[str] | None = None) -> None:
+    """Write :func:`effective_settings` as JSON to ``out`` (default: stdout)."""
+    stream = out or sys.stdout
+    stream.write(json.dumps(effective_settings(cfg), indent=2) + "\n")
+    stream.flush()
