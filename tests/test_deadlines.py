@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from twisted.internet.error import ConnectionAborted
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from secure_echo.line.protocol import LineSettings
-from secure_echo.tls import connection as transport_module
+from secure_echo.tls import writer as writer_module
 from tests.helpers import make_pki
 from tests.tlspair import (
     HeldHandler,
@@ -21,7 +23,7 @@ from tests.tlspair import (
 )
 
 if TYPE_CHECKING:
-    from secure_echo.tls.connection import TLSServerFactory
+    from secure_echo.tls.factory import TLSServerFactory
 
 
 class IdleTimeoutTests(SynchronousTestCase):
@@ -235,7 +237,7 @@ class WriteStallTests(SynchronousTestCase):
         self.assertEqual(named(self.events, "slow_reader"), [])
 
     def test_close_that_cannot_flush_is_aborted(self) -> None:
-        """A close whose output never drains is aborted after the write-stall timeout."""
+        """A close whose output never drains is aborted: close_stalled, with what was lost."""
         self.stream.set_unsent(5000)
         self.pair.server.loseConnection()
         self.assertTrue(self.stream.disconnecting)
@@ -244,9 +246,10 @@ class WriteStallTests(SynchronousTestCase):
         self.clock.advance(0.2)
         self.assertTrue(self.stream.aborted)
         self.assertEqual(len(named(self.events, "slow_reader")), 1)
-        self.pair.finish_stream()
+        self.pair.finish_stream(Failure(ConnectionAborted()))
         (closed,) = named(self.events, "connection_closed")
-        self.assertEqual(closed["close_reason"], "slow_reader")
+        self.assertEqual(closed["close_reason"], "close_stalled")
+        self.assertEqual(closed["unsent_bytes"], 5000)
 
     def test_close_that_flushes_is_not_aborted(self) -> None:
         """A close whose output drains and whose stream then ends is never aborted."""
@@ -268,9 +271,9 @@ class WriteStallTests(SynchronousTestCase):
         """
 
         def kernel_count(_sock: object, request: int) -> int:
-            return 5000 if request == transport_module._SIOCOUTQ else 0
+            return 5000 if request == writer_module._SIOCOUTQ else 0
 
-        self.patch(transport_module, "_kernel_count", kernel_count)
+        self.patch(writer_module, "kernel_count", kernel_count)
         self.pair.server.loseConnection()
         self.assertTrue(self.stream.disconnecting)
         self.clock.advance(10.1)

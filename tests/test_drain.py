@@ -24,7 +24,8 @@ from tests.tlspair import (
 )
 
 if TYPE_CHECKING:
-    from secure_echo.tls.connection import TLSServerConnection, TLSServerFactory
+    from secure_echo.tls.connection import TLSServerConnection
+    from secure_echo.tls.factory import TLSServerFactory
 
 
 class DrainTests(SynchronousTestCase):

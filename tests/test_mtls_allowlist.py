@@ -19,7 +19,7 @@ from tests.tlspair import TLSPair, capture_events, client_context, named, server
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from secure_echo.tls.connection import TLSServerFactory
+    from secure_echo.tls.factory import TLSServerFactory
 
 SPIFFE_WEB = "spiffe://example.org/ns/prod/sa/web"
 

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from pathlib import Path
     from types import FrameType
 
-    from secure_echo.tls.connection import TLSServerFactory
+    from secure_echo.tls.factory import TLSServerFactory
 
 
 def wall_clock() -> Clock:

@@ -23,12 +23,13 @@ from secure_echo.daemon.reload import ReloadService
 from secure_echo.daemon.services import ListeningService
 from secure_echo.line.handler import EchoHandler
 from secure_echo.line.protocol import LineFactory, LineSettings
-from secure_echo.tls.connection import TLSServerConnection, TLSServerFactory
+from secure_echo.tls.factory import TLSServerFactory
 from secure_echo.tls.record import CloseReason, ConnectionRecord
 from tests.helpers import make_pki
 
 if TYPE_CHECKING:
     from secure_echo.daemon.load import Config
+    from secure_echo.tls.connection import TLSServerConnection
 
 
 class FakeConnection:
@@ -42,16 +43,17 @@ class FakeConnection:
         self.peer_key = "127.0.0.1"
         self.record = ConnectionRecord(1, "127.0.0.1:1", "127.0.0.1:2", 0.0)
 
-    def drain(self, reason: CloseReason) -> None:
-        """Record the reason; a cooperative connection goes away at once."""
-        self.close_reasons.append(reason)
-        self.record.close_reason = reason
+    def drain(self) -> None:
+        """Record the drain; a cooperative connection goes away at once."""
+        self.close_reasons.append(CloseReason.SERVER_SHUTDOWN)
+        self.record.close_reason = CloseReason.SERVER_SHUTDOWN
         if self.closes:
             self.gone()
 
-    def abortConnection(self) -> None:
-        """Record the abort; the connection goes away."""
+    def drain_expired(self) -> None:
+        """Record the abort at the drain deadline; the connection goes away."""
         self.aborted = True
+        self.record.close_reason = CloseReason.DRAIN_TIMEOUT
         self.gone()
 
     def gone(self) -> None:

@@ -117,7 +117,7 @@ class EchoOverTLSTests(TransportTestsMixin, SynchronousTestCase):
         self.assertIsNotNone(closed["group"])
         self.assertEqual(closed["sni"], "localhost")
         self.assertEqual(closed["peer"], "127.0.0.1:50000")
-        self.assertEqual(closed["close_reason"], "connection_lost")
+        self.assertEqual(closed["close_reason"], "server_closed")
 
     def test_lines_with_close_notify_all_echoed(self) -> None:
         """Lines that arrive in the same chunk as close_notify are all answered."""
@@ -193,21 +193,20 @@ class EchoOverTLSTests(TransportTestsMixin, SynchronousTestCase):
         self.assertTrue(self.pair.transport.disconnecting)
 
     def test_server_shutdown_reason(self) -> None:
-        """close(reason) records the server's reason in connection_closed."""
-        from secure_echo.tls.record import CloseReason  # noqa: PLC0415
-
+        """A drain that closes cleanly records server_shutdown in connection_closed."""
         self.pair.handshake()
-        self.pair.server.close(CloseReason.SERVER_SHUTDOWN)
+        self.pair.server.drain()
+        self.assertTrue(self.pair.transport.disconnecting)
         self.pair.finish_stream()
         (closed,) = self.named("connection_closed")
         self.assertEqual(closed["close_reason"], "server_shutdown")
 
     def test_connection_lost_midway(self) -> None:
-        """A stream that breaks after the handshake is recorded as connection_lost."""
+        """A stream that breaks after the handshake is recorded as reset."""
         self.pair.handshake()
         self.pair.finish_stream(Failure(ConnectionLost()))
         (closed,) = self.named("connection_closed")
-        self.assertEqual(closed["close_reason"], "connection_lost")
+        self.assertEqual(closed["close_reason"], "reset")
         self.assertNotIn(self.pair.server, self.factory.connections)
 
     def test_garbage_after_handshake(self) -> None:
@@ -310,19 +309,51 @@ class HandshakeTests(TransportTestsMixin, SynchronousTestCase):
     def test_client_leaves_during_handshake(self) -> None:
         """A FIN during the handshake is a handshake failure, not a crash."""
         pair = TLSPair(self.factory, client_context(self.pki))
+        with contextlib.suppress(ssl.SSLWantReadError):
+            pair.client.do_handshake()
+        self.assertTrue(pair.to_server())
         pair.server.readConnectionLost()
         self.assertTrue(pair.transport.disconnecting)
         pair.finish_stream()
         (closed,) = self.named("connection_closed")
         self.assertEqual(closed["close_reason"], "handshake_failed")
+        self.assertEqual(closed["tls_error"], "client closed the connection during the handshake")
+        self.assertEqual(len(self.named("handshake_failed")), 1)
 
-    def test_connection_lost_before_any_byte(self) -> None:
-        """A TCP connection that closes at once is logged as a handshake failure."""
+    def test_connection_lost_during_handshake(self) -> None:
+        """A stream lost after the first bytes is a failed handshake."""
         pair = TLSPair(self.factory, client_context(self.pki))
-        pair.finish_stream()
+        with contextlib.suppress(ssl.SSLWantReadError):
+            pair.client.do_handshake()
+        self.assertTrue(pair.to_server())
+        pair.finish_stream(Failure(ConnectionLost()))
         (closed,) = self.named("connection_closed")
         self.assertEqual(closed["close_reason"], "handshake_failed")
         self.assertEqual(closed["tls_error"], "connection closed before the handshake")
+
+    def test_fin_before_any_byte_is_no_data(self) -> None:
+        """A TCP connection closed before its first byte is no_data, without a warning.
+
+        That is what a load balancer's TCP health check does.
+        """
+        pair = TLSPair(self.factory, client_context(self.pki))
+        pair.server.readConnectionLost()
+        self.assertTrue(pair.transport.disconnecting)
+        self.assertEqual(pair.transport.value(), b"")
+        pair.finish_stream()
+        (closed,) = self.named("connection_closed")
+        self.assertEqual(closed["close_reason"], "no_data")
+        self.assertIsNone(closed["tls_error"])
+        self.assertEqual(self.named("handshake_failed"), [])
+
+    def test_connection_lost_before_any_byte(self) -> None:
+        """A TCP connection reset before its first byte is no_data, without a warning."""
+        pair = TLSPair(self.factory, client_context(self.pki))
+        pair.finish_stream(Failure(ConnectionLost()))
+        (closed,) = self.named("connection_closed")
+        self.assertEqual(closed["close_reason"], "no_data")
+        self.assertIsNone(closed["tls_error"])
+        self.assertEqual(self.named("handshake_failed"), [])
         self.assertEqual(self.factory.connections, set())
 
 

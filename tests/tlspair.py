@@ -20,7 +20,8 @@ from zope.interface import implementer
 
 from secure_echo.line.handler import EchoHandler, ILineHandler
 from secure_echo.line.protocol import LineFactory, LineSettings
-from secure_echo.tls.connection import TLSServerFactory
+from secure_echo.tls.factory import TLSServerFactory
+from secure_echo.tls.lifecycle import Phase
 from secure_echo.tls.policy import ContextHolder, TLSSettings, load_and_validate
 
 if TYPE_CHECKING:
@@ -160,7 +161,7 @@ class TLSPair:
     def to_server(self) -> bool:
         """Move client ciphertext to the server; True if any moved."""
         data = self.outgoing.read()
-        if data and not self.server._lost:
+        if data and self.server.phase is not Phase.CLOSED:
             self.server.dataReceived(data)
         return bool(data)
 

@@ -35,7 +35,7 @@ from secure_echo.edge.limits import (
 from secure_echo.edge.proxyreader import ProxyProtocolFactory
 from secure_echo.line.handler import EchoHandler
 from secure_echo.line.protocol import LineFactory, LineSettings
-from secure_echo.tls.connection import TLSServerFactory
+from secure_echo.tls.factory import TLSServerFactory
 from secure_echo.tools.devcerts import client_command
 
 if TYPE_CHECKING:

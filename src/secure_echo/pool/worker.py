@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from twisted.logger import LogEvent
     from twisted.python.failure import Failure
 
-    from secure_echo.tls.connection import TLSServerFactory
+    from secure_echo.tls.factory import TLSServerFactory
 
 log = Logger(namespace="secure_echo.pool.worker")
 

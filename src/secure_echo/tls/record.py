@@ -12,15 +12,38 @@ from typing import Any
 
 
 class CloseReason(StrEnum):
-    """Why a connection ended (the ``close_reason`` field; a stable enum)."""
+    """Why a connection ended (the ``close_reason`` field; a stable enum).
+
+    The first six below claim a clean end: every reply was written to the socket
+    and the stream then closed in order.  They are recorded only when that is
+    what happened; otherwise the record says what did (``reset``,
+    ``drain_timeout``, ``close_stalled``, ...).  See
+    :mod:`secure_echo.tls.lifecycle`, rule 7.
+    """
 
     #: The client sent close_notify; every reply was written, then the server closed.
     EOF = "eof"
     #: The client's TCP stream ended (FIN) without a TLS close_notify; every reply
     #: was still written while the client could read.
     CLIENT_CLOSED = "client_closed"
-    #: The TCP connection broke (reset, or an error) before an orderly close.
+    #: The server is shutting down (drain): every reply to what was read was
+    #: written, then the server closed.
+    SERVER_SHUTDOWN = "server_shutdown"
+    #: No data from the client for the idle timeout after the handshake.
+    IDLE_TIMEOUT = "idle_timeout"
+    #: The connection reached --max-connection-age and was closed after its
+    #: pending replies.
+    MAX_CONNECTION_AGE = "max_connection_age"
+    #: The application closed the connection after writing its replies.
+    SERVER_CLOSED = "server_closed"
+    #: The TCP connection was reset (or broke with an error) before an orderly
+    #: close; ``unsent_bytes`` says how much output the socket never took.
+    RESET = "reset"
+    #: The stream closed cleanly while the server still expected input.
     CONNECTION_LOST = "connection_lost"
+    #: The TCP connection closed or was reset before the client sent one byte
+    #: (a load balancer's TCP health check, a port scan).
+    NO_DATA = "no_data"
     #: The TLS handshake failed (protocol or cipher mismatch, a refused client
     #: certificate, ...); ``tls_error`` says why.
     HANDSHAKE_FAILED = "handshake_failed"
@@ -30,16 +53,16 @@ class CloseReason(StrEnum):
     PLAINTEXT_CLIENT = "plaintext_client"
     #: A TLS error after the handshake (a corrupt record, an unexpected message).
     TLS_ERROR = "tls_error"
-    #: The server is shutting down (drain): replies were finished where possible.
-    SERVER_SHUTDOWN = "server_shutdown"
-    #: No data from the client for the idle timeout after the handshake.
-    IDLE_TIMEOUT = "idle_timeout"
-    #: The connection reached --max-connection-age and was closed after its
-    #: pending replies.
-    MAX_CONNECTION_AGE = "max_connection_age"
     #: The client stopped reading: unsent output made no progress for the
     #: write-stall timeout.
     SLOW_READER = "slow_reader"
+    #: The server's close could not flush within the write-stall timeout (the
+    #: client stopped reading after the server decided to close).
+    CLOSE_STALLED = "close_stalled"
+    #: Still open at the end of the drain timeout; dropped.
+    DRAIN_TIMEOUT = "drain_timeout"
+    #: The application dropped the connection at once (``abortConnection``).
+    ABORTED = "aborted"
 
 
 class ConnectionRecord:
@@ -69,6 +92,7 @@ class ConnectionRecord:
         "started",
         "tls_error",
         "tls_version",
+        "unsent_bytes",
     )
 
     def __init__(self, conn_id: int, peer: str, local: str, started: float) -> None:
@@ -95,6 +119,8 @@ class ConnectionRecord:
         self.handler_errors = 0
         self.close_reason: CloseReason | None = None
         self.tls_error: str | None = None
+        #: Output bytes (TLS records) the socket had not taken when it closed.
+        self.unsent_bytes = 0
 
     def _identity(self) -> dict[str, Any]:
         """Who connected and what TLS they got: shared by both views below."""
@@ -133,5 +159,6 @@ class ConnectionRecord:
             duration_s=round(now - self.started, 6),
             close_reason=str(self.close_reason or CloseReason.CONNECTION_LOST),
             tls_error=self.tls_error,
+            unsent_bytes=self.unsent_bytes,
         )
         return fields

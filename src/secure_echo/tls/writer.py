@@ -1,0 +1,218 @@
+"""Ciphertext out to the stream: optimistic send, unsent bytes, stalls, lingering close.
+
+A :class:`StreamWriter` sits between a TLS connection and its stream transport
+(Twisted's TCP or UNIX connection, or a test double).  It is registered with the
+transport as a streaming producer, so the transport tells it when its send
+buffer fills (a client that does not read) and drains again.
+
+It owns what the connection needs to know about bytes on their way out:
+
+* :meth:`send` writes at once when the transport holds nothing (one ``send``
+  system call instead of a buffered write and two ``epoll_ctl``), queueing only
+  what the kernel does not take;
+* :meth:`held` (bytes the socket never took) and :meth:`unsent` (those plus what
+  the kernel has not had acknowledged) say how far the output got;
+* :meth:`stall_left` samples :meth:`unsent` and says how long the client has
+  left to make progress;
+* :meth:`close` closes after everything written, and tells the caller when
+  client input is still unread, so that the close can linger (:meth:`linger`)
+  instead of letting the kernel answer that input with a reset that destroys the
+  replies.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import socket
+import struct
+import termios
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import ITransport
+
+#: ioctl requests: bytes waiting to be read; bytes sent but not acknowledged.
+_FIONREAD: Final = termios.FIONREAD
+_SIOCOUTQ: Final = termios.TIOCOUTQ
+
+
+class WriterOwner(Protocol):
+    """What the writer tells its connection."""
+
+    def write_full(self, *, full: bool) -> None:
+        """The transport's send buffer filled (``True``) or drained (``False``)."""
+
+
+def kernel_count(sock: socket.socket | None, request: int) -> int | None:
+    """An ioctl byte count for ``sock`` (FIONREAD or SIOCOUTQ), None if unknown."""
+    if sock is None:
+        return None
+    try:
+        raw = fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return None
+    return int(struct.unpack("i", raw)[0])
+
+
+def direct_socket(transport: object) -> socket.socket | None:
+    """The socket to send on directly, if ``transport`` is Twisted's own kind.
+
+    The optimistic send relies on ``FileDescriptor``'s (undocumented) buffer
+    attributes; any other transport (a test double, a TLS-in-TLS wrapper) takes
+    the plain ``write`` path.
+    """
+    if not isinstance(transport, FileDescriptor):
+        return None
+    sock = getattr(transport, "socket", None)
+    needed = ("dataBuffer", "offset", "_tempDataLen")
+    if not isinstance(sock, socket.socket) or not all(hasattr(transport, a) for a in needed):
+        return None
+    return sock
+
+
+@implementer(IPushProducer)
+class StreamWriter:
+    """The write side of one connection's stream transport (see the module docstring)."""
+
+    __slots__ = ("_owner", "_since", "_socket", "_transport", "_unsent_before", "full")
+
+    def __init__(self, transport: ITransport, owner: WriterOwner) -> None:
+        self._transport: Any = transport
+        self._owner = owner
+        self._socket = direct_socket(transport)
+        #: Whether the transport's send buffer is full (it paused us).
+        self.full = False
+        #: Stall sampling: the unsent count at the last progress, and when.
+        self._unsent_before: int | None = None
+        self._since = 0.0
+        # Twisted's stream transports are IConsumers too; ITransport does not say so.
+        cast("Any", transport).registerProducer(self, True)
+
+    # -- IPushProducer, called by the stream transport ----------------------------
+
+    def pauseProducing(self) -> None:
+        """The transport's send buffer is full."""
+        self.full = True
+        self._owner.write_full(full=True)
+
+    def resumeProducing(self) -> None:
+        """The transport's send buffer drained."""
+        self.full = False
+        self._owner.write_full(full=False)
+
+    def stopProducing(self) -> None:
+        """The transport is going away; the connection hears of it in connectionLost."""
+
+    # -- sending --------------------------------------------------------------------
+
+    def send(self, data: bytes | memoryview) -> None:
+        """Hand ciphertext to the stream, sending at once when nothing is queued.
+
+        Twisted's ``FileDescriptor.write`` queues the data and registers for
+        writability (an ``epoll_ctl``), writes on the next reactor turn, then
+        unregisters (another ``epoll_ctl``).  When its queue is empty, which is the
+        usual case for an echo, a direct ``send`` does the same work in one system
+        call; only what the kernel does not take goes through the queue, so the
+        byte order is kept and the transport's flow control still sees it.
+
+        ``data`` may be a view of the record I/O's buffer: it is sent before
+        anything else runs, and what goes to the queue is copied.
+        """
+        transport = self._transport
+        sock = self._socket
+        if (
+            sock is not None
+            and not transport._tempDataLen
+            and transport.offset == len(transport.dataBuffer)
+            and not transport.disconnecting
+        ):
+            try:
+                sent = sock.send(data)
+            except OSError:
+                sent = 0  # EAGAIN, or an error the transport will find itself
+            if sent == len(data):
+                return
+            data = data[sent:]
+        transport.write(bytes(data))
+
+    def write_plain(self, data: bytes) -> None:
+        """Write bytes that are not TLS (the plaintext client's hint)."""
+        self._transport.write(data)
+
+    # -- how far the output got ------------------------------------------------------
+
+    def held(self) -> int:
+        """Bytes written to the transport that the socket has not taken (0 if unknown)."""
+        transport = self._transport
+        data = getattr(transport, "dataBuffer", None)
+        offset = getattr(transport, "offset", None)
+        pending = getattr(transport, "_tempDataLen", None)
+        if data is None or not isinstance(offset, int) or not isinstance(pending, int):
+            return 0
+        return len(data) - offset + pending
+
+    def unsent(self) -> int | None:
+        """Bytes not yet acknowledged by the client, if the transport can say.
+
+        Twisted's TCP transport says what it still holds; the kernel says what it
+        has sent but the client has not acknowledged (its send queue), so a client
+        that reads slowly is seen making progress.
+        """
+        if getattr(self._transport, "dataBuffer", None) is None:
+            return None
+        queued = kernel_count(self._socket, _SIOCOUTQ)
+        return self.held() + (queued or 0)
+
+    def start_stall_watch(self, now: float) -> None:
+        """Begin measuring progress from ``now``."""
+        self._unsent_before = self.unsent()
+        self._since = now
+
+    def stall_left(self, now: float, timeout: float) -> float:
+        """Seconds the client has left to make progress (<= 0: it stalled).
+
+        Progress is a smaller unsent count than at the last sample that made
+        progress; each one restarts the ``timeout``.
+        """
+        unsent = self.unsent()
+        before = self._unsent_before
+        if unsent is not None and before is not None and unsent < before:
+            self._unsent_before = unsent
+            self._since = now
+        return self._since + timeout - now
+
+    # -- closing ---------------------------------------------------------------------
+
+    def close(self) -> bool:
+        """Close the stream after everything written; False if input is left unread.
+
+        With unread input the caller lingers instead (:meth:`linger`): closing a
+        socket whose receive queue holds bytes makes the kernel send a reset, and
+        the client's kernel then drops every reply it has not yet read.
+        """
+        transport = self._transport
+        transport.unregisterProducer()
+        if (kernel_count(self._socket, _FIONREAD) or 0) > 0:
+            return False
+        transport.loseConnection()
+        return True
+
+    def linger(self) -> None:
+        """FIN after the replies; keep reading (and dropping) the client's input."""
+        transport = self._transport
+        transport.loseWriteConnection()
+        transport.resumeProducing()
+
+    def lose(self) -> None:
+        """Close the stream now (a lingering close whose client is done)."""
+        self._transport.loseConnection()
+
+    def abort(self) -> None:
+        """Drop the stream at once, unsent output included."""
+        transport = self._transport
+        transport.unregisterProducer()
+        transport.abortConnection()
