@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import datetime
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from OpenSSL import crypto
 
 from secure_echo.tools import certgen
 
@@ -67,3 +71,29 @@ def write_expired_server(directory: Path, ca: certgen.Issued) -> tuple[Path, Pat
     cert, key = directory / "expired.pem", directory / "expired-key.pem"
     certgen.write_pair(expired, cert, key)
     return cert, key
+
+
+def write_v4_client(
+    directory: Path, ca: certgen.Issued, name: str = "v4 client"
+) -> tuple[Path, Path]:
+    """Write a client certificate of X.509 version 4, signed by ``ca``; return (cert, key).
+
+    OpenSSL verifies it; ``cryptography`` refuses to parse it (no such version):
+    a certificate the daemon must handle without being able to read it.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = crypto.X509()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        cert.set_version(3)  # the value 3 is version 4
+        cert.set_serial_number(4)
+        cert.get_subject().CN = name
+        cert.set_issuer(crypto.X509.from_cryptography(ca.certificate).get_subject())
+        cert.set_pubkey(crypto.PKey.from_cryptography_key(key))
+        cert.gmtime_adj_notBefore(-60)
+        cert.gmtime_adj_notAfter(86400)
+        cert.sign(crypto.PKey.from_cryptography_key(ca.key), "sha256")
+    cert_path, key_path = directory / "v4.pem", directory / "v4-key.pem"
+    certgen.write_public(cert_path, crypto.dump_certificate(crypto.FILETYPE_PEM, cert))
+    certgen.write_private(key_path, certgen.Issued(ca.certificate, key).key_pem())
+    return cert_path, key_path

@@ -610,6 +610,41 @@ class OpenSSLClientTests(IntegrationCase):
         self.assertIsNone(event["alpn"], event)
         self.assertEqual(event["lines_out"], 1)
 
+    def test_allow_list_refusal_alert(self) -> None:
+        """A client refused by the allow-list hears bad_certificate, never internal_error.
+
+        The daemon's records name the certificate it presented.
+        """
+        pki = shared_pki()
+        daemon = shared_daemon(
+            "allow-other",
+            lambda _: server_args(pki, "--client-ca", str(pki.ca_cert), "--allow-cn", "other"),
+        )
+        since = daemon.mark()
+        client = self.s_client(
+            daemon,
+            "-CAfile",
+            str(pki.ca_cert),
+            "-cert",
+            str(pki.client_cert),
+            "-key",
+            str(pki.client_key),
+            "-quiet",
+            "-no_ign_eof",
+        )
+        client.send(b"hello\n")
+        # Read until s_client exits: it does once the alert arrives (end of output).
+        self.assertEqual(client.read_until(1 << 20), b"")
+        code, output, stderr = client.finish()
+        self.assertNotEqual(code, 0, stderr)
+        self.assertEqual(output, b"")
+        self.assertIn("alert bad certificate", stderr)
+        self.assertNotIn("internal error", stderr)
+        event = self.assert_closed_as(daemon, since, None, "handshake_failed")
+        self.assertEqual(event["client_cert_subject"], "CN=test client")
+        self.assertEqual(event["client_cert_issuer"], "CN=test CA,O=secure-echo")
+        self.assertEqual(len(event["client_cert_sha256"]), 64)
+
     def test_tls11_refused(self) -> None:
         """A TLS 1.1 client is refused, and the daemon logs why."""
         daemon = default_daemon()

@@ -6,14 +6,20 @@ import datetime
 import ssl
 from typing import TYPE_CHECKING, Any
 
+from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from secure_echo.tls.allowlist import AllowList, spki_sha256
-from secure_echo.tls.policy import ClientAuth, TLSSettings, load_and_validate
+from secure_echo.tls.policy import (
+    ClientAuth,
+    TLSSettings,
+    fingerprint_sha256,
+    load_and_validate,
+)
 from secure_echo.tools import certgen
-from tests.helpers import make_pki
+from tests.helpers import make_pki, write_v4_client
 from tests.tlspair import TLSPair, capture_events, client_context, named, server_factory
 
 if TYPE_CHECKING:
@@ -66,16 +72,24 @@ class AllowListHandshakeTests(SynchronousTestCase):
         self.assertEqual(pair.received, b"hello\n")
         self.assertEqual(self.of(pair, "handshake_failed"), [])
 
-    def assert_refused(self, pair: TLSPair) -> str:
-        """The handshake fails, nothing is echoed; return the logged reason."""
+    def assert_refused(self, pair: TLSPair, alert: str | None = None) -> str:
+        """The handshake fails, nothing is echoed; return the logged reason.
+
+        ``alert``: the TLS alert the client must have received (its words in
+        OpenSSL's error text, e.g. ``bad certificate``).
+        """
         # TLS 1.3: the client finishes its side before the server checks its
         # certificate, so the refusal shows on the client's next read.
+        told = ""
         try:
             pair.handshake()
             pair.send(b"hello\n")
             pair.pump()
-        except ssl.SSLError:
-            pass
+        except ssl.SSLError as error:
+            told = str(error).lower()
+        if alert is not None:
+            self.assertIn(f"alert {alert}", told)
+        self.assertNotIn("internal error", told)
         self.assertEqual(pair.received, b"")
         self.assertTrue(pair.transport.disconnecting)
         pair.finish_stream()
@@ -91,11 +105,29 @@ class AllowListHandshakeTests(SynchronousTestCase):
         self.assert_echoes(self.pair(factory, self.pki.client_cert, self.pki.client_key))
 
     def test_unlisted_cn_refused(self) -> None:
-        """A verified client whose CN is not listed is refused during the handshake."""
+        """A verified client not on the allow-list is refused with bad_certificate.
+
+        The client is told why (the alert), never internal_error, and both records
+        name the certificate it presented.
+        """
         factory = self.factory(AllowList.build(cns=["someone else"]))
-        reason = self.assert_refused(self.pair(factory, self.pki.client_cert, self.pki.client_key))
+        pair = self.pair(factory, self.pki.client_cert, self.pki.client_key)
+        reason = self.assert_refused(pair, alert="bad certificate")
         self.assertIn("not on the allow-list", reason)
         self.assertIn("CN=test client", reason)
+        self.assert_presented(pair, self.pki.client_cert)
+
+    def assert_presented(self, pair: TLSPair, cert: Path) -> None:
+        """handshake_failed and connection_closed name ``cert``: subject, issuer, SHA-256."""
+        leaf = x509.load_pem_x509_certificate(cert.read_bytes())
+        expected = {
+            "client_cert_subject": leaf.subject.rfc4514_string(),
+            "client_cert_issuer": leaf.issuer.rfc4514_string(),
+            "client_cert_sha256": fingerprint_sha256(leaf),
+        }
+        for name in ("handshake_failed", "connection_closed"):
+            (event,) = self.of(pair, name)
+            self.assertEqual({key: event[key] for key in expected}, expected, name)
 
     def test_spiffe_uri_passes(self) -> None:
         """A client whose URI subjectAltName is a listed SPIFFE ID passes."""
@@ -143,12 +175,47 @@ class AllowListHandshakeTests(SynchronousTestCase):
         self.assertRegex(reason, "uns(?:upported|uitable) certificate purpose")
 
     def test_other_ca_refused_even_if_listed(self) -> None:
-        """The allow-list only narrows: a listed CN from another CA is still refused."""
+        """The allow-list only narrows: a listed CN from another CA is still refused.
+
+        The client hears unknown_ca, and the records name the stranger's certificate.
+        """
         factory = self.factory(AllowList.build(cns=["stranger"]))
-        reason = self.assert_refused(
-            self.pair(factory, self.pki.other_client_cert, self.pki.other_client_key)
-        )
+        pair = self.pair(factory, self.pki.other_client_cert, self.pki.other_client_key)
+        reason = self.assert_refused(pair, alert="unknown ca")
         self.assertIn("unable to get local issuer certificate", reason)
+        self.assert_presented(pair, self.pki.other_client_cert)
+
+    def test_unparsable_certificate_refused_with_reason(self) -> None:
+        """A certificate cryptography cannot read, checked against an allow-list, is refused.
+
+        It ends as handshake_failed with a reason, the client hears bad_certificate,
+        and nothing escapes as an unhandled error.
+        """
+        cert, key = write_v4_client(self.pki.directory, self.pki.ca)
+        factory = self.factory(AllowList.build(cns=["v4 client"]))
+        pair = self.pair(factory, cert, key)
+        reason = self.assert_refused(pair, alert="bad certificate")
+        self.assertIn("could not be checked", reason)
+        (closed,) = self.of(pair, "connection_closed")
+        self.assertEqual(closed["client_cert_subject"], "CN=v4 client")
+        self.assertEqual(
+            closed["client_cert_issuer"], self.pki.ca.certificate.subject.rfc4514_string()
+        )
+
+    def test_unparsable_certificate_without_allow_list(self) -> None:
+        """Without an allow-list, such a certificate that OpenSSL verified is served.
+
+        The record names it from OpenSSL's reading of its names.
+        """
+        cert, key = write_v4_client(self.pki.directory, self.pki.ca)
+        factory = self.factory(AllowList())
+        pair = self.pair(factory, cert, key)
+        self.assert_echoes(pair)
+        pair.server.loseConnection()
+        pair.finish_stream()
+        (closed,) = self.of(pair, "connection_closed")
+        self.assertEqual(closed["client_cert_subject"], "CN=v4 client")
+        self.assertEqual(len(closed["client_cert_sha256"]), 64)
 
     def test_replace_applies_to_new_connections_only(self) -> None:
         """After a context swap, a connection accepted before keeps the old allow-list."""

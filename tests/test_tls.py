@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from unittest import SkipTest
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 from OpenSSL import SSL
@@ -36,8 +37,8 @@ from secure_echo.tls.policy import (
     fingerprint_sha256,
     load_and_validate,
     set_groups,
-    verify_error_text,
 )
+from secure_echo.tls.verify import verify_error_text
 from secure_echo.tools import certgen
 from tests.helpers import make_pki, write_expired_server
 
@@ -215,9 +216,14 @@ def only_group(group: str) -> Callable[[ssl.SSLContext], None]:
 
 @dataclass
 class VerifyNotes:
-    """App data for a server connection: collects ``note_verify_error`` calls."""
+    """App data for a server connection: collects what the verify callback reports."""
 
     notes: list[str] = field(default_factory=list)
+    presented: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def note_presented(self, subject: str, issuer: str, sha256: str) -> None:
+        """Record the presented certificate."""
+        self.presented.append((subject, issuer, sha256))
 
     def note_verify_error(self, reason: str) -> None:
         """Record one verification error."""
@@ -619,6 +625,16 @@ class PolicyTests(SynchronousTestCase):
         self.assertFalse(outcome.server_done)
         self.assertIn("certificate verify failed", str(outcome.server_error))
         self.assertEqual(notes.notes, ["unable to get local issuer certificate (depth 0)"])
+        (presented,) = notes.presented
+        leaf = x509.load_pem_x509_certificate(self.pki.other_client_cert.read_bytes())
+        self.assertEqual(
+            presented,
+            (
+                leaf.subject.rfc4514_string(),
+                leaf.issuer.rfc4514_string(),
+                fingerprint_sha256(leaf),
+            ),
+        )
 
     def test_client_auth_refusal_without_app_data(self) -> None:
         """Without app data to note on, a refused client certificate still just fails."""

@@ -156,10 +156,10 @@ _TLS_VERSIONS: Final = frozenset({"TLSv1.2", "TLSv1.3"})
 _CIPHER_MAX: Final = 64
 
 # OpenSSL reason substrings (lower case), checked in this order; the first match
-# wins.  transport.ssl_error_text joins several reasons with "; " and appends the
-# verify callback's reason after ": ".
+# wins.  tls.connection.ssl_error_text joins several reasons with "; " and the
+# connection appends the verify callback's reason after ": ".
 _REASON_PATTERNS: Final = (
-    # tls._verify_callback's allow-list refusal, inside "certificate verify failed: ...".
+    # tls.verify's allow-list refusal, inside "certificate verify failed: ...".
     ("allow_list", ("is not on the allow-list",)),
     ("certificate_required", ("peer did not return a certificate", "certificate required")),
     ("certificate_unknown", ("certificate verify failed",)),

@@ -263,8 +263,15 @@ class TLSServerConnection(TwistedProtocol):
         self._event(Event.HANDSHAKE_DONE)
         return self._phase is _OPEN
 
+    def note_presented(self, subject: str, issuer: str, sha256: str) -> None:
+        """The client presented this certificate (from :mod:`secure_echo.tls.verify`)."""
+        record = self.record
+        record.client_cert_subject = subject
+        record.client_cert_issuer = issuer
+        record.client_cert_sha256 = sha256
+
     def note_verify_error(self, reason: str) -> None:
-        """Called by the context's verify callback with why it refused a certificate."""
+        """The client's certificate was refused, and why (from :mod:`secure_echo.tls.verify`)."""
         self._verify_error = reason
 
     # -- application data -------------------------------------------------------

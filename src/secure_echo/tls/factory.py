@@ -144,6 +144,9 @@ class TLSServerFactory(Factory):
             conn_id=connection.conn_id,
             peer=record.peer,
             reason=record.tls_error,
+            client_cert_subject=record.client_cert_subject,
+            client_cert_issuer=record.client_cert_issuer,
+            client_cert_sha256=record.client_cert_sha256,
         )
 
     def tls_failed(self, connection: TLSServerConnection) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from secure_echo.tls.policy import fingerprint_sha256, session_reused, subject_alt_names
+from secure_echo.tls.policy import session_reused, subject_alt_names
+from secure_echo.tls.verify import describe
 
 if TYPE_CHECKING:
     from OpenSSL import SSL
@@ -16,7 +17,9 @@ def record_handshake(record: ConnectionRecord, tls: SSL.Connection, now: float) 
     """Fill ``record``'s TLS facts from ``tls``, whose handshake finished at ``now``.
 
     Read once per connection: version, cipher, group, SNI, ALPN, resumption and the
-    client certificate (subject, fingerprint, SANs, expiry).
+    client certificate (subject, issuer, fingerprint, SANs, expiry).  A client
+    certificate that OpenSSL accepted but ``cryptography`` cannot parse is still
+    named and fingerprinted; its SANs and expiry are then left out.
     """
     record.handshake_ms = round((now - record.started) * 1000.0, 3)
     record.tls_version = tls.get_protocol_version_name()
@@ -26,10 +29,16 @@ def record_handshake(record: ConnectionRecord, tls: SSL.Connection, now: float) 
     record.sni = sni.decode("ascii", "replace") if sni else None
     alpn = tls.get_alpn_proto_negotiated()
     record.alpn = alpn.decode("ascii", "replace") if alpn else None
-    peer_cert = tls.get_peer_certificate(as_cryptography=True)
-    if peer_cert is not None:
-        record.client_cert_subject = peer_cert.subject.rfc4514_string()
-        record.client_cert_sha256 = fingerprint_sha256(peer_cert)
-        record.client_cert_sans = subject_alt_names(peer_cert)
-        record.client_cert_not_after = peer_cert.not_valid_after_utc.isoformat()
+    peer = tls.get_peer_certificate()
+    if peer is not None:
+        subject, issuer, sha256 = describe(peer)
+        record.client_cert_subject = subject
+        record.client_cert_issuer = issuer
+        record.client_cert_sha256 = sha256
+        try:
+            parsed = peer.to_cryptography()
+            record.client_cert_sans = subject_alt_names(parsed)
+            record.client_cert_not_after = parsed.not_valid_after_utc.isoformat()
+        except Exception:  # noqa: S110 - described above; nothing more to say
+            pass
     record.resumed = session_reused(tls)

@@ -34,6 +34,7 @@ from OpenSSL import SSL
 from OpenSSL.crypto import X509
 
 from secure_echo.tls.allowlist import AllowList
+from secure_echo.tls.verify import install_verify
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -245,40 +246,6 @@ def set_groups(context: SSL.Context, groups: Sequence[str]) -> None:
         raise RuntimeError(msg)
 
 
-def verify_error_text(code: int) -> str:
-    """Return OpenSSL's text for an X.509 verification error code."""
-    from OpenSSL._util import ffi, lib  # noqa: PLC0415 - private API, confined here
-
-    text = lib.X509_verify_cert_error_string(code)
-    if text == ffi.NULL:  # pragma: no cover - OpenSSL always returns a string
-        return f"verify error {code}"
-    return str(ffi.string(text).decode("ascii", "replace"))
-
-
-def _verify_callback(
-    connection: SSL.Connection, cert: X509, errno: int, depth: int, ok: int
-) -> bool:
-    """Apply the allow-list to a verified leaf; record why a certificate is refused.
-
-    OpenSSL has already checked the chain, dates and purpose (``ok``); this only
-    narrows further, never widens.  The allow-list is the one of the context the
-    connection was made from (its app data), so a reload cannot mix old and new.
-    """
-    reason: str | None = None
-    if not ok:
-        reason = f"{verify_error_text(errno)} (depth {depth})"
-    elif depth == 0:
-        allow = connection.get_context().get_app_data()
-        if isinstance(allow, AllowList) and allow.active:
-            reason = allow.check(cert.to_cryptography())
-    if reason is None:
-        return True
-    note = getattr(connection.get_app_data(), "note_verify_error", None)
-    if note is not None:
-        note(reason)
-    return False
-
-
 def build_context(loaded: LoadedTLS) -> SSL.Context:
     """Build a server context from validated material, following the policy."""
     settings = loaded.settings
@@ -314,8 +281,7 @@ def build_context(loaded: LoadedTLS) -> SSL.Context:
         mode = SSL.VERIFY_PEER
         if settings.client_auth is ClientAuth.REQUIRED:
             mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
-        context.set_verify(mode, _verify_callback)
-        context.set_app_data(settings.allow)
+        install_verify(context, mode, settings.allow)
     return context
 
 

@@ -73,6 +73,7 @@ class ConnectionRecord:
         "bytes_in",
         "bytes_out",
         "cipher",
+        "client_cert_issuer",
         "client_cert_not_after",
         "client_cert_sans",
         "client_cert_sha256",
@@ -107,6 +108,7 @@ class ConnectionRecord:
         self.alpn: str | None = None
         self.resumed: bool | None = None
         self.client_cert_subject: str | None = None
+        self.client_cert_issuer: str | None = None
         self.client_cert_sha256: str | None = None
         self.client_cert_sans: list[str] | None = None
         self.client_cert_not_after: str | None = None
@@ -135,6 +137,7 @@ class ConnectionRecord:
             "alpn": self.alpn,
             "resumed": self.resumed,
             "client_cert_subject": self.client_cert_subject,
+            "client_cert_issuer": self.client_cert_issuer,
             "client_cert_sha256": self.client_cert_sha256,
             "handshake_ms": self.handshake_ms,
         }
