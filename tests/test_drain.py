@@ -12,6 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from secure_echo.edge.limits import ConnectionLimiter
 from secure_echo.line.protocol import LineSettings
+from secure_echo.tls.connection import TLSServerConnection
 from tests.helpers import make_pki
 from tests.tlspair import (
     CountingTransport,
@@ -24,7 +25,6 @@ from tests.tlspair import (
 )
 
 if TYPE_CHECKING:
-    from secure_echo.tls.connection import TLSServerConnection
     from secure_echo.tls.factory import TLSServerFactory
 
 
@@ -218,8 +218,10 @@ class FactoryLimitTests(SynchronousTestCase):
     def connect(self, host: str, port: int = 40000) -> TLSServerConnection | None:
         address = IPv4Address("TCP", host, port)
         connection = self.factory.buildProtocol(address)
-        if connection is not None:
-            connection.makeConnection(CountingTransport(peer=address))
+        if connection is None:
+            return None
+        assert isinstance(connection, TLSServerConnection)
+        connection.makeConnection(CountingTransport(peer=address))
         return connection
 
     def test_per_ip_and_total_limits(self) -> None:

@@ -28,13 +28,9 @@ from twisted.web.test.requesthelper import DummyRequest
 from typing_extensions import override
 
 import secure_echo
-from secure_echo.daemon.metrics import (
-    HANDSHAKE_FAILURE_REASONS,
-    Metrics,
-    handshake_failure_reason,
-    metrics_site,
-)
+from secure_echo.daemon.metrics import Metrics, metrics_site
 from secure_echo.edge.limits import DRAINING, LIMIT_PER_IP, LIMIT_TOTAL, RefusalLog
+from secure_echo.tls.failures import HANDSHAKE_FAILURE_REASONS, handshake_failure_reason
 from secure_echo.tls.record import CloseReason, ConnectionRecord
 
 if TYPE_CHECKING:
@@ -430,6 +426,25 @@ class RefusalTests(SynchronousTestCase):
             sum(refusals.refused.values()),
             sum(_value(metrics, name, reason=r) or 0.0 for r in (LIMIT_TOTAL, DRAINING)),
         )
+
+
+class ProxyRejectionTests(SynchronousTestCase):
+    """PROXY header rejections: one count per ``proxy_rejected`` event."""
+
+    def test_counted_by_reason(self) -> None:
+        """Each event counts once under its reason; an unknown reason is ``other``."""
+        metrics = Metrics()
+        _emit(metrics, "proxy_rejected", reason="proxy_timeout")
+        _emit(metrics, "proxy_rejected", reason="proxy_timeout")
+        _emit(metrics, "proxy_rejected", reason="proxy_untrusted")
+        _emit(metrics, "proxy_rejected", reason="cosmic rays")
+        # The window's summary repeats what the events counted: not counted again.
+        _emit(metrics, "proxy_rejections", counts={"proxy_timeout": 1})
+        name = "secure_echo_proxy_rejected_total"
+        self.assertEqual(_value(metrics, name, reason="proxy_timeout"), 2.0)
+        self.assertEqual(_value(metrics, name, reason="proxy_untrusted"), 1.0)
+        self.assertEqual(_value(metrics, name, reason="proxy_malformed"), 0.0)
+        self.assertEqual(_value(metrics, name, reason="other"), 1.0)
 
 
 class CertificateTests(SynchronousTestCase):

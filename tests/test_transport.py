@@ -248,6 +248,32 @@ class HandshakeTests(TransportTestsMixin, SynchronousTestCase):
         self.set_up(self)
         self.factory = server_factory(self.pki, self.clock, handshake_timeout=5)
 
+    def test_failures_warn_once_then_sum_up(self) -> None:
+        """Failed handshakes: one warning per reason, the rest as records and a summary.
+
+        Every failure is one handshake_failed event (so a record of each stays), but
+        only the first of its reason in a window is a warning; the window's summary,
+        handshake_failures, counts the rest.
+        """
+        garbage = b"\x16\x03\x01\x00\x05hello"
+        for _ in range(3):
+            pair = TLSPair(self.factory, client_context(self.pki))
+            pair.server.dataReceived(garbage)
+            pair.finish_stream()
+        failed = self.named("handshake_failed")
+        self.assertEqual([e["log_level"].name for e in failed], ["warn", "info", "info"])
+        self.assertEqual(self.named("handshake_failures"), [])
+        self.clock.advance(10)
+        [summary] = self.named("handshake_failures")
+        self.assertEqual(summary["total"], 2)
+        self.assertEqual(summary["counts"], {"other": 2})
+        self.assertEqual(summary["top_peers"], {"127.0.0.1:50000": 2})
+        self.clock.advance(10)
+        self.assertEqual(len(self.named("handshake_failures")), 1)
+        pair = TLSPair(self.factory, client_context(self.pki))
+        pair.server.dataReceived(garbage)
+        self.assertEqual(self.named("handshake_failed")[-1]["log_level"].name, "warn")
+
     def test_plaintext_client(self) -> None:
         """A client speaking plaintext gets a one-line hint and is closed."""
         pair = TLSPair(self.factory, client_context(self.pki))

@@ -20,6 +20,7 @@ from zope.interface import implementer
 
 from secure_echo.line.handler import EchoHandler, ILineHandler
 from secure_echo.line.protocol import LineFactory, LineSettings
+from secure_echo.tls.connection import TLSServerConnection
 from secure_echo.tls.factory import TLSServerFactory
 from secure_echo.tls.lifecycle import Phase
 from secure_echo.tls.policy import ContextHolder, TLSSettings, load_and_validate
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from twisted.trial.unittest import SynchronousTestCase
 
     from secure_echo.edge.limits import ConnectionLimiter, RefusalLog
+    from secure_echo.edge.proxyreader import ProxySettings
     from tests.helpers import PKI
 
 
@@ -113,6 +115,7 @@ def server_factory(
     limiter: ConnectionLimiter | None = None,
     refusals: RefusalLog | None = None,
     contexts: ContextHolder | None = None,
+    proxy: ProxySettings | None = None,
 ) -> TLSServerFactory:
     """A TLS server factory for ``pki``'s server certificate, echoing lines.
 
@@ -132,6 +135,7 @@ def server_factory(
         max_connection_age=max_connection_age,
         limiter=limiter,
         refusals=refusals,
+        proxy=proxy,
     )
 
 
@@ -147,7 +151,7 @@ class TLSPair:
     ) -> None:
         self.transport = transport if transport is not None else CountingTransport()
         server = factory.buildProtocol(self.transport.getPeer())
-        assert server is not None, "the factory refused the connection"
+        assert isinstance(server, TLSServerConnection), "the factory refused the connection"
         self.server = server
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()

@@ -32,7 +32,7 @@ from secure_echo.edge.limits import (
     default_max_connections,
     raise_fd_limit,
 )
-from secure_echo.edge.proxyreader import ProxyProtocolFactory
+from secure_echo.edge.proxyreader import ProxySettings
 from secure_echo.line.handler import EchoHandler
 from secure_echo.line.protocol import LineFactory, LineSettings
 from secure_echo.tls.factory import TLSServerFactory
@@ -41,7 +41,7 @@ from secure_echo.tools.devcerts import client_command
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+    from twisted.internet.interfaces import IListeningPort
 
     from secure_echo.daemon.load import Config
     from secure_echo.tls.policy import ContextHolder
@@ -206,6 +206,7 @@ def build_factory(cfg: Config, reactor: Any) -> tuple[TLSServerFactory, tuple[in
         max_connection_age=cfg.max_connection_age,
         limiter=limiter,
         refusals=RefusalLog(reactor),
+        proxy=proxy_settings(cfg),
     )
     return factory, fd_limits
 
@@ -237,7 +238,6 @@ def make_service(cfg: Config, reactor: Any) -> MultiService:
     ReloadService(
         reloader, reactor, cfg.reload_interval, extra_files=(cfg.config_file,)
     ).setServiceParent(top)
-    served = with_proxy_protocol(cfg, factory, reactor)
     notifier = Notifier.from_environment()
 
     def listening(ports: list[IListeningPort]) -> None:
@@ -248,7 +248,7 @@ def make_service(cfg: Config, reactor: Any) -> MultiService:
             # runs from here on, so systemd's start timeout covers all of it.
             reactor.callWhenRunning(notifier.ready, service_status(contexts, ports))
 
-    ListeningService(reactor, cfg.listens, served, on_listening=listening).setServiceParent(top)
+    ListeningService(reactor, cfg.listens, factory, on_listening=listening).setServiceParent(top)
     if notifier is not None:
         reloader.before.append(notifier.reloading)
         reloader.after.append(
@@ -276,16 +276,12 @@ def metrics_service(
     return MetricsService(reactor, endpoint, metrics_site(metrics, metrics.state, reactor))
 
 
-def with_proxy_protocol(cfg: Config, factory: TLSServerFactory, reactor: Any) -> IProtocolFactory:
-    """``factory`` behind a PROXY protocol reader, if ``--proxy-protocol`` asks."""
+def proxy_settings(cfg: Config) -> ProxySettings | None:
+    """The PROXY protocol settings the factory reads headers with, if it is on."""
     if cfg.proxy_protocol == "off":
-        return factory
-    return ProxyProtocolFactory(
-        factory,
-        reactor,
-        mode=cast("Any", cfg.proxy_protocol),
-        trusted=cfg.proxy_trusted,
-        timeout=cfg.proxy_timeout,
+        return None
+    return ProxySettings(
+        mode=cast("Any", cfg.proxy_protocol), trusted=cfg.proxy_trusted, timeout=cfg.proxy_timeout
     )
 
 

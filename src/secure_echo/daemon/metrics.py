@@ -43,6 +43,9 @@ Metrics (all counters count from the process start):
     Application bytes (plaintext, not TLS records).
 ``secure_echo_lines_received_total`` / ``secure_echo_lines_sent_total``
     Lines received (overlong ones included) and replies sent (errors included).
+``secure_echo_proxy_rejected_total{reason}``
+    PROXY headers refused, by ``proxy_rejected``'s reason (``proxy_malformed``,
+    ``proxy_missing``, ``proxy_timeout``, ``proxy_untrusted``; else ``other``).
 ``secure_echo_slow_readers_total``
     Clients dropped because they stopped reading (``slow_reader`` events; this
     includes a close that could not flush, whose ``close_reason`` stays as it was).
@@ -106,7 +109,9 @@ from zope.interface import implementer
 import secure_echo
 from secure_echo.daemon.logs import iso_timestamp
 from secure_echo.edge.limits import DRAINING, LIMIT_PER_IP, LIMIT_TOTAL
+from secure_echo.tls.failures import HANDSHAKE_FAILURE_REASONS, OTHER, handshake_failure_reason
 from secure_echo.tls.record import CloseReason
+from secure_echo.wire.proxy import PROXY_MALFORMED, PROXY_MISSING, PROXY_TIMEOUT, PROXY_UNTRUSTED
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -115,23 +120,6 @@ if TYPE_CHECKING:
     from twisted.logger import LogEvent
     from twisted.web.http import Request
     from twisted.web.iweb import IRequest
-
-#: The label value for anything outside a metric's known set.
-OTHER: Final = "other"
-
-#: Every value of ``secure_echo_handshake_failures_total``'s ``reason`` label.
-HANDSHAKE_FAILURE_REASONS: Final = (
-    "no_shared_cipher",
-    "unsupported_protocol",
-    "certificate_required",
-    "certificate_unknown",
-    "allow_list",
-    "client_rejected_certificate",
-    "timeout",
-    "closed",
-    "plaintext",
-    OTHER,
-)
 
 #: Handshake duration buckets, seconds: 0.5 ms (loopback, resumed) to 5 s.
 HANDSHAKE_BUCKETS: Final = (
@@ -152,73 +140,9 @@ HANDSHAKE_BUCKETS: Final = (
 
 _CLOSE_REASONS: Final = frozenset(reason.value for reason in CloseReason)
 _REFUSAL_REASONS: Final = (LIMIT_TOTAL, LIMIT_PER_IP, DRAINING)
+_PROXY_REASONS: Final = (PROXY_MALFORMED, PROXY_MISSING, PROXY_TIMEOUT, PROXY_UNTRUSTED)
 _TLS_VERSIONS: Final = frozenset({"TLSv1.2", "TLSv1.3"})
 _CIPHER_MAX: Final = 64
-
-# OpenSSL reason substrings (lower case), checked in this order; the first match
-# wins.  tls.connection.ssl_error_text joins several reasons with "; " and the
-# connection appends the verify callback's reason after ": ".
-_REASON_PATTERNS: Final = (
-    # tls.verify's allow-list refusal, inside "certificate verify failed: ...".
-    ("allow_list", ("is not on the allow-list",)),
-    ("certificate_required", ("peer did not return a certificate", "certificate required")),
-    ("certificate_unknown", ("certificate verify failed",)),
-    # Alerts the client sent because it refused our certificate.
-    (
-        "client_rejected_certificate",
-        (
-            "alert unknown ca",
-            "alert bad certificate",
-            "alert certificate unknown",
-            "alert certificate expired",
-            "alert certificate revoked",
-            "alert unsupported certificate",
-        ),
-    ),
-    # No cipher suite, group or signature algorithm in common.
-    (
-        "no_shared_cipher",
-        (
-            "no shared cipher",
-            "no cipher",
-            "no shared signature",
-            "no suitable signature",
-            "no suitable key share",
-            "no shared group",
-        ),
-    ),
-    (
-        "unsupported_protocol",
-        (
-            "unsupported protocol",
-            "alert protocol version",
-            "version too low",
-            "no protocols available",
-            "inappropriate fallback",
-        ),
-    ),
-    # The client went away: transport.py's own reasons and OpenSSL's EOF / errno.
-    ("closed", ("closed the connection", "connection closed", "unexpected eof", "system error")),
-    # An HTTP client that got past the first-byte check.
-    ("plaintext", ("http request", "https proxy request")),
-)
-
-
-def handshake_failure_reason(reason: str | None) -> str:
-    """Map a handshake's ``tls_error`` to one of :data:`HANDSHAKE_FAILURE_REASONS`.
-
-    ``certificate_unknown`` is a client certificate we refused (untrusted, expired,
-    wrong purpose); ``allow_list`` one that verified but is not on the allow-list;
-    ``client_rejected_certificate`` a client that refused *our* certificate with an
-    alert.  Anything not recognised is ``other``.
-    """
-    if not isinstance(reason, str):
-        return OTHER
-    text = reason.lower()
-    for label, needles in _REASON_PATTERNS:
-        if any(needle in text for needle in needles):
-            return label
-    return OTHER
 
 
 def _count(value: object) -> int:
@@ -371,6 +295,12 @@ class Metrics:
             "Replies sent, error replies included (counted at close).",
             registry=r,
         )
+        self._proxy_rejected = Counter(
+            "secure_echo_proxy_rejected_total",
+            "PROXY headers refused (and their connections closed), by reason.",
+            ["reason"],
+            registry=r,
+        )
         self._slow_readers = Counter(
             "secure_echo_slow_readers_total",
             "Clients dropped because they stopped reading.",
@@ -404,6 +334,8 @@ class Metrics:
             self._handshake_failures.labels(reason=reason)
         for reason in _REFUSAL_REASONS:
             self._refused.labels(reason=reason)
+        for reason in _PROXY_REASONS:
+            self._proxy_rejected.labels(reason=reason)
         for outcome in ("success", "failure"):
             self._reloads.labels(outcome=outcome)
         self._handlers: dict[str, Callable[[LogEvent], None]] = {
@@ -411,6 +343,7 @@ class Metrics:
             "connection_refused": self._connection_refused,
             "connections_refused": self._connections_refused,
             "slow_reader": self._slow_reader,
+            "proxy_rejected": self._proxy_rejected_event,
             "tls_context_loaded": self._certificate_loaded,
             "tls_reloaded": self._tls_reloaded,
             "tls_reload_failed": self._tls_reload_failed,
@@ -470,6 +403,11 @@ class Metrics:
             amount = _count(count)
             if amount:
                 self._refused.labels(reason=_label(reason, _REFUSAL_REASONS)).inc(amount)
+
+    def _proxy_rejected_event(self, event: LogEvent) -> None:
+        # One event per rejection: the first of a window as a warning, the rest as
+        # records (docs/logging.md); the window's summary repeats them, uncounted.
+        self._proxy_rejected.labels(reason=_label(event.get("reason"), _PROXY_REASONS)).inc()
 
     def _slow_reader(self, event: LogEvent) -> None:  # noqa: ARG002 - the event is the count
         self._slow_readers.inc()

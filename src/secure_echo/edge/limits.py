@@ -3,10 +3,11 @@
 * :func:`peer_key` groups clients: an IPv4 address counts alone, an IPv6 address
   by its /64 (one subscriber usually holds a whole /64), UNIX clients together.
 * :class:`ConnectionLimiter` counts open connections in total and per key.
-* :class:`RefusalLog` logs refusals without letting them flood the log: the first
-  refusal of each reason in a window is logged at once (``connection_refused``);
-  the rest are counted and summed up once at the end of the window
-  (``connections_refused``, with counts per reason and the busiest peers).
+* :class:`RefusalLog` logs refusals without letting them flood the log
+  (:mod:`secure_echo.edge.digest`): the first refusal of each reason in a window
+  is logged at once (``connection_refused``); the rest are counted and summed up
+  once at the end of the window (``connections_refused``, with counts per reason
+  and the busiest peers).
 * :func:`raise_fd_limit` raises the soft file-descriptor limit to the hard one, so
   the connection limit can default to what the process may really hold.
 """
@@ -21,8 +22,10 @@ from typing import TYPE_CHECKING, Final
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
 
+from secure_echo.edge.digest import Digest
+
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+    from twisted.internet.interfaces import IAddress, IReactorTime
 
 #: Reason tokens for refused connections (the ``reason`` field).
 LIMIT_TOTAL: Final = "limit_total"
@@ -63,14 +66,32 @@ class ConnectionLimiter:
         self.total = 0
         self._per_key: Counter[str] = Counter()
 
-    def acquire(self, key: str) -> str | None:
-        """Count a new connection under ``key``, or return why it is refused."""
+    def acquire(self, key: str, *, per_ip: bool = True) -> str | None:
+        """Count a new connection under ``key``, or return why it is refused.
+
+        ``per_ip=False`` counts it under ``key`` without refusing it for that key
+        (a trusted balancer's socket before its PROXY header names the client).
+        """
         if self.max_total and self.total >= self.max_total:
             return LIMIT_TOTAL
-        if self.max_per_ip and self._per_key[key] >= self.max_per_ip:
+        if per_ip and self.max_per_ip and self._per_key[key] >= self.max_per_ip:
             return LIMIT_PER_IP
         self.total += 1
         self._per_key[key] += 1
+        return None
+
+    def rekey(self, old: str, new: str) -> str | None:
+        """Move one connection from ``old`` to ``new``, or say why ``new`` is refused.
+
+        On a refusal nothing moves: the connection is still counted under ``old``.
+        """
+        if new == old:
+            return None
+        if self.max_per_ip and self._per_key[new] >= self.max_per_ip:
+            return LIMIT_PER_IP
+        self._per_key[new] += 1
+        self.release(old)
+        self.total += 1
         return None
 
     def release(self, key: str) -> None:
@@ -88,25 +109,22 @@ class ConnectionLimiter:
 
 
 class RefusalLog:
-    """Rate-limited, aggregated logging of refused connections."""
+    """Refused connections, logged through a :class:`~secure_echo.edge.digest.Digest`.
+
+    The first refusal of each reason in a window is ``connection_refused``; the
+    rest are summed up in ``connections_refused`` at the window's end.
+    """
 
     log = Logger()
 
     def __init__(self, clock: IReactorTime, window: float = 10.0, top: int = 5) -> None:
-        self._clock = clock
-        self._window = window
-        self._top = top
-        self._logged: set[str] = set()
-        self._suppressed: Counter[str] = Counter()
-        self._peers: Counter[str] = Counter()
-        self._timer: IDelayedCall | None = None
-        self.refused: Counter[str] = Counter()
+        self._digest = Digest(clock, self._summary, window, top)
+        #: Every refusal, by reason, since the start.
+        self.refused = self._digest.total
 
     def refused_connection(self, reason: str, peer: str, key: str) -> None:
         """Record one refusal; log it now or in the window's summary."""
-        self.refused[reason] += 1
-        if reason not in self._logged:
-            self._logged.add(reason)
+        if self._digest.first(reason, key):
             self.log.warn(
                 "refused connection from {peer}: {reason}",
                 event="connection_refused",
@@ -115,35 +133,20 @@ class RefusalLog:
                 peer=peer,
                 peer_key=key,
             )
-        else:
-            self._suppressed[reason] += 1
-            self._peers[key] += 1
-        if self._timer is None:
-            self._timer = self._clock.callLater(self._window, self._flush)
 
-    def _flush(self) -> None:
-        self._timer = None
-        if self._suppressed:
-            self.log.warn(
-                "refused {total} more connections in {window:g} s: {counts}",
-                event="connections_refused",
-                total=sum(self._suppressed.values()),
-                window=self._window,
-                counts=dict(self._suppressed),
-                top_peers=dict(self._peers.most_common(self._top)),
-            )
-            # Refusals continue: keep summarising instead of logging one at once.
-            self._timer = self._clock.callLater(self._window, self._flush)
-        else:
-            self._logged.clear()
-        self._suppressed.clear()
-        self._peers.clear()
+    def _summary(self, counts: dict[str, int], top_peers: dict[str, int], window: float) -> None:
+        self.log.warn(
+            "refused {total} more connections in {window:g} s: {counts}",
+            event="connections_refused",
+            total=sum(counts.values()),
+            window=window,
+            counts=counts,
+            top_peers=top_peers,
+        )
 
     def stop(self) -> None:
         """Cancel the pending summary (at shutdown)."""
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._digest.stop()
 
 
 def raise_fd_limit() -> tuple[int, int]:

@@ -1,10 +1,19 @@
 """The TLS server factory: admission, the open connections, drain, the record.
 
-:class:`TLSServerFactory` builds one :class:`~secure_echo.tls.connection.TLSServerConnection`
-per accepted stream, unless a limit or a drain refuses it (a refused socket never
-becomes a connection; :class:`~secure_echo.edge.limits.RefusalLog` records it).
-It knows every open connection, so that a drain can finish them and a limit can
-count them, and it writes each one's ``connection_closed`` record at its end.
+:class:`TLSServerFactory` admits each accepted stream (a limit or a drain may
+refuse it; a refused socket never becomes a connection, and
+:class:`~secure_echo.edge.limits.RefusalLog` records it), then gives it a
+:class:`~secure_echo.tls.connection.TLSServerConnection`, or first a
+:class:`~secure_echo.edge.proxyreader.ProxyHeaderReader` when the PROXY protocol
+is on for its peer.  Admission happens at accept in both cases: a socket waiting
+for its PROXY header counts against the limits and among the open connections,
+and a drain closes it.  When the header names the client, the socket's count
+moves from the balancer's address to the client's.
+
+The factory writes each connection's ``connection_closed`` record at its end, and
+the warnings about failed handshakes and refused PROXY headers through a
+:class:`~secure_echo.edge.digest.Digest`: the first of each reason in a window in
+full, the rest summed up (``handshake_failures``, ``proxy_rejections``).
 """
 
 from __future__ import annotations
@@ -18,23 +27,30 @@ from twisted.logger import Logger
 from typing_extensions import override
 
 from secure_echo.edge.addresses import format_address
+from secure_echo.edge.digest import Digest
 from secure_echo.edge.limits import DRAINING, ConnectionLimiter, RefusalLog, peer_key
+from secure_echo.edge.proxyreader import ProxyHeaderReader, ProxySettings
 from secure_echo.tls.connection import TLSServerConnection
 from secure_echo.tls.deadlines import Timeouts
+from secure_echo.tls.failures import handshake_failure_reason
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, IReactorTime
 
+    from secure_echo.tls.connection import LineAppFactory
     from secure_echo.tls.policy import ContextHolder
-    from secure_echo.tls.record import ConnectionRecord
 
 
-class LineAppFactory(Protocol):
-    """What the transport needs from the application side."""
+class Tracked(Protocol):
+    """An admitted socket: a TLS connection, or a PROXY reader before its header."""
 
-    def build(self, record: ConnectionRecord) -> IProtocol:
-        """Build the application protocol for a connection that completed its handshake."""
-        ...
+    peer_key: str
+
+    def drain(self) -> None:
+        """The server is stopping."""
+
+    def drain_expired(self) -> None:
+        """The drain deadline passed."""
 
 
 class TLSServerFactory(Factory):
@@ -60,6 +76,7 @@ class TLSServerFactory(Factory):
         limiter: ConnectionLimiter | None = None,
         refusals: RefusalLog | None = None,
         plaintext_hint: str = "secure-echo-client HOST:PORT --ca CA.pem",
+        proxy: ProxySettings | None = None,
     ) -> None:
         self.contexts = contexts
         self.app_factory = app_factory
@@ -78,7 +95,12 @@ class TLSServerFactory(Factory):
         #: Where ``connection_closed`` goes: the global log unless the service
         #: maker routes the per-connection records elsewhere (docs/logging.md).
         self.connection_log: Logger = self.log
-        self.connections: set[TLSServerConnection] = set()
+        #: ``--proxy-protocol``: None when off.
+        self.proxy = proxy
+        #: Every admitted socket still open (readers waiting for a header included).
+        self.connections: set[Tracked] = set()
+        self._handshake_digest = Digest(clock, self._handshake_summary)
+        self._proxy_digest = Digest(clock, self._proxy_summary)
         self.draining = False
         self._drained: Deferred[None] | None = None
         self._drain_timer: IDelayedCall | None = None
@@ -105,17 +127,80 @@ class TLSServerFactory(Factory):
         return self.timeouts.max_age
 
     @override
-    def buildProtocol(self, addr: IAddress | None) -> TLSServerConnection | None:
+    def buildProtocol(
+        self, addr: IAddress | None
+    ) -> TLSServerConnection | ProxyHeaderReader | None:
         key = peer_key(addr) if addr is not None else "unknown"
+        proxy = self.proxy
+        header, trusted = proxy.reads_header(addr) if proxy is not None else (False, False)
         reason: str | None = DRAINING if self.draining else None
         if reason is None and self.limiter is not None:
-            reason = self.limiter.acquire(key)
+            # A balancer's socket is counted under its address until its header
+            # names the client, but a burst through one balancer is not one client.
+            reason = self.limiter.acquire(key, per_ip=not (header and trusted))
         if reason is not None:
             # Returning None makes the port close the socket at once.
             peer = format_address(addr) if addr is not None else "unknown"
             self.refusals.refused_connection(reason, peer, key)
             return None
+        if proxy is not None and header:
+            reader = ProxyHeaderReader(proxy, self, key, trusted=trusted)
+            self.connections.add(reader)
+            return reader
         return TLSServerConnection(self, next(self._ids), key, addr)
+
+    # -- the PROXY header reader's owner ---------------------------------------------
+
+    def header_read(self, reader: ProxyHeaderReader, address: IAddress) -> IProtocol | None:
+        """The header names the client: move the socket's count to it, start TLS."""
+        self.connections.discard(reader)
+        key = peer_key(address)
+        reason = self.limiter.rekey(reader.peer_key, key) if self.limiter is not None else None
+        if reason is not None:
+            self.refusals.refused_connection(reason, format_address(address), key)
+            self._forget(reader.peer_key)
+            return None
+        return TLSServerConnection(self, next(self._ids), key, address)
+
+    def header_rejected(self, reader: ProxyHeaderReader, reason: str, detail: str) -> None:
+        """Log a refused header: the first of its reason in full, the rest summed up."""
+        transport = reader.transport
+        peer = format_address(transport.getPeer()) if transport is not None else "unknown"
+        first = self._proxy_digest.first(reason, peer)
+        (self.log.warn if first else self.connection_log.info)(
+            "PROXY header from {peer} rejected: {reason}: {detail}",
+            event="proxy_rejected",
+            peer=peer,
+            reason=reason,
+            detail=detail,
+        )
+
+    def reader_closed(self, reader: ProxyHeaderReader) -> None:
+        """A socket ended before its header was handed over: free its slot."""
+        if reader in self.connections:
+            self.connections.discard(reader)
+            self._forget(reader.peer_key)
+
+    def _forget(self, key: str) -> None:
+        """Release a slot; finish a drain that waited for it."""
+        if self.limiter is not None:
+            self.limiter.release(key)
+        if self.draining and not self.connections:
+            self._finish_drain()
+
+    def _proxy_summary(
+        self, counts: dict[str, int], top_peers: dict[str, int], window: float
+    ) -> None:
+        self.log.warn(
+            "rejected {total} more PROXY headers in {window:g} s: {counts}",
+            event="proxy_rejections",
+            total=sum(counts.values()),
+            window=window,
+            counts=counts,
+            top_peers=top_peers,
+        )
+
+    # -- TLS connections ---------------------------------------------------------------
 
     def connection_opened(self, connection: TLSServerConnection) -> None:
         """Track an accepted connection."""
@@ -124,21 +209,25 @@ class TLSServerFactory(Factory):
     def connection_closed(self, connection: TLSServerConnection) -> None:
         """Forget a connection, free its limit slot and log ``connection_closed``."""
         self.connections.discard(connection)
-        if self.limiter is not None:
-            self.limiter.release(connection.peer_key)
         fields = connection.record.close_fields(self.clock.seconds())
         self.connection_log.info(
             "connection {conn_id} from {peer} closed: {close_reason}",
             event="connection_closed",
             **fields,
         )
-        if self.draining and not self.connections:
-            self._finish_drain()
+        self._forget(connection.peer_key)
 
     def handshake_failed(self, connection: TLSServerConnection) -> None:
-        """Warn that a handshake failed (``tls_error`` says why)."""
+        """Log a failed handshake: the first of its kind as a warning, the rest summed up.
+
+        Every failure is one ``handshake_failed`` record: a warning in the main log
+        for the first of its reason in a window, else an entry where the
+        connection records go (summed up in the main log as ``handshake_failures``).
+        """
         record = connection.record
-        self.log.warn(
+        reason = handshake_failure_reason(record.tls_error)
+        first = self._handshake_digest.first(reason, record.peer)
+        (self.log.warn if first else self.connection_log.info)(
             "TLS handshake with {peer} failed: {reason}",
             event="handshake_failed",
             conn_id=connection.conn_id,
@@ -147,6 +236,18 @@ class TLSServerFactory(Factory):
             client_cert_subject=record.client_cert_subject,
             client_cert_issuer=record.client_cert_issuer,
             client_cert_sha256=record.client_cert_sha256,
+        )
+
+    def _handshake_summary(
+        self, counts: dict[str, int], top_peers: dict[str, int], window: float
+    ) -> None:
+        self.log.warn(
+            "{total} more TLS handshakes failed in {window:g} s: {counts}",
+            event="handshake_failures",
+            total=sum(counts.values()),
+            window=window,
+            counts=counts,
+            top_peers=top_peers,
         )
 
     def tls_failed(self, connection: TLSServerConnection) -> None:
@@ -211,6 +312,8 @@ class TLSServerFactory(Factory):
         if timer is not None and timer.active():
             timer.cancel()
         self.refusals.stop()
+        self._handshake_digest.stop()
+        self._proxy_digest.stop()
         drained = self._drained
         if drained is not None and not drained.called:
             self.log.info("drain finished", event="drain_finished")
