@@ -2,6 +2,9 @@
 
 Every layer that names a peer (the TLS connection's record, the PROXY reader's
 refusals, the listening service's ``listening`` event) writes it the same way.
+A peer's address may come from a PROXY header, that is from whoever sent it: a
+UNIX path in particular is any bytes, so it is escaped for the log
+(:mod:`secure_echo.edge.text`).
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from typing import TYPE_CHECKING
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 
+from secure_echo.edge.text import printable, printable_bytes
+
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IAddress
 
@@ -17,11 +22,11 @@ if TYPE_CHECKING:
 def format_address(address: IAddress) -> str:
     """Render an address for logs: ``host:port``, ``[v6]:port`` or ``unix:path``."""
     if isinstance(address, IPv4Address):
-        return f"{address.host}:{address.port}"
+        return f"{printable(address.host)}:{address.port}"
     if isinstance(address, IPv6Address):
-        return f"[{address.host}]:{address.port}"
+        return f"[{printable(address.host)}]:{address.port}"
     if isinstance(address, UNIXAddress):
         raw = address.name
-        name = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        name = printable_bytes(raw) if raw else ""
         return f"unix:{name or '-'}"
-    return str(address)
+    return printable(str(address))

@@ -28,6 +28,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
+from secure_echo.edge.text import printable
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
@@ -108,7 +110,8 @@ class AllowList:
             return None
         if self.spki_sha256 and spki_sha256(cert) in self.spki_sha256:
             return None
-        return f"client certificate {cert.subject.rfc4514_string()} is not on the allow-list"
+        subject = printable(cert.subject.rfc4514_string())
+        return f"client certificate {subject} is not on the allow-list"
 
     def _san_matches(self, cert: x509.Certificate) -> bool:
         """True if a DNS or URI subjectAltName of ``cert`` is listed."""

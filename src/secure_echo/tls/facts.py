@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from secure_echo.edge.text import printable, printable_bytes
 from secure_echo.tls.policy import session_reused, subject_alt_names
 from secure_echo.tls.verify import describe
 
@@ -26,9 +27,9 @@ def record_handshake(record: ConnectionRecord, tls: SSL.Connection, now: float) 
     record.cipher = tls.get_cipher_name()
     record.group = tls.get_group_name()
     sni = tls.get_servername()
-    record.sni = sni.decode("ascii", "replace") if sni else None
+    record.sni = printable_bytes(sni) if sni else None
     alpn = tls.get_alpn_proto_negotiated()
-    record.alpn = alpn.decode("ascii", "replace") if alpn else None
+    record.alpn = printable_bytes(alpn) if alpn else None
     peer = tls.get_peer_certificate()
     if peer is not None:
         subject, issuer, sha256 = describe(peer)
@@ -37,7 +38,7 @@ def record_handshake(record: ConnectionRecord, tls: SSL.Connection, now: float) 
         record.client_cert_sha256 = sha256
         try:
             parsed = peer.to_cryptography()
-            record.client_cert_sans = subject_alt_names(parsed)
+            record.client_cert_sans = [printable(name) for name in subject_alt_names(parsed)]
             record.client_cert_not_after = parsed.not_valid_after_utc.isoformat()
         except Exception:  # noqa: S110 - described above; nothing more to say
             pass

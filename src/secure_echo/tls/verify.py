@@ -29,6 +29,8 @@ from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 from OpenSSL.crypto import FILETYPE_ASN1, X509, dump_certificate
 
+from secure_echo.edge.text import printable
+
 if TYPE_CHECKING:
     from cryptography import x509
 
@@ -71,9 +73,10 @@ def describe(cert: X509) -> tuple[str, str, str]:
     sha256 = hashlib.sha256(dump_certificate(FILETYPE_ASN1, cert)).hexdigest()
     try:
         parsed: x509.Certificate = cert.to_cryptography()
-        return parsed.subject.rfc4514_string(), parsed.issuer.rfc4514_string(), sha256
-    except Exception:
-        return _raw_name(cert.get_subject()), _raw_name(cert.get_issuer()), sha256
+        subject, issuer = parsed.subject.rfc4514_string(), parsed.issuer.rfc4514_string()
+    except Exception:  # an unparsable certificate is described all the same
+        subject, issuer = _raw_name(cert.get_subject()), _raw_name(cert.get_issuer())
+    return printable(subject), printable(issuer), sha256
 
 
 def _listener(store_ctx: Any) -> VerifyListener | None:
@@ -123,7 +126,7 @@ def install_verify(context: SSL.Context, mode: int, allow: AllowList) -> None:
     def callback(ok: int, store_ctx: Any) -> int:
         try:
             return _check(ok, store_ctx, allow)
-        except Exception as error:
+        except Exception as error:  # a refusal with a reason, never an escaped exception
             listener = None
             try:
                 listener = _listener(store_ctx)
