@@ -240,7 +240,8 @@ class WriteStallTests(SynchronousTestCase):
         """A close whose output never drains is aborted: close_stalled, with what was lost."""
         self.stream.set_unsent(5000)
         self.pair.server.loseConnection()
-        self.assertTrue(self.stream.disconnecting)
+        # Output not yet acknowledged: the close lingers (FIN after it, then wait).
+        self.assertTrue(self.stream.write_closed)
         self.clock.advance(9.9)
         self.assertFalse(self.stream.aborted)
         self.clock.advance(0.2)
@@ -275,7 +276,7 @@ class WriteStallTests(SynchronousTestCase):
 
         self.patch(writer_module, "kernel_count", kernel_count)
         self.pair.server.loseConnection()
-        self.assertTrue(self.stream.disconnecting)
+        self.assertTrue(self.stream.write_closed)
         self.clock.advance(10.1)
         self.assertTrue(self.stream.aborted)
         self.assertEqual(len(named(self.events, "slow_reader")), 1)

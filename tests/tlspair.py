@@ -75,6 +75,11 @@ class StreamTransport(CountingTransport):
         self.dataBuffer = b""
         self.offset = 0
         self._tempDataLen = 0
+        self.write_closed = False
+
+    def loseWriteConnection(self) -> None:
+        """Half-close, as Twisted's TCP transport does for a lingering close."""
+        self.write_closed = True
 
     def set_unsent(self, count: int) -> None:
         """Pretend ``count`` bytes wait in the send buffer."""

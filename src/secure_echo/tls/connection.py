@@ -210,7 +210,11 @@ class TLSServerConnection(TwistedProtocol):
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self._phase is Phase.CLOSED:  # pragma: no cover - the stream calls this once
             return
-        held = self.record.unsent_bytes = self._writer.held()
+        writer = self._writer
+        # Lingering, the replies were written; the last look says what was not
+        # yet acknowledged (the socket is gone now, and a reset purged its queue).
+        held = writer.unacked_replies if self._phase is Phase.LINGERING else writer.held()
+        self.record.unsent_bytes = held
         clean = reason is None or reason.check(ConnectionDone) is not None
         self._lost_reason = reason
         if self._phase is Phase.HANDSHAKING and self.record.tls_error is None:
@@ -454,7 +458,11 @@ def _send_close_notify(c: TLSServerConnection) -> None:
     # The client may already have broken the stream; we close anyway.
     with contextlib.suppress(SSL.Error):
         c._tls.shutdown()
-    c._flush_tls()
+    records = c._io.pending_out()
+    if records:
+        # The close's own bytes, which the writer does not count as replies.
+        c._writer.trailer = len(records)
+        c._writer.send(records)
 
 
 def _close_stream(c: TLSServerConnection) -> None:

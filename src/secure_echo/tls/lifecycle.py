@@ -39,10 +39,12 @@ The rules the table encodes:
    application finish (``DRAINING``); before the handshake there is nothing to
    finish, so the connection is aborted.  The drain deadline aborts what is left
    (``drain_timeout``).
-6. Close: close_notify goes out after every reply, the stream closes once its
-   buffer is written (``CLOSING``), and while the client still has unread input
-   on its way the close lingers (``LINGERING``) so a reset cannot destroy the
-   replies.  A close that cannot flush within the write-stall timeout is aborted
+6. Close: close_notify goes out after every reply, and the stream closes once
+   its buffer is written (``CLOSING``).  While client input is left unread, or
+   replies are not yet acknowledged by the client's TCP, the close lingers
+   (``LINGERING``): FIN after the replies, input read and dropped, until the
+   client closes too or has acknowledged every reply, so that a reset cannot
+   destroy replies unnoticed.  A close that cannot flush within the write-stall timeout is aborted
    (``close_stalled``); before the close, a client that stops reading is
    ``slow_reader``.
 7. The record never claims more than happened.  ``eof``, ``client_closed``,
@@ -50,11 +52,10 @@ The rules the table encodes:
    ``server_closed`` claim a clean end (every reply written to the socket); they
    hold only if the stream then closes cleanly.  Any later reason replaces them,
    and a stream that breaks first makes the reason ``reset``: while the
-   connection is still at work, or while the socket has not taken every byte.  A
-   stream that breaks after the close went out with every byte written to the
-   socket (a client that closes without waiting for our close_notify, which TLS
-   allows) keeps its reason.  Every other reason says what went wrong and is
-   never replaced.
+   connection is still at work, or while a reply is still held or not yet
+   acknowledged.  A stream that breaks after every reply arrived (a client that
+   closes without waiting for our close_notify, which TLS allows) keeps its
+   reason.  Every other reason says what went wrong and is never replaced.
 8. Once ``ABORTING`` or ``CLOSED`` nothing changes but the final close.  An event
    that cannot happen in a phase (a handshake result after the handshake, a
    deadline whose timer a close cancelled) is ignored: it takes no action.
@@ -132,10 +133,10 @@ class Event(Enum):
     LINGER_DONE = "linger_done"
     #: The stream transport reported the connection closed cleanly.
     LOST_CLEAN = "lost_clean"
-    #: The stream transport reported the connection lost with an error while it
-    #: still held output the socket had not taken.
+    #: The stream transport reported the connection lost with an error while
+    #: replies were still held, or not yet acknowledged by the client.
     LOST_ERROR = "lost_error"
-    #: Lost with an error, every byte written to the socket (see rule 7).
+    #: Lost with an error after every reply arrived (see rule 7).
     LOST_ERROR_FLUSHED = "lost_error_flushed"
 
 

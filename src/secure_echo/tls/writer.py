@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 #: ioctl requests: bytes waiting to be read; bytes sent but not acknowledged.
 _FIONREAD: Final = termios.FIONREAD
 _SIOCOUTQ: Final = termios.TIOCOUTQ
+#: ``struct tcp_info``: its length to ask for, and where ``tcpi_bytes_acked`` (a u64,
+#: Linux 4.1 and later) lies in it.
+_TCP_INFO_SIZE: Final = 256
+_BYTES_ACKED_AT: Final = 120
 
 
 class WriterOwner(Protocol):
@@ -56,6 +60,23 @@ def kernel_count(sock: socket.socket | None, request: int) -> int | None:
     except (OSError, ValueError):
         return None
     return int(struct.unpack("i", raw)[0])
+
+
+def tcp_bytes_acked(sock: socket.socket | None) -> int | None:
+    """Bytes the peer's TCP has acknowledged on ``sock`` in all, None if unknown.
+
+    Unlike the send queue (SIOCOUTQ), this count survives a reset: it still
+    says, once the peer reset the connection, how much of our output reached it.
+    """
+    if sock is None or sock.family not in {socket.AF_INET, socket.AF_INET6}:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+    except (OSError, ValueError):
+        return None
+    if len(info) < _BYTES_ACKED_AT + 8:  # pragma: no cover - kernels before 4.1
+        return None
+    return int(struct.unpack_from("Q", info, _BYTES_ACKED_AT)[0])
 
 
 def direct_socket(transport: object) -> socket.socket | None:
@@ -78,7 +99,17 @@ def direct_socket(transport: object) -> socket.socket | None:
 class StreamWriter:
     """The write side of one connection's stream transport (see the module docstring)."""
 
-    __slots__ = ("_owner", "_since", "_socket", "_transport", "_unsent_before", "full")
+    __slots__ = (
+        "_owner",
+        "_since",
+        "_socket",
+        "_transport",
+        "_unsent_before",
+        "full",
+        "trailer",
+        "unacked_replies",
+        "written",
+    )
 
     def __init__(self, transport: ITransport, owner: WriterOwner) -> None:
         self._transport: Any = transport
@@ -89,6 +120,12 @@ class StreamWriter:
         #: Stall sampling: the unsent count at the last progress, and when.
         self._unsent_before: int | None = None
         self._since = 0.0
+        #: Bytes of the close itself (close_notify), sent after every reply.
+        self.trailer = 0
+        #: Reply bytes the client's TCP had not acknowledged at the last look.
+        self.unacked_replies = 0
+        #: Every byte handed to the transport (sent, queued or held).
+        self.written = 0
         # Twisted's stream transports are IConsumers too; ITransport does not say so.
         cast("Any", transport).registerProducer(self, True)
 
@@ -105,7 +142,12 @@ class StreamWriter:
         self._owner.write_full(full=False)
 
     def stopProducing(self) -> None:
-        """The transport is going away; the connection hears of it in connectionLost."""
+        """The transport is going away; take a last look while the socket is there.
+
+        Only a lingering close is registered here then (:meth:`linger`); the
+        connection reads :attr:`unacked_replies` in its ``connectionLost``.
+        """
+        self.replies_unacknowledged()
 
     # -- sending --------------------------------------------------------------------
 
@@ -122,6 +164,7 @@ class StreamWriter:
         ``data`` may be a view of the record I/O's buffer: it is sent before
         anything else runs, and what goes to the queue is copied.
         """
+        self.written += len(data)
         transport = self._transport
         sock = self._socket
         if (
@@ -141,6 +184,7 @@ class StreamWriter:
 
     def write_plain(self, data: bytes) -> None:
         """Write bytes that are not TLS (the plaintext client's hint)."""
+        self.written += len(data)
         self._transport.write(data)
 
     # -- how far the output got ------------------------------------------------------
@@ -187,23 +231,48 @@ class StreamWriter:
 
     # -- closing ---------------------------------------------------------------------
 
-    def close(self) -> bool:
-        """Close the stream after everything written; False if input is left unread.
+    def replies_unacknowledged(self) -> int:
+        """Reply bytes not yet acknowledged by the client's TCP (the close's own excluded).
 
-        With unread input the caller lingers instead (:meth:`linger`): closing a
+        TCP acknowledges in order and the close (:attr:`trailer`) went last, so what
+        is left beyond it is replies.  Remembered in :attr:`unacked_replies`.
+        Without TCP's count (a UNIX socket, a test double), what the transport
+        and the kernel still hold stands in for it.
+        """
+        acked = tcp_bytes_acked(self._socket)
+        if acked is not None:
+            unacked = self.written - acked
+        else:
+            unsent = self.unsent()
+            unacked = self.held() if unsent is None else unsent
+        self.unacked_replies = max(0, unacked - self.trailer)
+        return self.unacked_replies
+
+    def close(self) -> bool:
+        """Close the stream after everything written; False if the close must linger.
+
+        It lingers (:meth:`linger`) while client input is left unread: closing a
         socket whose receive queue holds bytes makes the kernel send a reset, and
-        the client's kernel then drops every reply it has not yet read.
+        the client's kernel then drops every reply it has not yet read.  It
+        lingers too while replies are not yet acknowledged: only then does the
+        daemon know they arrived, and a reset meanwhile is recorded as one.
         """
         transport = self._transport
         transport.unregisterProducer()
-        if (kernel_count(self._socket, _FIONREAD) or 0) > 0:
+        unread = kernel_count(self._socket, _FIONREAD) or 0
+        if unread > 0 or self.replies_unacknowledged() > 0:
             return False
         transport.loseConnection()
         return True
 
     def linger(self) -> None:
-        """FIN after the replies; keep reading (and dropping) the client's input."""
+        """FIN after the replies; keep reading (and dropping) the client's input.
+
+        Registered with the transport again, so that its end calls
+        :meth:`stopProducing` while the socket can still be asked.
+        """
         transport = self._transport
+        transport.registerProducer(self, True)
         transport.loseWriteConnection()
         transport.resumeProducing()
 
