@@ -792,6 +792,25 @@ class MisbehavingClientTests(IntegrationCase):
         self.assertEqual(reply.count(b"\n"), 1, reply)
         self.assert_closed_as(daemon, since, peer, "plaintext_client")
 
+    def test_curl_over_http_shows_the_hint(self) -> None:
+        """``curl http://`` on the TLS port gets an HTTP 400 whose body is the hint."""
+        curl = shutil.which("curl")
+        if curl is None:
+            raise SkipTest("curl is not installed (CI installs it)")
+        daemon = default_daemon()
+        since = daemon.mark()
+        result = subprocess.run(
+            [curl, "-sS", "-o", "-", "-w", "\n%{http_code}", f"http://127.0.0.1:{daemon.port}/"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        body, _, status = result.stdout.decode().rpartition("\n")
+        self.assertEqual((result.returncode, status), (0, "400"), result.stderr)
+        self.assertIn("this port speaks TLS; try: ", body)
+        event = daemon.wait_closed(since=since)
+        self.assertEqual(event["close_reason"], "plaintext_client", event)
+
     def test_overlong_line_then_next_line(self) -> None:
         """An overlong line gets ``-ERR line-too-long``; the next line is echoed."""
         daemon = limits_daemon()

@@ -277,11 +277,27 @@ class HandshakeTests(TransportTestsMixin, SynchronousTestCase):
     def test_plaintext_client(self) -> None:
         """A client speaking plaintext gets a one-line hint and is closed."""
         pair = TLSPair(self.factory, client_context(self.pki))
-        pair.server.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
+        pair.server.dataReceived(b"hello there\n")
         reply = pair.transport.value()
         self.assertTrue(reply.startswith(b"-ERR tls-required this port speaks TLS; try: "))
         self.assertTrue(reply.endswith(b"\n"))
         self.assertEqual(reply.count(b"\n"), 1)
+        self.assertTrue(pair.transport.disconnecting)
+        pair.finish_stream()
+        (closed,) = self.named("connection_closed")
+        self.assertEqual(closed["close_reason"], "plaintext_client")
+
+    def test_http_client_gets_400_with_the_hint(self) -> None:
+        """An HTTP request on the TLS port gets an HTTP/1.0 400 whose body is the hint."""
+        pair = TLSPair(self.factory, client_context(self.pki))
+        pair.server.dataReceived(b"GET / HTTP/1.1\r\nHost: localhost:8443\r\n\r\n")
+        reply = pair.transport.value()
+        head, _, body = reply.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        self.assertEqual(lines[0], b"HTTP/1.0 400 Bad Request")
+        self.assertIn(b"Content-Length: %d" % len(body), lines)
+        self.assertIn(b"Connection: close", lines)
+        self.assertTrue(body.startswith(b"-ERR tls-required this port speaks TLS; try: "))
         self.assertTrue(pair.transport.disconnecting)
         pair.finish_stream()
         (closed,) = self.named("connection_closed")

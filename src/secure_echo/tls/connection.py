@@ -39,6 +39,7 @@ from zope.interface import implementer
 from secure_echo.edge.addresses import format_address
 from secure_echo.tls.deadlines import Deadlines
 from secure_echo.tls.facts import record_handshake
+from secure_echo.tls.failures import plaintext_answer
 from secure_echo.tls.lifecycle import Action, Event, Phase, next_reason, step
 from secure_echo.tls.readgate import ReadGate
 from secure_echo.tls.record import ConnectionRecord
@@ -132,6 +133,8 @@ class TLSServerConnection(TwistedProtocol):
         self._out: list[bytes] = []
         self._verify_error: str | None = None
         self._lost_reason: Failure | None = None
+        #: A plaintext client's first read, kept to answer it in its own terms.
+        self._first_bytes = b""
 
     @property
     def phase(self) -> Phase:
@@ -183,6 +186,7 @@ class TLSServerConnection(TwistedProtocol):
         phase = self._phase
         if phase is Phase.ACCEPTED:
             if data[0] != _TLS_HANDSHAKE:
+                self._first_bytes = data
                 self._event(Event.PLAINTEXT_BYTES)
                 return
             self._event(Event.TLS_BYTES)
@@ -508,7 +512,9 @@ _ACTIONS: Final[dict[Action, Callable[[TLSServerConnection], object]]] = {
     Action.ARM_ESTABLISHED: lambda c: c._deadlines.arm_established(
         c.factory.timeouts, c.factory.clock.seconds()
     ),
-    Action.SEND_HINT: lambda c: c._writer.write_plain(c.factory.plaintext_reply),
+    Action.SEND_HINT: lambda c: c._writer.write_plain(
+        plaintext_answer(c._first_bytes, c.factory.plaintext_reply)
+    ),
     Action.FLUSH_TLS: lambda c: c._flush_tls(),
     Action.START_APP: _start_app,
     Action.END_APP_INPUT: _end_app_input,

@@ -6,6 +6,7 @@ here, they count and summarise well.
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 #: The value for anything not recognised.
@@ -89,3 +90,30 @@ def handshake_failure_reason(reason: str | None) -> str:
         if any(needle in text for needle in needles):
             return label
     return OTHER
+
+
+#: An HTTP request line's start: a method token and a space (RFC 9110's methods,
+#: and any upper-case token a proxy or a scanner may send).
+_HTTP_REQUEST: Final = re.compile(rb"[A-Z]{3,12} ")
+
+
+def looks_like_http(first: bytes) -> bool:
+    """Whether a plaintext client's first bytes start an HTTP request."""
+    return _HTTP_REQUEST.match(first) is not None
+
+
+def plaintext_answer(first: bytes, hint: bytes) -> bytes:
+    """What a client that does not speak TLS is told, in a form it can show.
+
+    An HTTP client (``curl http://host:8443/``) gets an ``HTTP/1.0 400`` whose
+    body is ``hint``, so it prints it; any other gets ``hint`` as a line.
+    """
+    if not looks_like_http(first):
+        return hint
+    return (
+        b"HTTP/1.0 400 Bad Request\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: %d\r\n"
+        b"Connection: close\r\n"
+        b"\r\n" % len(hint)
+    ) + hint
