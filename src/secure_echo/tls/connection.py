@@ -37,6 +37,7 @@ from typing_extensions import override
 from zope.interface import implementer
 
 from secure_echo.edge.addresses import format_address
+from secure_echo.edge.text import printable
 from secure_echo.tls.deadlines import Deadlines
 from secure_echo.tls.facts import record_handshake
 from secure_echo.tls.failures import plaintext_answer
@@ -277,6 +278,10 @@ class TLSServerConnection(TwistedProtocol):
         record.client_cert_subject = subject
         record.client_cert_issuer = issuer
         record.client_cert_sha256 = sha256
+
+    def note_sni_refused(self, name: str) -> None:
+        """``--strict-sni`` refused the server name (from :mod:`secure_echo.tls.sni`)."""
+        self._verify_error = f"no certificate for the server name {printable(name)}"
 
     def note_verify_error(self, reason: str) -> None:
         """The client's certificate was refused, and why (from :mod:`secure_echo.tls.verify`)."""

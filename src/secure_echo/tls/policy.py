@@ -6,9 +6,12 @@ Policy (Mozilla server-side TLS v6.0):
   suites (forward secrecy, no CBC, no static RSA); the three TLS 1.3 suites.
 * ``modern``: TLS 1.3 only.
 * Both: key-exchange groups X25519MLKEM768, X25519, P-256, P-384; no compression;
-  renegotiation refused explicitly (``OP_NO_RENEGOTIATION``, not OpenSSL's default);
-  no ALPN select callback, so a client offering ALPN (h2, http/1.1) completes the
-  handshake without a protocol being selected.
+  renegotiation refused explicitly (``OP_NO_RENEGOTIATION``, not OpenSSL's default).
+  ALPN: with ``--alpn`` the first of the server's protocols that the client offers
+  is selected; with no overlap (or no ``--alpn``) the handshake goes on without a
+  protocol, so a client offering h2 or http/1.1 always completes.
+* With ``--crl``, client certificates are also checked against the revocation
+  lists of their CA; a revoked one gets the ``certificate_revoked`` alert.
 
 Validation happens before any context is built: every problem becomes a
 :class:`TLSConfigError` whose message names the option, the problem and the fix, so
@@ -31,13 +34,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from OpenSSL import SSL
-from OpenSSL.crypto import X509
+from OpenSSL.crypto import X509, X509StoreFlags
 
 from secure_echo.tls.allowlist import AllowList
+from secure_echo.tls.sni import Chooser, dns_names, install_sni
 from secure_echo.tls.verify import install_verify
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from pathlib import Path
 
 
@@ -95,7 +99,11 @@ class TLSConfigError(Exception):
 
 @dataclass(frozen=True)
 class TLSSettings:
-    """What the operator asked for."""
+    """What the operator asked for.
+
+    ``cert``/``key`` are the default certificate; ``extra_certs`` more (cert, key)
+    pairs, chosen by the client's SNI (:mod:`secure_echo.tls.contexts`).
+    """
 
     cert: Path
     key: Path
@@ -103,6 +111,24 @@ class TLSSettings:
     client_auth: ClientAuth = ClientAuth.NONE
     profile: TLSProfile = TLSProfile.INTERMEDIATE
     allow: AllowList = field(default_factory=AllowList)
+    extra_certs: tuple[tuple[Path, Path], ...] = ()
+    #: ``--crl``: revocation lists checked for client certificates.
+    crls: tuple[Path, ...] = ()
+    #: ``--alpn``: protocols the server selects from, most preferred first.
+    alpn: tuple[bytes, ...] = ()
+    #: ``--test-certs``: a directory of NAME.pem + NAME.key served as they are.
+    test_certs: Path | None = None
+    #: ``--strict-sni``: refuse a server name that no certificate carries.
+    strict_sni: bool = False
+
+
+@dataclass(frozen=True)
+class TestCert:
+    """A certificate of ``--test-certs``: served for SNI ``name``, never checked."""
+
+    name: str
+    chain: tuple[x509.Certificate, ...]
+    key_pem: bytes
 
 
 @dataclass(frozen=True)
@@ -113,6 +139,11 @@ class LoadedTLS:
     chain: tuple[x509.Certificate, ...]
     key_pem: bytes
     client_cas: tuple[x509.Certificate, ...] = field(default=())
+    #: The ``extra_certs``, each loaded and checked as the default one is.
+    extra: tuple[LoadedTLS, ...] = ()
+    #: The ``--test-certs``, loaded without checks.
+    test: tuple[TestCert, ...] = ()
+    crls: tuple[x509.CertificateRevocationList, ...] = ()
 
     @property
     def leaf(self) -> x509.Certificate:
@@ -130,7 +161,7 @@ class LoadedTLS:
         return self.leaf.not_valid_after_utc
 
 
-def _read(path: Path, option: str, what: str) -> bytes:
+def read_file(path: Path, option: str, what: str) -> bytes:
     """Read a file, turning every OS error into a one-line TLSConfigError."""
     fix = f"point {option} at a readable {what}"
     try:
@@ -150,7 +181,7 @@ def _read(path: Path, option: str, what: str) -> bytes:
 
 
 def _load_certs(path: Path, option: str) -> tuple[x509.Certificate, ...]:
-    data = _read(path, option, "PEM certificate file")
+    data = read_file(path, option, "PEM certificate file")
     try:
         certs = tuple(x509.load_pem_x509_certificates(data))
     except ValueError:
@@ -193,7 +224,7 @@ def load_and_validate(settings: TLSSettings, now: datetime.datetime | None = Non
     chain = _load_certs(settings.cert, "--cert")
     _check_dates(chain[0], settings.cert, "--cert", when)
 
-    key_pem = _read(settings.key, "--key", "PEM private key file")
+    key_pem = read_file(settings.key, "--key", "PEM private key file")
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except TypeError:
@@ -246,9 +277,19 @@ def set_groups(context: SSL.Context, groups: Sequence[str]) -> None:
         raise RuntimeError(msg)
 
 
-def build_context(loaded: LoadedTLS) -> SSL.Context:
-    """Build a server context from validated material, following the policy."""
+def build_context(
+    loaded: LoadedTLS,
+    chain: Sequence[x509.Certificate] | None = None,
+    key_pem: bytes | None = None,
+) -> SSL.Context:
+    """Build a server context from validated material, following the policy.
+
+    ``chain`` and ``key_pem`` serve another certificate with the same policy (one
+    chosen by SNI); by default, ``loaded``'s own.
+    """
     settings = loaded.settings
+    chain = loaded.chain if chain is None else chain
+    key_pem = loaded.key_pem if key_pem is None else key_pem
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
     if settings.profile is TLSProfile.MODERN:
         context.set_min_proto_version(SSL.TLS1_3_VERSION)
@@ -260,13 +301,15 @@ def build_context(loaded: LoadedTLS) -> SSL.Context:
     context.set_tls13_ciphersuites(":".join(TLS13_CIPHERS).encode("ascii"))
     set_groups(context, GROUPS)
     context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_SINGLE_ECDH_USE)
-    context.use_certificate(loaded.leaf)
-    for extra in loaded.chain[1:]:
+    context.use_certificate(chain[0])
+    for extra in chain[1:]:
         context.add_extra_chain_cert(extra)
-    private_key = serialization.load_pem_private_key(loaded.key_pem, None)
-    assert isinstance(private_key, _SUPPORTED_KEYS)  # checked by load_and_validate
+    private_key = serialization.load_pem_private_key(key_pem, None)
+    assert isinstance(private_key, _SUPPORTED_KEYS)  # checked by the loader
     context.use_privatekey(private_key)
     context.check_privatekey()
+    if settings.alpn:
+        context.set_alpn_select_callback(_alpn_chooser(settings.alpn))
     # Session resumption works across the contexts of one process generation.
     context.set_session_id(b"secure-echo")
     # Free OpenSSL's ~34 KiB of record buffers while a connection is idle: most of
@@ -278,11 +321,36 @@ def build_context(loaded: LoadedTLS) -> SSL.Context:
         for ca in loaded.client_cas:
             store.add_cert(X509.from_cryptography(ca))
             context.add_client_ca(X509.from_cryptography(ca))
+        if loaded.crls:
+            for crl in loaded.crls:
+                store.add_crl(crl)
+            # The client's certificate is checked; its CA's own status is the CA's.
+            store.set_flags(X509StoreFlags.CRL_CHECK)
         mode = SSL.VERIFY_PEER
         if settings.client_auth is ClientAuth.REQUIRED:
             mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
         install_verify(context, mode, settings.allow)
     return context
+
+
+def _alpn_chooser(
+    ours: tuple[bytes, ...],
+) -> Callable[[SSL.Connection, list[bytes]], bytes | SSL._NoOverlappingProtocols]:
+    """The ALPN select callback: our first protocol the client offers, else none.
+
+    Answering "no overlapping protocols" lets the handshake go on without ALPN;
+    an empty answer would make OpenSSL end it with a fatal alert.
+    """
+
+    def choose(
+        _connection: SSL.Connection, offered: list[bytes]
+    ) -> bytes | SSL._NoOverlappingProtocols:
+        for protocol in ours:
+            if protocol in offered:
+                return protocol
+        return SSL.NO_OVERLAPPING_PROTOCOLS
+
+    return choose
 
 
 def session_reused(connection: SSL.Connection) -> bool | None:
@@ -314,17 +382,35 @@ def fingerprint_sha256(cert: x509.Certificate) -> str:
 
 
 class ContextHolder:
-    """The server context in use for new connections, and what it was built from."""
+    """The server context in use for new connections, and what it was built from.
+
+    With more than one certificate (``--cert`` again, ``--test-certs``) or with
+    ``--strict-sni``, :attr:`context` chooses among contexts by the client's
+    server name (:mod:`secure_echo.tls.sni`); each is built with the same policy.
+    """
 
     def __init__(self, loaded: LoadedTLS) -> None:
         self.loaded = loaded
-        self.context = build_context(loaded)
+        self.context = build_contexts(loaded)
 
     def replace(self, loaded: LoadedTLS) -> None:
-        """Build a context from ``loaded`` and use it for connections from now on.
+        """Build the contexts of ``loaded`` and use them for connections from now on.
 
-        Building happens first; if it raises, the current context stays.
+        Building happens first; if it raises, the current contexts stay.
         """
-        context = build_context(loaded)
+        context = build_contexts(loaded)
         self.loaded = loaded
         self.context = context
+
+
+def build_contexts(loaded: LoadedTLS) -> SSL.Context:
+    """The default context of ``loaded``, choosing the others by SNI where there are some."""
+    default = build_context(loaded)
+    settings = loaded.settings
+    if not (loaded.extra or loaded.test or settings.strict_sni):
+        return default
+    served = [(dns_names(loaded.leaf), default)]
+    served += [(dns_names(extra.leaf), build_context(extra)) for extra in loaded.extra]
+    test = [(cert.name, build_context(loaded, cert.chain, cert.key_pem)) for cert in loaded.test]
+    install_sni(default, Chooser(served, test, strict=settings.strict_sni))
+    return default
