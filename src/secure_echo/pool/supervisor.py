@@ -88,6 +88,7 @@ from secure_echo.daemon.logs import (
 from secure_echo.daemon.metrics import Metrics, metrics_site
 from secure_echo.daemon.sdnotify import Notifier, NotifyService, watchdog_interval
 from secure_echo.daemon.services import ListeningService, MetricsService
+from secure_echo.daemon.signals import SignalService
 from secure_echo.edge.addresses import format_address
 
 if TYPE_CHECKING:
@@ -1023,7 +1024,7 @@ def make_supervisor(
         if cfg.log_stdout != "json":  # keep JSON output pure; dev_certificate says it
             maker.print_dev_banner(cfg, _first_tcp_port(ports))
 
-    WorkerSupervisor(
+    supervisor = WorkerSupervisor(
         reactor,
         cfg.workers,
         worker_values(options),
@@ -1036,7 +1037,18 @@ def make_supervisor(
         stats=stats,
         connection_publisher=sinks.connections,
         on_listening=listening,
-    ).setServiceParent(top)  # type: ignore[no-untyped-call]
+    )
+    supervisor.setServiceParent(top)  # type: ignore[no-untyped-call]
+
+    def kill_workers() -> dict[str, object]:
+        """A forced stop: SIGKILL every worker still running; their pids."""
+        live = [p for p in supervisor.workers.values() if p.running]
+        return {"workers_killed": [p.pid for p in live if p.send_signal("KILL")]}
+
+    # After the supervisor, so stopped first: a second signal from then on forces.
+    SignalService(reactor, cut=kill_workers, ignore_usr1=sinks.file is None).setServiceParent(
+        top  # type: ignore[no-untyped-call]
+    )
     if notifier is not None:
         # Last added, first stopped: STOPPING=1 goes out as the drain starts.
         NotifyService(notifier, reactor, watchdog_interval()).setServiceParent(top)  # type: ignore[no-untyped-call]
