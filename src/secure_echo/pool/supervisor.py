@@ -39,7 +39,11 @@ Signals and lifecycle:
 * SIGTERM/SIGINT: the supervisor closes its copies of the listening sockets, sends
   SIGTERM to every worker (each stops accepting and drains as one process does) and
   waits for them to exit, at most ``--drain-timeout`` + :data:`STOP_GRACE` seconds;
-  then SIGKILL (``worker_killed``).
+  then SIGKILL (``worker_killed``).  A second SIGTERM/SIGINT meanwhile SIGKILLs every
+  worker still running and exits at once (``shutdown_forced``,
+  :mod:`secure_echo.daemon.signals`).
+* SIGUSR1 reopens the supervisor's ``--log-file``; without one, the supervisor and each
+  worker log ``signal_ignored`` and go on.
 * A worker that exits while the supervisor runs is started again after a delay from
   its slot's :class:`RestartPolicy` (``worker_exited`` with ``restart_in``, then
   ``worker_started``): at most 5 starts in any 60 s.
