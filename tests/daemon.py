@@ -316,6 +316,18 @@ class Daemon:
             handle.close()
 
 
+def wait_workers_ready(
+    daemon: Daemon, workers: tuple[int, ...] = (1, 2), timeout: float = START_TIMEOUT
+) -> None:
+    """Wait until each worker in ``workers`` of a ``--workers`` daemon logged ``worker_ready``."""
+    for index in workers:
+
+        def ready(event: Event, index: int = index) -> bool:
+            return event.get("event") == "worker_ready" and event.get("worker") == index
+
+        daemon.wait_for_event(ready, timeout=timeout)
+
+
 def start_daemon(case: Any, directory: Path, args: Sequence[str], **kwargs: Any) -> Daemon:
     """Start a daemon for one test; ``case.addCleanup`` stops it."""
     daemon = Daemon.start(directory, args, **kwargs)

@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from secure_echo.daemon.signals import FORCED_EXIT_STATUS, SignalService
-from tests.daemon import Daemon, start_daemon
+from tests.daemon import Daemon, start_daemon, wait_workers_ready
 from tests.hostile_clients import flood
 from tests.test_integration import IntegrationCase, TLSClient, server_args, shared_pki
 from tests.tlspair import capture_events, named
@@ -271,16 +271,6 @@ def wait_gone(pids: list[int], timeout: float = FORCED_WITHIN) -> list[int]:
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.05)
-
-
-def wait_workers_ready(daemon: Daemon, workers: tuple[int, ...] = (1, 2)) -> None:
-    """Wait until each worker in ``workers`` logged ``worker_ready``."""
-    for index in workers:
-
-        def ready(event: Event, index: int = index) -> bool:
-            return event.get("event") == "worker_ready" and event.get("worker") == index
-
-        daemon.wait_for_event(ready, timeout=WAIT)
 
 
 class RealSignalsCase(IntegrationCase):

@@ -23,6 +23,7 @@ from secure_echo.daemon.logs import log_sinks
 from secure_echo.daemon.metrics import Metrics, metrics_site
 from secure_echo.daemon.options import reload_tls_settings
 from secure_echo.daemon.reload import ReloadService, TLSReloader
+from secure_echo.daemon.restart import RestartCheck
 from secure_echo.daemon.sdnotify import Notifier, NotifyService, watchdog_interval
 from secure_echo.daemon.services import ListeningService, MetricsService
 from secure_echo.daemon.signals import SignalService
@@ -216,7 +217,8 @@ def make_service(cfg: Config, reactor: Any, *, supervised: bool = False) -> Mult
     """Build the single-process daemon's services from loaded settings.
 
     ``supervised``: the tree of a worker of ``--workers N``.  Its supervisor owns the
-    forced stop on a second signal (see :mod:`secure_echo.daemon.signals`).
+    forced stop on a second signal (:mod:`secure_echo.daemon.signals`) and names the
+    settings a reload does not apply (:mod:`secure_echo.daemon.restart`).
     """
     top = OrderedMultiService()
     sinks = log_sinks(cfg.log_file, cfg.log_max_bytes, cfg.log_keep, cfg.log_stdout, reactor)
@@ -246,6 +248,8 @@ def make_service(cfg: Config, reactor: Any, *, supervised: bool = False) -> Mult
         lambda: reload_tls_settings(cfg),
         reactor,
         expiry_warning_days=cfg.expiry_warning_days,
+        # A worker's settings are not the ones that started: its supervisor checks.
+        restart_check=None if supervised else RestartCheck(cfg).check,
     )
     ReloadService(
         reloader, reactor, cfg.reload_interval, extra_files=(cfg.config_file,)

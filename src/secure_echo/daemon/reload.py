@@ -16,8 +16,11 @@ Triggers:
   ``mv new.pem cert.pem`` renames as well as in-place writes; a half-written file
   fails validation and is retried at the next change.
 
-After each load (at start too) a certificate that expires within
-``--expiry-warning-days`` logs ``certificate_expiring``.
+After each load (at start too, then every 12 hours) a certificate that expires
+within ``--expiry-warning-days`` logs ``certificate_expiring``.
+
+Other settings of the ``--config`` file are not reloaded; after each reload the
+single process names those that changed (:mod:`secure_echo.daemon.restart`).
 """
 
 from __future__ import annotations
@@ -78,10 +81,14 @@ class TLSReloader:
         clock: Any,
         *,
         expiry_warning_days: float = 14.0,
+        restart_check: Callable[[str], object] | None = None,
     ) -> None:
         self.holder = holder
         self._settings = settings
         self._clock = clock
+        #: Called with the trigger after each reload, to name the settings a reload
+        #: does not apply (:class:`secure_echo.daemon.restart.RestartCheck`).
+        self._restart_check = restart_check
         self.expiry_warning = datetime.timedelta(days=expiry_warning_days)
         self.reloads = 0
         self.failures = 0
@@ -99,6 +106,8 @@ class TLSReloader:
         for hook in self.before:
             hook()
         outcome = self._reload(trigger)
+        if self._restart_check is not None:
+            self._restart_check(trigger)
         for done in self.after:
             done(outcome)
         return outcome

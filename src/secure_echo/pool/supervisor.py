@@ -36,6 +36,8 @@ Signals and lifecycle:
 * SIGHUP to the supervisor is forwarded to every ready worker, which reloads its TLS
   material itself (``tls_reloaded`` / ``tls_reload_failed`` with ``worker``).  A
   :class:`ReloadRound` waits (at most :data:`RELOAD_TIMEOUT`) for each one's outcome.
+  The supervisor, not each worker, names the changed settings a reload cannot apply
+  (:class:`RestartWatch`, ``reload_needs_restart``).
 * SIGTERM/SIGINT: the supervisor closes its copies of the listening sockets, sends
   SIGTERM to every worker (each stops accepting and drains as one process does) and
   waits for them to exit, at most ``--drain-timeout`` + :data:`STOP_GRACE` seconds;
@@ -77,7 +79,13 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import Factory, ProcessProtocol
-from twisted.logger import InvalidLogLevelError, Logger, LogLevel, globalLogPublisher
+from twisted.logger import (
+    InvalidLogLevelError,
+    Logger,
+    LogLevel,
+    LogPublisher,
+    globalLogPublisher,
+)
 from typing_extensions import override
 
 import secure_echo
@@ -90,6 +98,7 @@ from secure_echo.daemon.logs import (
     log_sinks,
 )
 from secure_echo.daemon.metrics import Metrics, metrics_site
+from secure_echo.daemon.restart import RestartCheck
 from secure_echo.daemon.sdnotify import Notifier, NotifyService, watchdog_interval
 from secure_echo.daemon.services import ListeningService, MetricsService
 from secure_echo.daemon.signals import SignalService
@@ -100,7 +109,7 @@ if TYPE_CHECKING:
     from types import FrameType
 
     from twisted.internet.interfaces import IAddress, IDelayedCall, IListeningPort
-    from twisted.logger import LogEvent
+    from twisted.logger import ILogObserver, LogEvent
     from twisted.python.failure import Failure
 
     from secure_echo.daemon import options as config
@@ -989,6 +998,49 @@ class WorkerSupervisor(Service):
             self.notifier.ready(prefix + self.status())
 
 
+class RestartWatch(Service):
+    """Names the settings a reload did not apply, for the reloads the supervisor sees.
+
+    The workers reload, but their settings are the supervisor's copy, so the
+    supervisor checks (:class:`~secure_echo.daemon.restart.RestartCheck`): after each
+    forwarded SIGHUP (``workers_reloaded``), and when workers report a file-change
+    reload, once per new content of the file.  It watches the log (``publisher``)
+    for those records while running; log observers must not log, so each check runs
+    in the next reactor turn.
+    """
+
+    def __init__(
+        self, check: RestartCheck, reactor: Any, publisher: LogPublisher | None = None
+    ) -> None:
+        self._check = check
+        self._reactor = reactor
+        self._publisher = publisher if publisher is not None else globalLogPublisher
+        # A plain callable is an observer to LogPublisher; the interface says so.
+        self._observer = cast("ILogObserver", self.observe)
+
+    def observe(self, event: LogEvent) -> None:
+        """A log record: schedule a check if it ends a reload."""
+        name = event.get("event")
+        if name == "workers_reloaded":
+            self._reactor.callLater(0, self._check.check, "SIGHUP")
+        elif (
+            name in {"tls_reloaded", "tls_reload_failed"}
+            and event.get("trigger") == "file-change"
+            and "worker" in event
+        ):
+            self._reactor.callLater(0, self._check.check, "file-change", only_if_changed=True)
+
+    @override
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._publisher.addObserver(self._observer)
+
+    @override
+    def stopService(self) -> None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        self._publisher.removeObserver(self._observer)
+
+
 # -- building it ------------------------------------------------------------------------
 
 
@@ -1043,6 +1095,7 @@ def make_supervisor(
         on_listening=listening,
     )
     supervisor.setServiceParent(top)  # type: ignore[no-untyped-call]
+    RestartWatch(RestartCheck(cfg), reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
 
     def kill_workers() -> dict[str, object]:
         """A forced stop: SIGKILL every worker still running; their pids."""
