@@ -158,6 +158,25 @@ class RestartCheckTests(SynchronousTestCase):
         self.assertEqual(event["trigger"], "file-change")
         self.assertEqual(named(self.events, "reload_needs_restart"), [])
 
+    def test_command_line_value_no_longer_valid(self) -> None:
+        """A command-line --log-file whose directory went away is named by its option."""
+        logs = Path(self.mktemp()).absolute()
+        logs.mkdir()
+        check = self.start("", "--log-file", str(logs / "log.jsonl"))
+        logs.rmdir()
+        self.assertEqual(check.check("SIGHUP"), [])
+        (event,) = named(self.events, "reload_config_invalid")
+        self.assertEqual(event["key"], "log-file")
+        self.assertTrue(event["error"].startswith("--log-file: directory"), event["error"])
+
+    def test_vanished_file_left_to_the_reload(self) -> None:
+        """A config file that is gone is the reload's error; the check logs nothing."""
+        check = self.start("")
+        self.file.unlink()
+        self.assertEqual(check.check("file-change", only_if_changed=True), [])
+        self.assertEqual(check.check("SIGHUP"), [])
+        self.assertEqual(named(self.events, "reload_config_invalid"), [])
+
     def test_tls_errors_left_to_the_reload(self) -> None:
         """Errors in TLS keys or the file itself are the reload's to report, not repeated."""
         check = self.start("")

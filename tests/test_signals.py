@@ -18,9 +18,11 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from secure_echo.daemon.signals import FORCED_EXIT_STATUS, SignalService
+from secure_echo.pool.supervisor import WorkerSupervisor, kill_workers
 from tests.daemon import Daemon, start_daemon, wait_workers_ready
 from tests.hostile_clients import flood
 from tests.test_integration import IntegrationCase, TLSClient, server_args, shared_pki
+from tests.test_workers import ProcessReactor, end
 from tests.tlspair import capture_events, named
 
 if TYPE_CHECKING:
@@ -249,6 +251,23 @@ class SignalServiceTests(SynchronousTestCase):
         """ignore_usr1 False leaves SIGUSR1 alone."""
         self.service(ignore_usr1=False)
         self.assertEqual(self.table.current(signal.SIGUSR1), signal.SIG_DFL)
+
+
+class KillWorkersTests(SynchronousTestCase):
+    """The supervisor's part of a forced stop."""
+
+    def test_running_workers_killed(self) -> None:
+        """Every worker still running gets SIGKILL; one that exited is left out."""
+        reactor = ProcessReactor()
+        supervisor = WorkerSupervisor(
+            reactor, 3, {}, executable="/usr/bin/python3", handle_sighup=False
+        )
+        supervisor.startService()
+        first, second, third = (spawned[0] for spawned in reactor.spawned)
+        end(second)
+        third.transport = None  # gone without a word: no signal can reach it
+        self.assertEqual(kill_workers(supervisor), {"workers_killed": [first.pid]})
+        self.assertEqual(first.transport.signals, ["KILL"])  # type: ignore[union-attr]
 
 
 # -- the real daemon ----------------------------------------------------------------

@@ -144,17 +144,16 @@ class SignalService(Service):
         if self.forcing:
             # The reactor has not acted on the last one: it may not turn at all.
             self._exit(FORCED_EXIT_STATUS)
-            return
-        if self.stopping is not None:
+        elif self.stopping is not None:
             self.forcing = True
             self._reactor.callFromThread(self.force, name)
-            return
-        self._began(name)
-        previous = self.previous.get(number)
-        if callable(previous):
-            previous(number, frame)  # twistd's: logs, stops the reactor, keeps the signal
         else:
-            self._reactor.callFromThread(_stop_reactor, self._reactor)
+            self._began(name)
+            previous = self.previous.get(number)
+            if callable(previous):
+                previous(number, frame)  # twistd's: logs, stops the reactor, keeps the signal
+            else:
+                self._reactor.callFromThread(_stop_reactor, self._reactor)
 
     def force(self, name: str) -> None:
         """In the reactor: end what is left, log ``shutdown_forced``, exit at once."""

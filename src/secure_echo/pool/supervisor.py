@@ -998,6 +998,12 @@ class WorkerSupervisor(Service):
             self.notifier.ready(prefix + self.status())
 
 
+def kill_workers(supervisor: WorkerSupervisor) -> dict[str, object]:
+    """A forced stop: SIGKILL every worker still running; ``workers_killed``, their pids."""
+    live = [p for p in supervisor.workers.values() if p.running]
+    return {"workers_killed": [p.pid for p in live if p.send_signal("KILL")]}
+
+
 class RestartWatch(Service):
     """Names the settings a reload did not apply, for the reloads the supervisor sees.
 
@@ -1096,16 +1102,10 @@ def make_supervisor(
     )
     supervisor.setServiceParent(top)  # type: ignore[no-untyped-call]
     RestartWatch(RestartCheck(cfg), reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
-
-    def kill_workers() -> dict[str, object]:
-        """A forced stop: SIGKILL every worker still running; their pids."""
-        live = [p for p in supervisor.workers.values() if p.running]
-        return {"workers_killed": [p.pid for p in live if p.send_signal("KILL")]}
-
     # After the supervisor, so stopped first: a second signal from then on forces.
-    SignalService(reactor, cut=kill_workers, ignore_usr1=sinks.file is None).setServiceParent(
-        top  # type: ignore[no-untyped-call]
-    )
+    SignalService(
+        reactor, cut=lambda: kill_workers(supervisor), ignore_usr1=sinks.file is None
+    ).setServiceParent(top)  # type: ignore[no-untyped-call]
     if notifier is not None:
         # Last added, first stopped: STOPPING=1 goes out as the drain starts.
         NotifyService(notifier, reactor, watchdog_interval()).setServiceParent(top)  # type: ignore[no-untyped-call]
