@@ -47,16 +47,12 @@ class FakeReactor(Clock):
     def __init__(self) -> None:
         super().__init__()
         self.thread_calls: list[tuple[Callable[..., object], tuple[object, ...]]] = []
-        self.stopped = 0
 
     def callFromThread(self, f: Callable[..., object], *args: object) -> None:
         self.thread_calls.append((f, args))
 
     def callWhenRunning(self, f: Callable[..., object], *args: object) -> None:
         f(*args)
-
-    def stop(self) -> None:
-        self.stopped += 1
 
     def run_thread_calls(self) -> None:
         calls, self.thread_calls = self.thread_calls, []
@@ -179,13 +175,13 @@ class SignalServiceTests(SynchronousTestCase):
         self.assertEqual(exited.status, FORCED_EXIT_STATUS)
         self.assertEqual(self.cut_calls, 0)
 
-    def test_without_twistd_handler_stops_the_reactor(self) -> None:
-        """With no handler before ours, the first stop signal stops the reactor itself."""
-        self.table = SignalTable()
-        self.service()
-        self.table.deliver(signal.SIGTERM)
-        self.reactor.run_thread_calls()
-        self.assertEqual(self.reactor.stopped, 1)
+    def test_signals_without_a_handler_left_alone(self) -> None:
+        """A stop signal at its default or ignored (a background job's SIGINT) stays so."""
+        self.table = SignalTable(SIGINT=signal.SIG_IGN)
+        service = self.service()
+        self.assertEqual(self.table.current(signal.SIGTERM), signal.SIG_DFL)
+        self.assertEqual(self.table.current(signal.SIGINT), signal.SIG_IGN)
+        self.assertEqual(service.previous.keys(), {signal.SIGUSR1})
 
     def test_stopped_before_running_takes_nothing(self) -> None:
         """A service stopped before the reactor ran leaves every signal alone."""

@@ -9,10 +9,12 @@ services, which is the drain (up to ``--drain-timeout``).  Two gaps remain, and
   operator (or a second Ctrl-C) does not want to wait for the drain.  Before,
   twistd's handler called ``reactor.stop()`` again, which raised
   ``ReactorNotRunning`` into the log as an unhandled error, and the drain went on.
-  Once the reactor runs, this service puts its own handler in front of twistd's.
-  The first stop signal is passed on to twistd's handler unchanged (so the exit
-  status of an orderly stop stays what twistd makes it); a stop signal after that,
-  or after the services began stopping for any reason, is a forced stop:
+  Once the reactor runs, this service puts its own handler in front of twistd's
+  (where twistd installed one: a SIGINT ignored from the start, as in a background
+  job, stays ignored).  The first stop signal is passed on to twistd's handler
+  unchanged (so the exit status of an orderly stop stays what twistd makes it); a
+  stop signal after that, or after the services began stopping for any reason, is
+  a forced stop:
 
   1. the handler only hops into the reactor (``callFromThread``), which stays
      responsive during the drain;
@@ -54,7 +56,6 @@ import sys
 from typing import TYPE_CHECKING, Any, Final
 
 from twisted.application.service import Service
-from twisted.internet import error
 from twisted.logger import Logger
 from typing_extensions import override
 
@@ -131,7 +132,10 @@ class SignalService(Service):
             self.previous[signal.SIGUSR1] = self._install(signal.SIGUSR1, self._on_usr1)
         if self._forced_stop:
             for number in STOP_SIGNALS:
-                self.previous[number] = self._install(number, self._on_stop_signal)
+                # Only in front of a handler (twistd's).  A signal left at its
+                # default or ignored (SIGINT in a background job) stays as it is.
+                if callable(self._current(number)):
+                    self.previous[number] = self._install(number, self._on_stop_signal)
 
     def _began(self, why: str) -> None:
         if self.stopping is None:
@@ -149,11 +153,9 @@ class SignalService(Service):
             self._reactor.callFromThread(self.force, name)
         else:
             self._began(name)
-            previous = self.previous.get(number)
-            if callable(previous):
-                previous(number, frame)  # twistd's: logs, stops the reactor, keeps the signal
-            else:
-                self._reactor.callFromThread(_stop_reactor, self._reactor)
+            # twistd's handler: it logs, stops the reactor and keeps the signal for
+            # the exit status.
+            self.previous[number](number, frame)
 
     def force(self, name: str) -> None:
         """In the reactor: end what is left, log ``shutdown_forced``, exit at once."""
@@ -185,8 +187,3 @@ class SignalService(Service):
             signal=name,
             pid=os.getpid(),
         )
-
-
-def _stop_reactor(reactor: Any) -> None:
-    with contextlib.suppress(error.ReactorNotRunning):
-        reactor.stop()
