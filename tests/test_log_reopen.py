@@ -75,6 +75,14 @@ class ReopenTests(SynchronousTestCase):
         self.service.stopService()
         self.assertIs(signal.getsignal(signal.SIGUSR1), previous)
 
+    def test_handler_installed_before_listening(self) -> None:
+        """The privileged start (before anything listens) already takes SIGUSR1."""
+        self.service.stopService()
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        self.service.privilegedStartService()
+        self.assertTrue(callable(signal.getsignal(signal.SIGUSR1)))
+
     def test_default_action_not_restored(self) -> None:
         """With no handler before, a stopped service leaves SIGUSR1 ignored, not fatal.
 

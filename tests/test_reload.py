@@ -245,6 +245,14 @@ class ReloadServiceSignalTests(ReloaderTestsMixin, SynchronousTestCase):
         self.service.stopService()
         self.assertEqual(signal.getsignal(signal.SIGHUP), self.previous)
 
+    def test_handler_installed_before_listening(self) -> None:
+        """The privileged start (before the listening service binds) takes SIGHUP, once."""
+        self.service.privilegedStartService()
+        self.assertEqual(signal.getsignal(signal.SIGHUP), self.service._on_sighup)
+        self.service.startService()
+        self.service.stopService()
+        self.assertEqual(signal.getsignal(signal.SIGHUP), self.previous)
+
     def test_handler_schedules_reload_in_reactor(self) -> None:
         """The handler runs no reload itself: it passes reload("SIGHUP") to callFromThread."""
         self.service.startService()

@@ -183,31 +183,48 @@ class SignalServiceTests(SynchronousTestCase):
         self.assertEqual(self.table.current(signal.SIGINT), signal.SIG_IGN)
         self.assertEqual(service.previous.keys(), {signal.SIGUSR1})
 
-    def test_stopped_before_running_takes_nothing(self) -> None:
-        """A service stopped before the reactor ran leaves every signal alone."""
+    def unstarted_reactor(self) -> list[Callable[..., object]]:
+        """Make ``callWhenRunning`` wait, as before ``reactor.run()``; the waiting calls."""
+        later: list[Callable[..., object]] = []
+        self.reactor.callWhenRunning = lambda f, *_: later.append(f)  # type: ignore[method-assign]
+        return later
+
+    def test_stopped_before_running_takes_no_stop_signal(self) -> None:
+        """A service stopped before the reactor ran leaves SIGTERM and SIGINT alone."""
         service = SignalService(
             self.reactor, install=self.table.install, current=self.table.current
         )
-        later: list[Callable[..., object]] = []
-        self.reactor.callWhenRunning = lambda f, *_: later.append(f)  # type: ignore[method-assign]
+        later = self.unstarted_reactor()
         service.startService()
         service.stopService()
         later[0]()
         self.assertEqual(self.table.current(signal.SIGTERM), self.twistd_handler)
-        self.assertEqual(self.table.current(signal.SIGUSR1), signal.SIG_DFL)
 
-    def test_nothing_before_the_reactor_runs(self) -> None:
-        """Until the reactor runs, no handler is installed (a tree built in a test)."""
+    def test_usr1_before_listening_stop_signals_once_running(self) -> None:
+        """SIGUSR1 is taken before anything listens; the stop signals once the reactor runs.
+
+        privilegedStartService runs before the listening service binds, so no SIGUSR1
+        after the first ``listening`` record can be fatal; twistd installs its stop
+        handlers only as the reactor starts, so ours wait for that.
+        """
         service = SignalService(
             self.reactor, install=self.table.install, current=self.table.current
         )
-        later: list[Callable[..., object]] = []
-        self.reactor.callWhenRunning = lambda f, *_: later.append(f)  # type: ignore[method-assign]
+        later = self.unstarted_reactor()
+        service.privilegedStartService()
+        self.assertTrue(callable(self.table.current(signal.SIGUSR1)))
         service.startService()
-        self.assertEqual(self.table.current(signal.SIGUSR1), signal.SIG_DFL)
         self.assertEqual(self.table.current(signal.SIGTERM), self.twistd_handler)
         later[0]()
-        self.assertTrue(callable(self.table.current(signal.SIGUSR1)))
+        self.assertNotEqual(self.table.current(signal.SIGTERM), self.twistd_handler)
+        self.assertNotEqual(self.table.current(signal.SIGINT), self.twistd_handler)
+
+    def test_usr1_ignored_quietly_once_stopped(self) -> None:
+        """From the drain on, SIGUSR1 is ignored by the kernel: no record, never fatal."""
+        service = self.service()
+        service.stopService()
+        self.assertEqual(self.table.current(signal.SIGUSR1), signal.SIG_IGN)
+        # Stopping does not give the stop signals back: the drain is when they force.
         self.assertNotEqual(self.table.current(signal.SIGTERM), self.twistd_handler)
 
     def test_worker_keeps_its_stop_signals(self) -> None:

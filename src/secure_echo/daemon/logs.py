@@ -280,6 +280,10 @@ class JSONLogService(Service):
         self._observer = JSONLinesObserver(self._file)
         for publisher in (self._publisher, *self._also):
             publisher.addObserver(self._observer)
+        # Before anything listens: from the first ``listening`` record on, SIGUSR1
+        # reopens rather than kills.
+        if self._reactor is not None and self._previous_usr1 is None:
+            self._previous_usr1 = signal.signal(signal.SIGUSR1, self._on_sigusr1)
         super().privilegedStartService()
 
     @override
@@ -287,8 +291,6 @@ class JSONLogService(Service):
         if self._file is None:
             self.privilegedStartService()
         super().startService()
-        if self._reactor is not None:
-            self._previous_usr1 = signal.signal(signal.SIGUSR1, self._on_sigusr1)
 
     @override
     def stopService(self) -> None:

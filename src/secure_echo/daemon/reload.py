@@ -186,9 +186,21 @@ class ReloadService(Service):
         self._previous_handler: Any = None
 
     @override
+    def privilegedStartService(self) -> None:
+        # Before the listening service binds (it comes later in the tree): from the
+        # first ``listening`` record on, SIGHUP reloads rather than kills.  A reload
+        # asked for now runs once the reactor does.
+        self._take_sighup()
+        super().privilegedStartService()
+
+    def _take_sighup(self) -> None:
+        if self._previous_handler is None:
+            self._previous_handler = signal.signal(signal.SIGHUP, self._on_sighup)
+
+    @override
     def startService(self) -> None:
         super().startService()
-        self._previous_handler = signal.signal(signal.SIGHUP, self._on_sighup)
+        self._take_sighup()
         # At start, then twice a day: a long-running daemon warns before expiry
         # even if nothing is ever reloaded.
         self._expiry = LoopingCall(

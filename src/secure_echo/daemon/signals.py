@@ -42,9 +42,10 @@ services, which is the drain (up to ``--drain-timeout``).  Two gaps remain, and
   ``--log-file`` (:class:`secure_echo.daemon.logs.JSONLogService`), and twistd's own
   ``--logfile`` rotates on it; without either, its default action ends the process,
   so a logrotate ``postrotate`` or a ``systemctl kill -s USR1`` aimed at the wrong
-  set-up would kill the daemon.  When no handler is installed once the reactor
-  runs, this service installs one that logs ``signal_ignored``; it stays until the
-  process exits, so a SIGUSR1 during the drain is ignored too.
+  set-up would kill the daemon.  When no handler is installed, this service
+  installs one that logs ``signal_ignored``, before anything listens (so from the
+  first ``listening`` record on).  When the services stop, the drain begins and
+  SIGUSR1 is ignored without a record until the process exits.
 """
 
 from __future__ import annotations
@@ -111,31 +112,47 @@ class SignalService(Service):
         self.forcing = False
 
     @override
+    def privilegedStartService(self) -> None:
+        # Before the listening service binds (it comes later in the tree): from the
+        # first ``listening`` record on, SIGUSR1 is never fatal.
+        self._take_usr1()
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
+
+    def _take_usr1(self) -> None:
+        if (
+            self._ignore_usr1
+            and signal.SIGUSR1 not in self.previous
+            and not callable(self._current(signal.SIGUSR1))
+        ):
+            self.previous[signal.SIGUSR1] = self._install(signal.SIGUSR1, self._on_usr1)
+
+    @override
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
-        # twistd installs its SIGTERM/SIGINT handlers as the reactor starts, after
-        # startService: ours go in front of them once it runs.  (So do the others:
-        # signal handlers belong to a running reactor, and a tree started without
-        # one, in a test, installs none.)
-        self._reactor.callWhenRunning(self._take_signals)
+        self._take_usr1()
+        if self._forced_stop:
+            # twistd installs its SIGTERM/SIGINT handlers as the reactor starts,
+            # after startService: ours go in front of them once it runs (a tree
+            # started without a running reactor, in a test, takes none).
+            self._reactor.callWhenRunning(self._take_stop_signals)
 
     @override
     def stopService(self) -> None:
         super().stopService()  # type: ignore[no-untyped-call]
         # The services stop: the drain begins, whatever stopped the reactor.
         self._began("shutdown")
+        if self.previous.pop(signal.SIGUSR1, None) is not None:
+            # Nothing to log to for long, and SIGUSR1 must stay harmless: ignored.
+            self._install(signal.SIGUSR1, signal.SIG_IGN)
 
-    def _take_signals(self) -> None:
+    def _take_stop_signals(self) -> None:
         if not self.running:
             return  # stopped before the reactor ran
-        if self._ignore_usr1 and not callable(self._current(signal.SIGUSR1)):
-            self.previous[signal.SIGUSR1] = self._install(signal.SIGUSR1, self._on_usr1)
-        if self._forced_stop:
-            for number in STOP_SIGNALS:
-                # Only in front of a handler (twistd's).  A signal left at its
-                # default or ignored (SIGINT in a background job) stays as it is.
-                if callable(self._current(number)):
-                    self.previous[number] = self._install(number, self._on_stop_signal)
+        for number in STOP_SIGNALS:
+            # Only in front of a handler (twistd's).  A signal left at its default
+            # or ignored (SIGINT in a background job) stays as it is.
+            if callable(self._current(number)):
+                self.previous[number] = self._install(number, self._on_stop_signal)
 
     def _began(self, why: str) -> None:
         if self.stopping is None:
