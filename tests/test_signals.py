@@ -166,6 +166,23 @@ class SignalServiceTests(SynchronousTestCase):
         (event,) = named(self.events, "shutdown_forced")
         self.assertEqual((event["signal"], event["first"]), ("SIGTERM", "shutdown"))
 
+    def test_exits_even_if_cutting_fails(self) -> None:
+        """A failure while cutting what is left does not keep the process alive."""
+
+        def broken() -> dict[str, object]:
+            raise RuntimeError("cannot cut")
+
+        service = SignalService(
+            self.reactor,
+            cut=broken,
+            install=self.table.install,
+            current=self.table.current,
+            exit=fake_exit,
+        )
+        service.startService()
+        service.stopService()
+        self.assertRaises(Exited, service.force, "SIGTERM")
+
     def test_third_signal_exits_from_the_handler(self) -> None:
         """A signal while a forced stop still waits for the reactor exits at once."""
         self.service()

@@ -175,23 +175,28 @@ class SignalService(Service):
             self.previous[number](number, frame)
 
     def force(self, name: str) -> None:
-        """In the reactor: end what is left, log ``shutdown_forced``, exit at once."""
-        fields = dict(self._cut()) if self._cut is not None else {}
-        began = self._stop_began if self._stop_began is not None else self._reactor.seconds()
-        self.log.warn(
-            "{signal} during the drain: exiting at once with status {status}",
-            event="shutdown_forced",
-            signal=name,
-            first=self.stopping,
-            stopping_s=round(self._reactor.seconds() - began, 3),
-            status=FORCED_EXIT_STATUS,
-            **fields,
-        )
-        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-            with contextlib.suppress(Exception):
-                if stream is not None:
-                    stream.flush()
-        self._exit(FORCED_EXIT_STATUS)
+        """In the reactor: end what is left, log ``shutdown_forced``, exit at once.
+
+        The exit happens whatever goes wrong before it: the operator asked for it.
+        """
+        try:
+            fields = dict(self._cut()) if self._cut is not None else {}
+            began = self._stop_began if self._stop_began is not None else self._reactor.seconds()
+            self.log.warn(
+                "{signal} during the drain: exiting at once with status {status}",
+                event="shutdown_forced",
+                signal=name,
+                first=self.stopping,
+                stopping_s=round(self._reactor.seconds() - began, 3),
+                status=FORCED_EXIT_STATUS,
+                **fields,
+            )
+            for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+                with contextlib.suppress(Exception):
+                    if stream is not None:
+                        stream.flush()
+        finally:
+            self._exit(FORCED_EXIT_STATUS)
 
     def _on_usr1(self, number: int, _frame: FrameType | None) -> None:
         """Signal context: only hop into the reactor, which logs."""
