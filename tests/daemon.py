@@ -93,9 +93,20 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def twistd_command(*args: str) -> list[str]:
-    """The command line of ``twistd -n --pidfile= secure-echo ARGS``."""
-    return [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "secure-echo", *args]
+#: :data:`TWISTD` with SIGINT handled as in a process started from a terminal.
+TWISTD_SIGINT = (
+    f"import signal; signal.signal(signal.SIGINT, signal.default_int_handler); {TWISTD}"
+)
+
+
+def twistd_command(*args: str, sigint: bool = False) -> list[str]:
+    """The command line of ``twistd -n --pidfile= secure-echo ARGS``.
+
+    ``sigint``: SIGINT is Python's default handler even if this process ignores it
+    (a test runner started in the background), so twistd takes it as from a terminal.
+    """
+    code = TWISTD_SIGINT if sigint else TWISTD
+    return [sys.executable, "-c", code, "-n", "--pidfile=", "secure-echo", *args]
 
 
 def run_twistd(
@@ -146,24 +157,30 @@ class Daemon:
         *,
         listen: str = "tcp:0:interface=127.0.0.1",
         timeout: float = START_TIMEOUT,
+        log_to_stdout: bool = False,
     ) -> Daemon:
         """Start a daemon with ``args`` in ``directory`` and wait until it listens.
 
-        ``--listen`` and ``--log-file`` are added.  Raises :class:`DaemonError`
-        (after stopping the child) if no ``listening`` event appears in time.
+        ``--listen`` and ``--log-file`` are added; with ``log_to_stdout``,
+        ``--log-stdout json`` instead of ``--log-file``, and the log is read from
+        standard output.  SIGINT is handled as from a terminal (see
+        :func:`twistd_command`).  Raises
+        :class:`DaemonError` (after stopping the child) if no ``listening`` event
+        appears in time.
         """
         directory = directory.absolute()
         directory.mkdir(parents=True, exist_ok=True)
-        log_path = directory / "log.jsonl"
         stdout_path = directory / "stdout.txt"
         stderr_path = directory / "stderr.txt"
+        log_path = stdout_path if log_to_stdout else directory / "log.jsonl"
         # A log left by an earlier daemon here would announce a stale port.
         log_path.unlink(missing_ok=True)
-        full_args = ("--listen", listen, "--log-file", str(log_path), *args)
+        log_args = ("--log-stdout", "json") if log_to_stdout else ("--log-file", str(log_path))
+        full_args = ("--listen", listen, *log_args, *args)
         stdout = stdout_path.open("wb")
         stderr = stderr_path.open("wb")
         process = subprocess.Popen(
-            twistd_command(*full_args),
+            twistd_command(*full_args, sigint=True),
             cwd=directory,
             env=child_env(),
             stdin=subprocess.DEVNULL,
@@ -297,6 +314,18 @@ class Daemon:
         files, self._files = self._files, []
         for handle in files:
             handle.close()
+
+
+def wait_workers_ready(
+    daemon: Daemon, workers: tuple[int, ...] = (1, 2), timeout: float = START_TIMEOUT
+) -> None:
+    """Wait until each worker in ``workers`` of a ``--workers`` daemon logged ``worker_ready``."""
+    for index in workers:
+
+        def ready(event: Event, index: int = index) -> bool:
+            return event.get("event") == "worker_ready" and event.get("worker") == index
+
+        daemon.wait_for_event(ready, timeout=timeout)
 
 
 def start_daemon(case: Any, directory: Path, args: Sequence[str], **kwargs: Any) -> Daemon:

@@ -7,10 +7,15 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import crypto
 
 from secure_echo.tools import certgen
+
+#: ``usages`` of :func:`write_server_with` that means "no extendedKeyUsage extension".
+NO_EKU: tuple[x509.ObjectIdentifier, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -97,3 +102,39 @@ def write_v4_client(
     certgen.write_public(cert_path, crypto.dump_certificate(crypto.FILETYPE_PEM, cert))
     certgen.write_private(key_path, certgen.Issued(ca.certificate, key).key_pem())
     return cert_path, key_path
+
+
+def write_server_with(
+    directory: Path,
+    ca: certgen.Issued,
+    name: str,
+    *,
+    usages: tuple[x509.ObjectIdentifier, ...] | None = NO_EKU,
+    ca_flag: bool | None = False,
+) -> tuple[Path, Path]:
+    """Write a localhost certificate with the given EKU and CA flag; return (cert, key).
+
+    ``usages`` None leaves the extendedKeyUsage extension out; ``ca_flag`` None leaves
+    basicConstraints out.  For checks of what a server certificate must (not) be.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+    )
+    if ca_flag is not None:
+        constraints = x509.BasicConstraints(ca=ca_flag, path_length=None)
+        builder = builder.add_extension(constraints, critical=True)
+    if usages is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
+    issued = certgen.Issued(builder.sign(ca.key, hashes.SHA256()), key)
+    cert, key_path = directory / f"{name}.pem", directory / f"{name}-key.pem"
+    certgen.write_pair(issued, cert, key_path)
+    return cert, key_path

@@ -15,6 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 from twisted.trial.unittest import SynchronousTestCase
 
+from secure_echo.tls.policy import TLSConfigError, TLSSettings, load_and_validate
 from secure_echo.tools import certgen
 from secure_echo.tools.certs_cli import main
 
@@ -138,6 +139,21 @@ class InitTests(_CLITestCase):
         )
         ca = _certificate(self.directory / "ca.pem")
         self.assertGreaterEqual(ca.not_valid_after_utc, server.not_valid_after_utc)
+
+    def test_server_certificate_passes_the_daemons_checks(self) -> None:
+        """The server certificate of init loads as --cert; its client certificate would not.
+
+        The daemon refuses a --cert without serverAuth or with CA:TRUE, so what init
+        prints as the twistd command must start.
+        """
+        self.run_cli("init", str(self.directory))
+        root = self.directory
+        loaded = load_and_validate(TLSSettings(root / "server.pem", root / "server-key.pem"))
+        self.assertEqual(loaded.subject, "CN=localhost")
+        for cert, key in (("client.pem", "client-key.pem"), ("ca.pem", "ca-key.pem")):
+            self.assertRaises(
+                TLSConfigError, load_and_validate, TLSSettings(root / cert, root / key)
+            )
 
     def test_prints_usage(self) -> None:
         """The output gives the twistd command with --client-ca and both client commands."""

@@ -14,6 +14,7 @@ from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from secure_echo.tls.policy import TLSSettings, load_and_validate
 from secure_echo.tools import certgen, devcerts
 from secure_echo.tools.devcerts import DevCerts, DevCertsError, ensure_dev_certs
 
@@ -64,6 +65,12 @@ class EnsureDevCertsTests(SynchronousTestCase):
         for name in FILES:
             self.assertTrue((dev.directory / name).is_file(), name)
         _assert_consistent(self, dev, T0)
+
+    def test_server_certificate_passes_the_daemons_checks(self) -> None:
+        """The development certificate is a leaf for serverAuth: the load step takes it."""
+        dev = ensure_dev_certs(self.state)
+        loaded = load_and_validate(TLSSettings(dev.server_cert, dev.server_key))
+        self.assertEqual(loaded.leaf, x509.load_pem_x509_certificate(dev.server_cert.read_bytes()))
 
     def test_modes(self) -> None:
         """The directory is 0700, keys 0600 and certificates 0644."""

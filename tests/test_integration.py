@@ -24,10 +24,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from secure_echo.tools import certgen
 from tests.daemon import Daemon, Event, run_twistd, shared_daemon, start_daemon
-from tests.helpers import PKI, make_pki, write_expired_server
+from tests.helpers import PKI, make_pki, write_expired_server, write_server_with
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -896,6 +898,27 @@ class ConfigErrorTests(SynchronousTestCase):
         cert, key = write_expired_server(directory, pki.ca)
         line = self.assert_config_error(["--cert", str(cert), "--key", str(key)], "--cert")
         self.assertIn("expired", line)
+
+    def test_client_certificate_as_server_cert(self) -> None:
+        """A --cert whose EKU is clientAuth only stops start-up with one line."""
+        pki = shared_pki()
+        directory = Path(self.mktemp()).absolute()
+        directory.mkdir()
+        cert, key = write_server_with(
+            directory, pki.ca, "client-only", usages=(ExtendedKeyUsageOID.CLIENT_AUTH,)
+        )
+        line = self.assert_config_error(["--cert", str(cert), "--key", str(key)], "--cert")
+        self.assertIn("serverAuth", line)
+
+    def test_ca_certificate_as_server_cert(self) -> None:
+        """A CA certificate given as --cert stops start-up with one line."""
+        directory = Path(self.mktemp()).absolute()
+        directory.mkdir()
+        ca = certgen.make_ca("a CA, not a server", days=2)
+        cert, key = directory / "ca.pem", directory / "ca-key.pem"
+        certgen.write_pair(ca, cert, key)
+        line = self.assert_config_error(["--cert", str(cert), "--key", str(key)], "--cert")
+        self.assertIn("CA certificate", line)
 
     def test_bad_endpoint(self) -> None:
         """An unparsable --listen is refused."""

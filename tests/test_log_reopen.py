@@ -63,9 +63,38 @@ class ReopenTests(SynchronousTestCase):
 
     def test_handler_restored(self) -> None:
         """Stopping the service puts the previous SIGUSR1 handler back."""
-        self.assertNotEqual(signal.getsignal(signal.SIGUSR1), self.previous)
+
+        def previous(_number: int, _frame: object) -> None:
+            """Stands for twistd's handler (its --logfile rotation)."""
+
         self.service.stopService()
-        self.assertEqual(signal.getsignal(signal.SIGUSR1), self.previous)
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+        signal.signal(signal.SIGUSR1, previous)
+        self.service.startService()
+        self.assertIsNot(signal.getsignal(signal.SIGUSR1), previous)
+        self.service.stopService()
+        self.assertIs(signal.getsignal(signal.SIGUSR1), previous)
+
+    def test_handler_installed_before_listening(self) -> None:
+        """The privileged start (before anything listens) already takes SIGUSR1."""
+        self.service.stopService()
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        self.service.privilegedStartService()
+        self.assertTrue(callable(signal.getsignal(signal.SIGUSR1)))
+
+    def test_default_action_not_restored(self) -> None:
+        """With no handler before, a stopped service leaves SIGUSR1 ignored, not fatal.
+
+        The log service stops last, after the drain; a logrotate SIGUSR1 between then
+        and the exit must not end the process by the signal's default action.
+        """
+        self.service.stopService()
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        self.service.startService()
+        self.service.stopService()
+        self.assertEqual(signal.getsignal(signal.SIGUSR1), signal.SIG_IGN)
 
 
 class ReopenFailureTests(SynchronousTestCase):

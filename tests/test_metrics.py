@@ -5,7 +5,12 @@ from __future__ import annotations
 import datetime
 import math
 import shutil
+import signal
+import socket
 import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import OpenSSL
@@ -32,6 +37,9 @@ from secure_echo.daemon.metrics import Metrics, metrics_site
 from secure_echo.edge.limits import DRAINING, LIMIT_PER_IP, LIMIT_TOTAL, RefusalLog
 from secure_echo.tls.failures import HANDSHAKE_FAILURE_REASONS, handshake_failure_reason
 from secure_echo.tls.record import CloseReason, ConnectionRecord
+from tests.daemon import start_daemon, wait_workers_ready
+from tests.hostile_clients import flood
+from tests.test_integration import IO_TIMEOUT, IntegrationCase, server_args, shared_pki
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IListeningPort
@@ -774,3 +782,62 @@ class HTTPRoundTripTests(TestCase):
         self.assertEqual((response.code, body), (503, b"draining: the daemon is shutting down\n"))
         # No access-log line reached the daemon's log.
         self.assertEqual([formatEvent(e) for e in events if "HTTP/1.1" in formatEvent(e)], [])
+
+
+class ReadinessDuringDrainTests(IntegrationCase):
+    """The real daemon: the metrics endpoint outlives the TLS ports at shutdown."""
+
+    def test_readyz_answers_draining(self) -> None:
+        """During the drain /readyz answers 503 draining and /healthz 200; no refusal.
+
+        The metrics service stops after the TLS service (it is added before it), so a
+        readiness probe sees why the daemon is not ready instead of a refused port.
+        """
+        self.assert_draining_answered()
+
+    def test_readyz_answers_draining_with_workers(self) -> None:
+        """--workers 2: the supervisor's metrics say draining while its workers drain."""
+        self.assert_draining_answered("--workers", "2")
+
+    def assert_draining_answered(self, *args: str) -> None:
+        """Start with ``args``, hold the drain with a non-reader, probe during it."""
+        daemon = start_daemon(
+            self,
+            Path(self.mktemp()),
+            server_args(
+                shared_pki(),
+                "--metrics",
+                "tcp:0:interface=127.0.0.1",
+                "--drain-timeout",
+                "60",
+                *args,
+            ),
+        )
+        if "--workers" in args:
+            wait_workers_ready(daemon)
+        port = daemon.wait_for_event(lambda e: e.get("event") == "metrics_listening")["port"]
+        self.assertEqual(http_get(port, "/readyz"), (200, b"ready\n"))
+        stubborn = self.tls_client(daemon)
+        batch = b"".join(b"unread reply %06d %s\n" % (i, b"." * 60) for i in range(500))
+        self.assertEqual(flood(stubborn, batch, 0.5).ended_by, "duration")
+        since = daemon.mark()
+        daemon.terminate()
+        daemon.wait_for_event(lambda e: e.get("event") == "drain_started", since=since)
+        with self.assertRaises(OSError):  # the TLS port is closed
+            socket.create_connection(("127.0.0.1", daemon.port), timeout=IO_TIMEOUT).close()
+        self.assertEqual(
+            http_get(port, "/readyz"), (503, b"draining: the daemon is shutting down\n")
+        )
+        self.assertEqual(http_get(port, "/healthz")[0], 200)
+        self.assertIsNone(daemon.process.poll(), "the drain is still under way")
+        daemon.process.send_signal(signal.SIGTERM)  # no need to wait out the drain
+        daemon.wait()
+
+
+def http_get(port: int, path: str) -> tuple[int, bytes]:
+    """GET ``path`` from 127.0.0.1:``port``: status and body, errors included."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=IO_TIMEOUT) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()

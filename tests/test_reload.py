@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
@@ -18,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from secure_echo.daemon.reload import ReloadService, TLSReloader
 from secure_echo.tls.policy import ContextHolder, TLSSettings, load_and_validate
 from secure_echo.tools import certgen
-from tests.helpers import make_pki, write_expired_server
+from tests.helpers import make_pki, write_expired_server, write_server_with
 from tests.tlspair import TLSPair, capture_events, client_context, named, server_factory
 
 if TYPE_CHECKING:
@@ -144,6 +145,21 @@ class TLSReloaderTests(ReloaderTestsMixin, SynchronousTestCase):
         self.tls_settings = TLSSettings(cert, key)
         self.assert_failed("SIGHUP", "--cert", "expired on")
 
+    def test_client_certificate_refused(self) -> None:
+        """A certificate without serverAuth in its EKU fails the reload."""
+        client = (ExtendedKeyUsageOID.CLIENT_AUTH,)
+        self.tls_settings = TLSSettings(
+            *write_server_with(self.pki.directory, self.pki.ca, "client-only", usages=client)
+        )
+        self.assert_failed("SIGHUP", "--cert", "serverAuth")
+
+    def test_ca_certificate_refused(self) -> None:
+        """A CA certificate fails the reload."""
+        cert, key = self.pki.directory / "ca-as-cert.pem", self.pki.directory / "ca-key.pem"
+        certgen.write_pair(self.pki.ca, cert, key)
+        self.tls_settings = TLSSettings(cert, key)
+        self.assert_failed("file-change", "--cert", "CA certificate")
+
     def test_missing_file(self) -> None:
         """A missing key file fails the reload."""
         self.pki.server_key.unlink()
@@ -226,6 +242,14 @@ class ReloadServiceSignalTests(ReloaderTestsMixin, SynchronousTestCase):
         """StartService installs the service's SIGHUP handler; stopService restores the old."""
         self.service.startService()
         self.assertEqual(signal.getsignal(signal.SIGHUP), self.service._on_sighup)
+        self.service.stopService()
+        self.assertEqual(signal.getsignal(signal.SIGHUP), self.previous)
+
+    def test_handler_installed_before_listening(self) -> None:
+        """The privileged start (before the listening service binds) takes SIGHUP, once."""
+        self.service.privilegedStartService()
+        self.assertEqual(signal.getsignal(signal.SIGHUP), self.service._on_sighup)
+        self.service.startService()
         self.service.stopService()
         self.assertEqual(signal.getsignal(signal.SIGHUP), self.previous)
 

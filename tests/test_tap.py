@@ -21,6 +21,7 @@ from secure_echo.daemon.logs import JSONLogService
 from secure_echo.daemon.metrics import Metrics
 from secure_echo.daemon.reload import ReloadService
 from secure_echo.daemon.services import ListeningService
+from secure_echo.daemon.signals import SignalService
 from secure_echo.line.handler import EchoHandler
 from secure_echo.line.protocol import LineFactory, LineSettings
 from secure_echo.tls.factory import TLSServerFactory
@@ -96,11 +97,15 @@ class MakeServiceTests(TapTestCase):
     """makeService builds, never starts, the daemon's services."""
 
     def test_services(self) -> None:
-        """The tree is a MultiService of TLSService, ReloadService and ListeningService."""
+        """The tree: TLSService, SignalService, ReloadService and ListeningService.
+
+        Stopped in reverse: listening ends, then the signals are taken, then the drain.
+        """
         top = tap.makeService(self.options(), reactor=MemoryReactorClock())
         self.assertIsInstance(top, MultiService)
         self.assertEqual(
-            [type(c) for c in top], [maker.TLSService, ReloadService, ListeningService]
+            [type(c) for c in top],
+            [maker.TLSService, SignalService, ReloadService, ListeningService],
         )
         self.assertFalse(top.running)
 
@@ -114,7 +119,7 @@ class MakeServiceTests(TapTestCase):
         children = list(top)
         self.assertEqual(
             [type(c) for c in children],
-            [JSONLogService, maker.TLSService, ReloadService, ListeningService],
+            [JSONLogService, maker.TLSService, SignalService, ReloadService, ListeningService],
         )
         log_service = children[0]
         assert isinstance(log_service, JSONLogService)

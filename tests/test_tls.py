@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING
 from unittest import SkipTest
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import x25519
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, x25519
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import SSL
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -40,7 +41,7 @@ from secure_echo.tls.policy import (
 )
 from secure_echo.tls.verify import verify_error_text
 from secure_echo.tools import certgen
-from tests.helpers import make_pki, write_expired_server
+from tests.helpers import NO_EKU, make_pki, write_expired_server, write_server_with
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -363,6 +364,88 @@ class LoadAndValidateTests(SynchronousTestCase):
         self.assert_refused(
             self.settings(cert=cert, key=key), "--cert", "not valid until", "clock"
         )
+
+    def test_client_only_certificate_refused(self) -> None:
+        """A certificate whose EKU lacks serverAuth names --cert, the usages and the fix."""
+        client = (ExtendedKeyUsageOID.CLIENT_AUTH,)
+        cert, key = write_server_with(self.dir, self.pki.ca, "client-only", usages=client)
+        error = self.assert_refused(
+            self.settings(cert=cert, key=key), "--cert", str(cert), "clientAuth", "serverAuth"
+        )
+        self.assertIn("CN=localhost", error.problem)
+        self.assertIn("server", error.fix)
+
+    def test_eku_with_server_auth_accepted(self) -> None:
+        """An EKU listing serverAuth among other usages is enough."""
+        usages = (ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH)
+        cert, key = write_server_with(self.dir, self.pki.ca, "both", usages=usages)
+        self.assertEqual(
+            load_and_validate(self.settings(cert=cert, key=key)).subject, "CN=localhost"
+        )
+
+    def test_any_extended_key_usage_accepted(self) -> None:
+        """An EKU of anyExtendedKeyUsage allows serving TLS."""
+        usages = (ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE,)
+        cert, key = write_server_with(self.dir, self.pki.ca, "any", usages=usages)
+        load_and_validate(self.settings(cert=cert, key=key))
+
+    def test_no_eku_extension_accepted(self) -> None:
+        """A certificate without an EKU extension may be used for any purpose."""
+        cert, key = write_server_with(self.dir, self.pki.ca, "no-eku", usages=NO_EKU)
+        load_and_validate(self.settings(cert=cert, key=key))
+
+    def test_no_basic_constraints_accepted(self) -> None:
+        """A leaf without basicConstraints is not a CA and is accepted."""
+        cert, key = write_server_with(self.dir, self.pki.ca, "no-bc", ca_flag=None)
+        load_and_validate(self.settings(cert=cert, key=key))
+
+    def test_ca_certificate_refused(self) -> None:
+        """A CA certificate (basicConstraints CA:TRUE) as --cert is refused, naming it."""
+        ca = certgen.make_ca("test CA", days=2)
+        cert, key = self.dir / "ca-as-server.pem", self.dir / "ca-as-server-key.pem"
+        certgen.write_pair(ca, cert, key)
+        error = self.assert_refused(
+            self.settings(cert=cert, key=key), "--cert", "CA certificate", str(cert)
+        )
+        self.assertIn("leaf", error.fix)
+
+    def test_ca_flag_refused_even_with_server_auth(self) -> None:
+        """CA:TRUE is refused even when the EKU says serverAuth."""
+        usages = (ExtendedKeyUsageOID.SERVER_AUTH,)
+        cert, key = write_server_with(self.dir, self.pki.ca, "ca-eku", usages=usages, ca_flag=True)
+        self.assert_refused(self.settings(cert=cert, key=key), "--cert", "CA certificate")
+
+    def test_unparsable_extensions_refused(self) -> None:
+        """A certificate whose extensions cannot be parsed (one given twice) names --cert."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.UTC)
+        name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "localhost")])
+        first, second = x509.ObjectIdentifier("1.2.3.4"), x509.ObjectIdentifier("1.2.3.5")
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(1)
+            .not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.UnrecognizedExtension(first, b"\x05\x00"), critical=False)
+            .add_extension(x509.UnrecognizedExtension(second, b"\x05\x00"), critical=False)
+        )
+        der = builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+        # Rename the second extension to the first: the same extension twice.
+        der = der.replace(bytes.fromhex("06032a0305"), bytes.fromhex("06032a0304"))
+        pem = x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+        cert = _write(self.dir / "twice.pem", pem)
+        self.assert_refused(self.settings(cert=cert), "--cert", "cannot be parsed")
+
+    def test_chain_checks_only_the_leaf(self) -> None:
+        """The CA certificates after the leaf in a chain file are not refused as CAs."""
+        chain = _write(
+            self.dir / "chain2.pem",
+            self.pki.server_cert.read_bytes() + self.pki.ca_cert.read_bytes(),
+        )
+        self.assertEqual(len(load_and_validate(self.settings(cert=chain)).chain), 2)
 
     def test_now_is_injected(self) -> None:
         """Validity is judged at ``now``: a valid certificate is refused a year later."""

@@ -211,7 +211,9 @@ class JSONLogService(Service):
 
     SIGUSR1 reopens the file, for external rotation (logrotate renames the file,
     then signals): the handler only hops into the reactor, which reopens.  A
-    handler installed before (twistd's, when it logs to a file) is still called.
+    handler installed before (twistd's, when it logs to a file) is still called,
+    and put back when the service stops; if there was none, SIGUSR1 is ignored
+    from then on rather than fatal.
     """
 
     log = Logger()
@@ -278,6 +280,10 @@ class JSONLogService(Service):
         self._observer = JSONLinesObserver(self._file)
         for publisher in (self._publisher, *self._also):
             publisher.addObserver(self._observer)
+        # Before anything listens: from the first ``listening`` record on, SIGUSR1
+        # reopens rather than kills.
+        if self._reactor is not None and self._previous_usr1 is None:
+            self._previous_usr1 = signal.signal(signal.SIGUSR1, self._on_sigusr1)
         super().privilegedStartService()
 
     @override
@@ -285,14 +291,15 @@ class JSONLogService(Service):
         if self._file is None:
             self.privilegedStartService()
         super().startService()
-        if self._reactor is not None:
-            self._previous_usr1 = signal.signal(signal.SIGUSR1, self._on_sigusr1)
 
     @override
     def stopService(self) -> None:
         super().stopService()
         if self._reactor is not None and self._previous_usr1 is not None:
-            signal.signal(signal.SIGUSR1, self._previous_usr1)
+            # Stopped last, after the drain: a SIGUSR1 from here to the exit must
+            # not end the process by its default action, so none is put back.
+            previous = self._previous_usr1
+            signal.signal(signal.SIGUSR1, previous if callable(previous) else signal.SIG_IGN)
             self._previous_usr1 = None
         if self._observer is not None:
             for publisher in (self._publisher, *self._also):

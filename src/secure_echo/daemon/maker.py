@@ -23,8 +23,10 @@ from secure_echo.daemon.logs import log_sinks
 from secure_echo.daemon.metrics import Metrics, metrics_site
 from secure_echo.daemon.options import reload_tls_settings
 from secure_echo.daemon.reload import ReloadService, TLSReloader
+from secure_echo.daemon.restart import RestartCheck
 from secure_echo.daemon.sdnotify import Notifier, NotifyService, watchdog_interval
 from secure_echo.daemon.services import ListeningService, MetricsService
+from secure_echo.daemon.signals import SignalService
 from secure_echo.edge.addresses import format_address
 from secure_echo.edge.limits import (
     ConnectionLimiter,
@@ -211,8 +213,13 @@ def build_factory(cfg: Config, reactor: Any) -> tuple[TLSServerFactory, tuple[in
     return factory, fd_limits
 
 
-def make_service(cfg: Config, reactor: Any) -> MultiService:
-    """Build the single-process daemon's services from loaded settings."""
+def make_service(cfg: Config, reactor: Any, *, supervised: bool = False) -> MultiService:
+    """Build the single-process daemon's services from loaded settings.
+
+    ``supervised``: the tree of a worker of ``--workers N``.  Its supervisor owns the
+    forced stop on a second signal (:mod:`secure_echo.daemon.signals`) and names the
+    settings a reload does not apply (:mod:`secure_echo.daemon.restart`).
+    """
     top = OrderedMultiService()
     sinks = log_sinks(cfg.log_file, cfg.log_max_bytes, cfg.log_keep, cfg.log_stdout, reactor)
     top.log_observer = sinks.stdout
@@ -227,6 +234,13 @@ def make_service(cfg: Config, reactor: Any) -> MultiService:
         # "draining" while connections finish, instead of refusing connections.
         metrics_service(cfg.metrics, factory, reactor, sinks.also).setServiceParent(top)
     TLSService(cfg, factory, reactor, fd_limits).setServiceParent(top)
+    # After TLSService, so stopped before it: the drain begins once this stopped.
+    SignalService(
+        reactor,
+        cut=lambda: {"connections": len(factory.connections)},
+        forced_stop=not supervised,
+        ignore_usr1=sinks.file is None,
+    ).setServiceParent(top)
     reloader = TLSReloader(
         contexts,
         # Re-reads --config (if any) so cert, key, client CA and allow-lists
@@ -234,6 +248,8 @@ def make_service(cfg: Config, reactor: Any) -> MultiService:
         lambda: reload_tls_settings(cfg),
         reactor,
         expiry_warning_days=cfg.expiry_warning_days,
+        # A worker's settings are not the ones that started: its supervisor checks.
+        restart_check=None if supervised else RestartCheck(cfg).check,
     )
     ReloadService(
         reloader, reactor, cfg.reload_interval, extra_files=(cfg.config_file,)

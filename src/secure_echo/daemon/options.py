@@ -329,3 +329,17 @@ def reload_tls_settings(cfg: Settings) -> TLSSettings:
     except usage.UsageError as error:
         raise _as_tls_error(options.in_file_terms(error)) from None
     return settings
+
+
+def reread_settings(cfg: Settings) -> Settings:
+    """Every option as a start now would check it: ``cfg``'s config file re-read.
+
+    The command line captured at start (``cfg.command_line``) still wins, as in
+    :func:`reload_tls_settings`.  Nothing is loaded (no file but the config file is
+    read).  Raises ``usage.UsageError``, one line, naming the file and key when the
+    problem is in the file.
+    """
+    options = Options()
+    options.apply_sources(cfg.config_file, cfg.command_line)
+    options.postOptions()
+    return options.settings

@@ -16,8 +16,11 @@ Triggers:
   ``mv new.pem cert.pem`` renames as well as in-place writes; a half-written file
   fails validation and is retried at the next change.
 
-After each load (at start too) a certificate that expires within
-``--expiry-warning-days`` logs ``certificate_expiring``.
+After each load (at start too, then every 12 hours) a certificate that expires
+within ``--expiry-warning-days`` logs ``certificate_expiring``.
+
+Other settings of the ``--config`` file are not reloaded; after each reload the
+single process names those that changed (:mod:`secure_echo.daemon.restart`).
 """
 
 from __future__ import annotations
@@ -78,10 +81,14 @@ class TLSReloader:
         clock: Any,
         *,
         expiry_warning_days: float = 14.0,
+        restart_check: Callable[[str], object] | None = None,
     ) -> None:
         self.holder = holder
         self._settings = settings
         self._clock = clock
+        #: Called with the trigger after each reload, to name the settings a reload
+        #: does not apply (:class:`secure_echo.daemon.restart.RestartCheck`).
+        self._restart_check = restart_check
         self.expiry_warning = datetime.timedelta(days=expiry_warning_days)
         self.reloads = 0
         self.failures = 0
@@ -99,6 +106,8 @@ class TLSReloader:
         for hook in self.before:
             hook()
         outcome = self._reload(trigger)
+        if self._restart_check is not None:
+            self._restart_check(trigger)
         for done in self.after:
             done(outcome)
         return outcome
@@ -177,9 +186,21 @@ class ReloadService(Service):
         self._previous_handler: Any = None
 
     @override
+    def privilegedStartService(self) -> None:
+        # Before the listening service binds (it comes later in the tree): from the
+        # first ``listening`` record on, SIGHUP reloads rather than kills.  A reload
+        # asked for now runs once the reactor does.
+        self._take_sighup()
+        super().privilegedStartService()
+
+    def _take_sighup(self) -> None:
+        if self._previous_handler is None:
+            self._previous_handler = signal.signal(signal.SIGHUP, self._on_sighup)
+
+    @override
     def startService(self) -> None:
         super().startService()
-        self._previous_handler = signal.signal(signal.SIGHUP, self._on_sighup)
+        self._take_sighup()
         # At start, then twice a day: a long-running daemon warns before expiry
         # even if nothing is ever reloaded.
         self._expiry = LoopingCall(

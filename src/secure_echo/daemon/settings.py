@@ -453,3 +453,53 @@ def _client_auth(values: Mapping[str, Any]) -> ClientAuth:
             "add --client-ca CA.pem"
         )
     return auth
+
+
+def option_values(cfg: Settings) -> dict[str, object]:
+    """Every file-settable option's effective value, as JSON-ready data.
+
+    Keyed like :data:`FILE_KEYS`.  Values are the checked ones (numbers as numbers,
+    the backlog added to each listen), so two settings compare equal per key when
+    they would run the same.  ``--print-config`` shows them, and
+    a reload compares them (:mod:`secure_echo.daemon.restart`).
+    """
+    settings = cfg.tls_settings
+    allow = settings.allow
+    return {
+        "listen": [listen.description for listen in cfg.listens],
+        "backlog": cfg.backlog,
+        "cert": str(settings.cert),
+        "key": str(settings.key),
+        "client-ca": str(settings.client_ca) if settings.client_ca else None,
+        "client-auth": str(settings.client_auth),
+        "tls-profile": str(settings.profile),
+        "allow-cn": sorted(allow.cns),
+        "allow-dns": sorted(allow.dns),
+        "allow-uri": sorted(allow.uris),
+        "allow-spki-sha256": sorted(allow.spki_sha256),
+        "state-dir": str(cfg.dev_state_dir) if cfg.dev_state_dir else None,
+        "max-line-length": cfg.max_line_length,
+        "max-pending": cfg.max_pending,
+        "handshake-timeout": cfg.handshake_timeout,
+        "handler-timeout": cfg.handler_timeout,
+        "idle-timeout": cfg.idle_timeout,
+        "write-stall-timeout": cfg.write_stall_timeout,
+        "max-connection-age": cfg.max_connection_age,
+        "max-connections": cfg.max_connections,
+        "max-connections-per-ip": cfg.max_connections_per_ip,
+        "drain-timeout": cfg.drain_timeout,
+        "reload-interval": cfg.reload_interval,
+        "expiry-warning-days": cfg.expiry_warning_days,
+        "log-file": str(cfg.log_file) if cfg.log_file else None,
+        "log-max-bytes": cfg.log_max_bytes,
+        "log-keep": cfg.log_keep,
+        "log-stdout": cfg.log_stdout,
+        "metrics": cfg.metrics,
+        "proxy-protocol": cfg.proxy_protocol,
+        "proxy-trusted": [str(network) for network in cfg.proxy_trusted],
+        "proxy-timeout": cfg.proxy_timeout,
+        "info-line": (
+            cfg.info_line.decode("utf-8", "backslashreplace") if cfg.info_line else None
+        ),
+        "workers": cfg.workers,
+    }

@@ -36,10 +36,16 @@ Signals and lifecycle:
 * SIGHUP to the supervisor is forwarded to every ready worker, which reloads its TLS
   material itself (``tls_reloaded`` / ``tls_reload_failed`` with ``worker``).  A
   :class:`ReloadRound` waits (at most :data:`RELOAD_TIMEOUT`) for each one's outcome.
+  The supervisor, not each worker, names the changed settings a reload cannot apply
+  (:class:`RestartWatch`, ``reload_needs_restart``).
 * SIGTERM/SIGINT: the supervisor closes its copies of the listening sockets, sends
   SIGTERM to every worker (each stops accepting and drains as one process does) and
   waits for them to exit, at most ``--drain-timeout`` + :data:`STOP_GRACE` seconds;
-  then SIGKILL (``worker_killed``).
+  then SIGKILL (``worker_killed``).  A second SIGTERM/SIGINT meanwhile SIGKILLs every
+  worker still running and exits at once (``shutdown_forced``,
+  :mod:`secure_echo.daemon.signals`).
+* SIGUSR1 reopens the supervisor's ``--log-file``; without one, the supervisor and each
+  worker log ``signal_ignored`` and go on.
 * A worker that exits while the supervisor runs is started again after a delay from
   its slot's :class:`RestartPolicy` (``worker_exited`` with ``restart_in``, then
   ``worker_started``): at most 5 starts in any 60 s.
@@ -73,7 +79,13 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import Factory, ProcessProtocol
-from twisted.logger import InvalidLogLevelError, Logger, LogLevel, globalLogPublisher
+from twisted.logger import (
+    InvalidLogLevelError,
+    Logger,
+    LogLevel,
+    LogPublisher,
+    globalLogPublisher,
+)
 from typing_extensions import override
 
 import secure_echo
@@ -86,8 +98,10 @@ from secure_echo.daemon.logs import (
     log_sinks,
 )
 from secure_echo.daemon.metrics import Metrics, metrics_site
+from secure_echo.daemon.restart import RestartCheck
 from secure_echo.daemon.sdnotify import Notifier, NotifyService, watchdog_interval
 from secure_echo.daemon.services import ListeningService, MetricsService
+from secure_echo.daemon.signals import SignalService
 from secure_echo.edge.addresses import format_address
 
 if TYPE_CHECKING:
@@ -95,7 +109,7 @@ if TYPE_CHECKING:
     from types import FrameType
 
     from twisted.internet.interfaces import IAddress, IDelayedCall, IListeningPort
-    from twisted.logger import LogEvent
+    from twisted.logger import ILogObserver, LogEvent
     from twisted.python.failure import Failure
 
     from secure_echo.daemon import options as config
@@ -984,6 +998,55 @@ class WorkerSupervisor(Service):
             self.notifier.ready(prefix + self.status())
 
 
+def kill_workers(supervisor: WorkerSupervisor) -> dict[str, object]:
+    """A forced stop: SIGKILL every worker still running; ``workers_killed``, their pids."""
+    live = [p for p in supervisor.workers.values() if p.running]
+    return {"workers_killed": [p.pid for p in live if p.send_signal("KILL")]}
+
+
+class RestartWatch(Service):
+    """Names the settings a reload did not apply, for the reloads the supervisor sees.
+
+    The workers reload, but their settings are the supervisor's copy, so the
+    supervisor checks (:class:`~secure_echo.daemon.restart.RestartCheck`): after each
+    forwarded SIGHUP (``workers_reloaded``), and when workers report a file-change
+    reload, once per new content of the file.  It watches the log (``publisher``)
+    for those records while running; log observers must not log, so each check runs
+    in the next reactor turn.
+    """
+
+    def __init__(
+        self, check: RestartCheck, reactor: Any, publisher: LogPublisher | None = None
+    ) -> None:
+        self._check = check
+        self._reactor = reactor
+        self._publisher = publisher if publisher is not None else globalLogPublisher
+        # A plain callable is an observer to LogPublisher; the interface says so.
+        self._observer = cast("ILogObserver", self.observe)
+
+    def observe(self, event: LogEvent) -> None:
+        """A log record: schedule a check if it ends a reload."""
+        name = event.get("event")
+        if name == "workers_reloaded":
+            self._reactor.callLater(0, self._check.check, "SIGHUP")
+        elif (
+            name in {"tls_reloaded", "tls_reload_failed"}
+            and event.get("trigger") == "file-change"
+            and "worker" in event
+        ):
+            self._reactor.callLater(0, self._check.check, "file-change", only_if_changed=True)
+
+    @override
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._publisher.addObserver(self._observer)
+
+    @override
+    def stopService(self) -> None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        self._publisher.removeObserver(self._observer)
+
+
 # -- building it ------------------------------------------------------------------------
 
 
@@ -1023,7 +1086,7 @@ def make_supervisor(
         if cfg.log_stdout != "json":  # keep JSON output pure; dev_certificate says it
             maker.print_dev_banner(cfg, _first_tcp_port(ports))
 
-    WorkerSupervisor(
+    supervisor = WorkerSupervisor(
         reactor,
         cfg.workers,
         worker_values(options),
@@ -1036,6 +1099,12 @@ def make_supervisor(
         stats=stats,
         connection_publisher=sinks.connections,
         on_listening=listening,
+    )
+    supervisor.setServiceParent(top)  # type: ignore[no-untyped-call]
+    RestartWatch(RestartCheck(cfg), reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
+    # After the supervisor, so stopped first: a second signal from then on forces.
+    SignalService(
+        reactor, cut=lambda: kill_workers(supervisor), ignore_usr1=sinks.file is None
     ).setServiceParent(top)  # type: ignore[no-untyped-call]
     if notifier is not None:
         # Last added, first stopped: STOPPING=1 goes out as the drain starts.

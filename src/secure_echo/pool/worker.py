@@ -291,7 +291,7 @@ def build_worker_service(
 
     Returns the service tree, its ports service and the connection factory.
     """
-    top = maker.make_service(worker_settings(spec), reactor)
+    top = maker.make_service(worker_settings(spec), reactor, supervised=True)
     served: IProtocolFactory | None = None
     factory: TLSServerFactory | None = None
     for child in list(top):
@@ -418,8 +418,10 @@ def run(spec: WorkerSpec, reactor: Any) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:  # noqa: ARG001 - argv is for ps only
     """The worker's entry point; returns the exit status."""
-    # A SIGHUP forwarded before the reload service takes it over must not kill us.
+    # A SIGHUP forwarded, or a SIGUSR1 sent to the whole control group, before the
+    # services take them over must not kill us.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     observer = PipeLogObserver(sys.stdout)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=True)
     for name in SUPERVISOR_ONLY_ENV:

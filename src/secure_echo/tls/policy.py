@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Final
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import SSL
 from OpenSSL.crypto import X509, X509StoreFlags
 
@@ -212,17 +213,79 @@ def _check_dates(cert: x509.Certificate, path: Path, option: str, now: datetime.
         )
 
 
+#: Names of the extended key usages an operator may meet, for messages.
+_EKU_NAMES: Final = {
+    ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
+    ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth",
+    ExtendedKeyUsageOID.CODE_SIGNING: "codeSigning",
+    ExtendedKeyUsageOID.EMAIL_PROTECTION: "emailProtection",
+    ExtendedKeyUsageOID.TIME_STAMPING: "timeStamping",
+    ExtendedKeyUsageOID.OCSP_SIGNING: "OCSPSigning",
+    ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE: "anyExtendedKeyUsage",
+}
+#: Extended key usages that allow serving TLS.
+_SERVING_USAGES: Final = frozenset(
+    {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE}
+)
+
+
+def _check_server_purpose(cert: x509.Certificate, path: Path, option: str) -> None:
+    """Refuse a CA certificate, or one whose extended key usage excludes TLS servers.
+
+    Clients refuse both at every handshake (a verifier checks the leaf's EKU for
+    serverAuth and will not take a CA certificate as the end entity), so starting
+    with one would only serve failed handshakes.  No EKU extension means any usage;
+    ``anyExtendedKeyUsage`` counts as serverAuth.  Only the leaf is checked: the
+    certificates after it in a chain file are CAs by design.
+    """
+    what = f"certificate in {path} ({cert.subject.rfc4514_string()})"
+    try:
+        extensions = cert.extensions
+    except (ValueError, x509.DuplicateExtension) as error:
+        raise TLSConfigError(
+            option,
+            f"{what} has extensions that cannot be parsed ({error})",
+            "reissue it with well-formed extensions",
+        ) from None
+    try:
+        is_ca = extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if is_ca:
+        raise TLSConfigError(
+            option,
+            f"{what} is a CA certificate (basicConstraints CA:TRUE), not a server certificate",
+            f"give the server (leaf) certificate that CA issued, first in {option}'s file",
+        )
+    try:
+        usages = extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    if not _SERVING_USAGES.intersection(usages):
+        names = ", ".join(_EKU_NAMES.get(oid, oid.dotted_string) for oid in usages) or "empty"
+        raise TLSConfigError(
+            option,
+            f"{what} is not for TLS servers: its extended key usage is {names}, "
+            "without serverAuth",
+            "use a certificate issued for server authentication (EKU serverAuth; "
+            "secure-echo-certs init makes one for testing)",
+        )
+
+
 def load_and_validate(settings: TLSSettings, now: datetime.datetime | None = None) -> LoadedTLS:
     """Read and check every file of ``settings``; raise :class:`TLSConfigError`.
 
     Checks: each file exists and is readable; the chain file holds certificates, the
-    first of which is valid now; the key parses and matches that certificate; the
-    client CA file (if any) holds certificates.  The whole set is checked before
-    anything is built so that a reload can be all or nothing.
+    first of which is valid now, is not a CA certificate and may serve TLS (its
+    extended key usage, if it has one, includes serverAuth); the key parses and
+    matches that certificate; the client CA file (if any) holds certificates.  The
+    whole set is checked before anything is built so that a reload can be all or
+    nothing.
     """
     when = now or datetime.datetime.now(datetime.UTC)
     chain = _load_certs(settings.cert, "--cert")
     _check_dates(chain[0], settings.cert, "--cert", when)
+    _check_server_purpose(chain[0], settings.cert, "--cert")
 
     key_pem = read_file(settings.key, "--key", "PEM private key file")
     try:
