@@ -239,16 +239,17 @@ class GarbageTests(HostileCase):
     """Clients that send what is not TLS, before or after the handshake."""
 
     def test_plaintext_http_request(self) -> None:
-        """``GET / HTTP/1.0`` gets one ``-ERR tls-required`` line, then the close."""
+        """``GET / HTTP/1.0`` gets an HTTP 400 whose body is the hint, then the close."""
         daemon = hostile_daemon()
         since = daemon.mark()
         with raw_connect(daemon.port) as sock:
             peer = peer_of(sock)
             sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
             reply = recv_all(sock)
-        self.assertTrue(reply.startswith(b"-ERR tls-required "), reply)
-        self.assertTrue(reply.endswith(b"\n"), reply)
-        self.assertEqual(reply.count(b"\n"), 1, reply)
+        head, _, body = reply.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.0 400 "), reply)
+        self.assertTrue(body.startswith(b"-ERR tls-required "), reply)
+        self.assertEqual(body.count(b"\n"), 1, reply)
         self.assert_closed_as(daemon, since, peer, "plaintext_client")
 
     def assert_garbage_refused(self, garbage: bytes) -> tuple[str, str]:
