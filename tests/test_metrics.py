@@ -7,8 +7,8 @@ import math
 import shutil
 import signal
 import socket
-import time
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
