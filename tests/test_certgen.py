@@ -344,3 +344,62 @@ class WriteTests(SynchronousTestCase):
             self.assertRaises(OSError, write, path, b"new")
             self.assertEqual(path.read_bytes(), b"old")
             self.assertEqual(sorted(p.name for p in self.directory.iterdir()), ["file.pem"])
+
+
+class DistinctCANameTests(SynchronousTestCase):
+    """CA names that tell two CAs apart."""
+
+    def test_two_names_differ(self) -> None:
+        """Two CAs made from one base name, even at the same moment, get different names."""
+        names = {certgen.distinct_ca_name("secure-echo test CA", now=NOW) for _ in range(50)}
+        self.assertEqual(len(names), 50)
+
+    def test_shape(self) -> None:
+        """The name is the base, the date it was made and a random hex tag."""
+        name = certgen.distinct_ca_name("secure-echo test CA", now=NOW)
+        base, date, tag = name.rsplit(" ", 2)
+        self.assertEqual((base, date), ("secure-echo test CA", "2030-06-01"))
+        self.assertRegex(tag, r"\A[0-9a-f]{8}\Z")
+
+    def test_fits_a_common_name(self) -> None:
+        """A long base is shortened so the whole name stays within 64 characters."""
+        name = certgen.distinct_ca_name("x" * 100, now=NOW)
+        self.assertEqual(len(name), 64)
+        self.assertTrue(name.startswith("x" * 40))
+        ca = certgen.make_ca(name, now=NOW)
+        common = ca.certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        self.assertEqual(common[0].value, name)
+
+
+class SelfSignedServerTests(SynchronousTestCase):
+    """A self-signed server certificate: a leaf that is its own issuer."""
+
+    def setUp(self) -> None:
+        self.leaf = certgen.make_self_signed_server(["self.test"], days=3, now=NOW)
+
+    def test_self_issued_leaf(self) -> None:
+        """Subject and issuer are the name; it verifies under its own key; it is no CA."""
+        cert = self.leaf.certificate
+        self.assertEqual(cert.subject, cert.issuer)
+        cert.verify_directly_issued_by(cert)
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+        self.assertFalse(constraints.value.ca)
+        common = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        self.assertEqual(common[0].value, "self.test")
+
+    def test_server_usage_names_and_validity(self) -> None:
+        """It names the host, is for serverAuth and is valid from now for ``days``."""
+        cert = self.leaf.certificate
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        self.assertEqual(san.get_values_for_type(x509.DNSName), ["self.test"])
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        self.assertEqual(list(eku), [ExtendedKeyUsageOID.SERVER_AUTH])
+        self.assertEqual(cert.not_valid_before_utc, NOW - certgen.CLOCK_SKEW)
+        self.assertEqual(cert.not_valid_after_utc, NOW + datetime.timedelta(days=3))
+
+    def test_refused_by_a_verifier_that_does_not_trust_it(self) -> None:
+        """A verifier that trusts another CA refuses it."""
+        other = certgen.make_ca("test CA", days=10, now=NOW)
+        self.assertRaises(
+            VerificationError, _verify_server, other, self.leaf, x509.DNSName("self.test")
+        )

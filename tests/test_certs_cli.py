@@ -16,8 +16,9 @@ from cryptography.x509.verification import PolicyBuilder, Store
 from twisted.trial.unittest import SynchronousTestCase
 
 from secure_echo.tls.policy import TLSConfigError, TLSSettings, load_and_validate
-from secure_echo.tools import certgen
+from secure_echo.tools import badssl, certgen
 from secure_echo.tools.certs_cli import main
+from tests.test_badssl import HandshakeRefusedError, handshake
 
 INIT_FILES = (
     "ca.pem",
@@ -165,6 +166,7 @@ class InitTests(_CLITestCase):
             [
                 "twistd",
                 "-n",
+                "--pidfile=",
                 "secure-echo",
                 "--cert",
                 str(root / "server.pem"),
@@ -189,6 +191,27 @@ class InitTests(_CLITestCase):
             ],
         )
         self.assertTrue(any(c[:2] == ["openssl", "s_client"] for c in commands))
+
+    def test_each_ca_has_its_own_subject(self) -> None:
+        """Two inits make two CAs whose subjects differ: base name, date and a random tag."""
+        other = Path(self.mktemp())
+        self.run_cli("init", str(self.directory))
+        self.run_cli("init", str(other))
+        first = _certificate(self.directory / "ca.pem").subject
+        second = _certificate(other / "ca.pem").subject
+        self.assertNotEqual(first, second)
+        common = first.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        self.assertTrue(str(common).startswith("secure-echo test CA 20"), common)
+        server = _certificate(self.directory / "server.pem")
+        self.assertEqual(server.issuer, first)
+
+    def test_prints_the_commands_for_more_certificates(self) -> None:
+        """The output ends with the commands that issue more certificates from this CA."""
+        self.run_cli("init", str(self.directory))
+        root = shlex.quote(str(self.directory.absolute()))
+        output = self.stdout.getvalue()
+        self.assertIn(f"secure-echo-certs server NAME... --ca {root}", output)
+        self.assertIn(f"secure-echo-certs client NAME --ca {root}", output)
 
     def test_refuses_to_overwrite(self) -> None:
         """A second init fails with status 1, names the files and changes nothing."""
@@ -346,3 +369,179 @@ class ClientTests(_CLITestCase):
             [],
         ):
             self.assertEqual(self.run_cli("client", str(self.directory), *argv), 2, argv)
+
+
+class ClientWithCAOptionTests(_CLITestCase):
+    """``secure-echo-certs client NAME --ca DIR [--uri URI]``, the form that names the CA."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.assertEqual(self.run_cli("init", str(self.directory)), 0)
+
+    def test_issues_from_the_ca_directory(self) -> None:
+        """NAME is the common name; the files go into DIR; the URI is a SAN."""
+        status = self.run_cli(
+            "client",
+            "carol",
+            "--ca",
+            str(self.directory),
+            "--uri",
+            "spiffe://example.test/carol",
+        )
+        self.assertEqual(status, 0, self.stderr.getvalue())
+        cert_path = self.directory / "client-carol.pem"
+        issued = certgen.load_issued(
+            cert_path.read_bytes(), (self.directory / "client-carol-key.pem").read_bytes()
+        )
+        common = issued.certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        self.assertEqual(common[0].value, "carol")
+        ca = _certificate(self.directory / "ca.pem")
+        verifier = PolicyBuilder().store(Store([ca])).time(datetime.datetime.now(datetime.UTC))
+        verified = verifier.build_client_verifier().verify(issued.certificate, [])
+        self.assertEqual(
+            verified.subjects, [x509.UniformResourceIdentifier("spiffe://example.test/carol")]
+        )
+        eku = issued.certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        self.assertEqual(list(eku), [ExtendedKeyUsageOID.CLIENT_AUTH])
+
+    def test_both_forms_make_the_same_files(self) -> None:
+        """``client DIR --name CN`` still works and names its files like the new form."""
+        self.assertEqual(self.run_cli("client", str(self.directory), "--name", "dave"), 0)
+        self.assertTrue((self.directory / "client-dave.pem").is_file())
+        status = self.run_cli("client", "dave", "--ca", str(self.directory))
+        self.assert_error(status, "client-dave.pem", "--force")
+
+    def test_ambiguous_or_incomplete(self) -> None:
+        """--ca with --name, or neither, is a usage error (status 2) that says which form."""
+        for argv in (
+            ["client", "erin", "--ca", str(self.directory), "--name", "erin"],
+            ["client", str(self.directory)],
+        ):
+            self.assertEqual(self.run_cli(*argv), 2, argv)
+            self.assertIn("client NAME --ca DIR", self.stderr.getvalue())
+
+    def test_no_ca_there(self) -> None:
+        """A --ca directory without a CA says to run init."""
+        status = self.run_cli("client", "erin", "--ca", self.mktemp())
+        self.assert_error(status, "ca.pem", "init")
+
+
+class ServerTests(_CLITestCase):
+    """``secure-echo-certs server NAME... --ca DIR``."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.assertEqual(self.run_cli("init", str(self.directory)), 0)
+
+    def test_issues_a_server_certificate(self) -> None:
+        """Every NAME is a SAN, the first is the CN and names the files; it verifies."""
+        status = self.run_cli(
+            "server", "echo.example.test", "10.0.0.9", "--ca", str(self.directory), "--days", "5"
+        )
+        self.assertEqual(status, 0, self.stderr.getvalue())
+        cert_path = self.directory / "server-echo-example-test.pem"
+        key_path = self.directory / "server-echo-example-test-key.pem"
+        self.assertEqual((_mode(cert_path), _mode(key_path)), (0o644, 0o600))
+        issued = certgen.load_issued(cert_path.read_bytes(), key_path.read_bytes())
+        cert = issued.certificate
+        common = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        self.assertEqual(common[0].value, "echo.example.test")
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        self.assertEqual(list(eku), [ExtendedKeyUsageOID.SERVER_AUTH])
+        self.assertEqual(
+            cert.not_valid_after_utc - cert.not_valid_before_utc,
+            datetime.timedelta(days=5) + certgen.CLOCK_SKEW,
+        )
+        ca = _certificate(self.directory / "ca.pem")
+        now = datetime.datetime.now(datetime.UTC)
+        for name in (
+            x509.DNSName("echo.example.test"),
+            x509.IPAddress(ipaddress.ip_address("10.0.0.9")),
+        ):
+            verifier = PolicyBuilder().store(Store([ca])).time(now).build_server_verifier(name)
+            verifier.verify(cert, [])
+        output = self.stdout.getvalue()
+        self.assertIn(str(cert_path.absolute()), output)
+        self.assertIn("--pidfile=", output)
+
+    def test_out_and_force(self) -> None:
+        """--out names the files; issuing them again needs --force."""
+        argv = ["server", "a.test", "--ca", str(self.directory), "--out", "edge"]
+        self.assertEqual(self.run_cli(*argv), 0)
+        self.assertTrue((self.directory / "edge.pem").is_file())
+        self.assertTrue((self.directory / "edge-key.pem").is_file())
+        self.assert_error(self.run_cli(*argv), "edge.pem", "--force")
+        self.assertEqual(self.run_cli(*argv, "--force"), 0)
+
+    def test_refusals(self) -> None:
+        """No CA, a leaf outliving the CA: status 1 with the reason."""
+        self.assert_error(self.run_cli("server", "a.test", "--ca", self.mktemp()), "init")
+        status = self.run_cli("server", "a.test", "--ca", str(self.directory), "--days", "999")
+        self.assert_error(status, "--days 999", "expires")
+
+    def test_usage_errors(self) -> None:
+        """No name, a bad name or no --ca are usage errors (status 2)."""
+        for argv in (
+            ["server", "--ca", str(self.directory)],
+            ["server", "bad name", "--ca", str(self.directory)],
+            ["server", "a.test"],
+        ):
+            self.assertEqual(self.run_cli(*argv), 2, argv)
+
+
+class BadsslTests(_CLITestCase):
+    """``secure-echo-certs badssl DIR``."""
+
+    def test_writes_the_set(self) -> None:
+        """DIR gets ca.pem, its key 0600, one .pem/.key pair per case and a README.txt."""
+        self.assertEqual(self.run_cli("badssl", str(self.directory)), 0, self.stderr.getvalue())
+        names = sorted(p.name for p in self.directory.iterdir())
+        expected = ["README.txt", "ca-key.pem", "ca.pem"]
+        for case in badssl.CASES:
+            expected += [f"{case.server_name}.key", f"{case.server_name}.pem"]
+        self.assertEqual(names, sorted(expected))
+        self.assertEqual(_mode(self.directory), 0o700)
+        self.assertEqual(_mode(self.directory / "ca-key.pem"), 0o600)
+        for case in badssl.CASES:
+            self.assertEqual(_mode(self.directory / f"{case.server_name}.key"), 0o600)
+            self.assertEqual(_mode(self.directory / f"{case.server_name}.pem"), 0o644)
+            certgen.load_issued(
+                (self.directory / f"{case.server_name}.pem").read_bytes(),
+                (self.directory / f"{case.server_name}.key").read_bytes(),
+            )
+        readme = (self.directory / "README.txt").read_text()
+        for case in badssl.CASES:
+            self.assertIn(case.expectation, readme)
+
+    def test_verdicts_from_the_written_files(self) -> None:
+        """The files as written get their verdicts from a verifying client trusting ca.pem."""
+        self.run_cli("badssl", str(self.directory))
+        ca = self.directory / "ca.pem"
+        for case in badssl.CASES:
+            cert = self.directory / f"{case.server_name}.pem"
+            key = self.directory / f"{case.server_name}.key"
+            if case.verify_code is None:
+                self.assertEqual(handshake(cert, key, ca, case.server_name), "TLSv1.3")
+                continue
+            with self.assertRaises(HandshakeRefusedError) as caught:
+                handshake(cert, key, ca, case.server_name)
+            self.assertEqual(caught.exception.verify_code, case.verify_code, case.name)
+
+    def test_prints_how_to_serve_and_test(self) -> None:
+        """The summary names each case and gives the daemon and client commands."""
+        self.run_cli("badssl", str(self.directory))
+        output = self.stdout.getvalue()
+        root = shlex.quote(str(self.directory.absolute()))
+        self.assertIn(f"twistd -n --pidfile= secure-echo --test-certs {root}", output)
+        self.assertIn("--servername expired.localhost", output)
+        for case in badssl.CASES:
+            self.assertIn(case.server_name, output)
+
+    def test_refuses_to_overwrite(self) -> None:
+        """A second run needs --force and changes nothing without it; the CA is new with it."""
+        self.run_cli("badssl", str(self.directory))
+        before = _snapshot(self.directory)
+        self.assert_error(self.run_cli("badssl", str(self.directory)), "--force")
+        self.assertEqual(_snapshot(self.directory), before)
+        self.assertEqual(self.run_cli("badssl", str(self.directory), "--force"), 0)
+        self.assertNotEqual(_snapshot(self.directory)["ca.pem"], before["ca.pem"])

@@ -145,6 +145,21 @@ class EnsureDevCertsTests(SynchronousTestCase):
             self.assertNotEqual(after[name], before[name], name)
         _assert_consistent(self, dev, later)
 
+    def test_every_ca_has_its_own_subject(self) -> None:
+        """Each development CA made, here or elsewhere, has a subject no other CA has."""
+        first = _certificate(ensure_dev_certs(self.state, now=T0).ca_cert).subject
+        elsewhere = ensure_dev_certs(Path(self.mktemp()), now=T0)
+        later = T0 + datetime.timedelta(days=devcerts.CA_DAYS - 3)
+        renewed = _certificate(ensure_dev_certs(self.state, now=later).ca_cert).subject
+        subjects = {first, _certificate(elsewhere.ca_cert).subject, renewed}
+        self.assertEqual(len(subjects), 3)
+        for subject in subjects:
+            common = str(subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value)
+            self.assertTrue(common.startswith(devcerts.CA_COMMON_NAME + " 20"), common)
+        self.assertEqual(
+            _certificate(elsewhere.server_cert).issuer, _certificate(elsewhere.ca_cert).subject
+        )
+
     def test_regenerates_not_yet_valid(self) -> None:
         """Certificates from the future (the clock went back) are replaced."""
         before = _snapshot(ensure_dev_certs(self.state, now=T0))

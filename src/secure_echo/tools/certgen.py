@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import secrets
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
 
 #: Backdating of ``not_valid_before``, to tolerate clock skew between hosts.
 CLOCK_SKEW = datetime.timedelta(minutes=5)
+#: RFC 5280's upper bound for a common name (ub-common-name).
+MAX_COMMON_NAME = 64
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,21 @@ def _name(common_name: str, organization: str | None = None) -> x509.Name:
     return x509.Name(attributes)
 
 
+def _key_usage(*, signs_certificates: bool) -> x509.KeyUsage:
+    """Digital signature for every key; certificate and CRL signing for a CA's."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=signs_certificates,
+        crl_sign=signs_certificates,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
 def _san(names: Iterable[str], uris: Iterable[str] = ()) -> x509.SubjectAlternativeName:
     """Build a SAN extension; IP literals become IPAddress entries, the rest DNS names."""
     general: list[x509.GeneralName] = []
@@ -79,6 +97,19 @@ def _san(names: Iterable[str], uris: Iterable[str] = ()) -> x509.SubjectAlternat
             general.append(x509.DNSName(name))
     general.extend(x509.UniformResourceIdentifier(uri) for uri in uris)
     return x509.SubjectAlternativeName(general)
+
+
+def distinct_ca_name(base: str, *, now: datetime.datetime | None = None) -> str:
+    """Return ``base`` followed by the date and a random 8-hex-digit tag.
+
+    Two test CAs with one subject look alike in every trust-store listing and in
+    chain-building (a client may try the wrong one, Firefox refuses a second issuer
+    with a known name and serial), so every CA the tools make gets a name no other CA
+    has: ``secure-echo test CA 2030-06-01 9f3a0c1e``.  ``base`` is shortened if the
+    whole would not fit a common name (64 characters).
+    """
+    tag = f" {(now or _now()):%Y-%m-%d} {secrets.token_hex(4)}"
+    return base[: MAX_COMMON_NAME - len(tag)] + tag
 
 
 def make_ca(
@@ -102,20 +133,7 @@ def make_ca(
         .not_valid_before(start)
         .not_valid_after(start + CLOCK_SKEW + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(signs_certificates=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -147,20 +165,7 @@ def _issue_leaf(
         .not_valid_before(start)
         .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(signs_certificates=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .add_extension(
@@ -206,6 +211,37 @@ def issue_client(
 ) -> Issued:
     """Issue a client certificate (EKU clientAuth unless ``usage`` says otherwise)."""
     return _issue_leaf(ca, common_name, usage=usage, names=dns, uris=uris, days=days, now=now)
+
+
+def make_self_signed_server(
+    names: Sequence[str], *, days: int = 90, now: datetime.datetime | None = None
+) -> Issued:
+    """Make a server certificate for ``names`` that is signed by its own key.
+
+    It is shaped like an ordinary leaf (CA:FALSE, serverAuth, the names as SANs, the
+    first as common name) so that the only thing a verifying client can object to is
+    that no CA issued it: OpenSSL reports ``self-signed certificate`` (verify error 18).
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    start = (now or _now()) - CLOCK_SKEW
+    name = _name(names[0] if names else "secure-echo server")
+    public = key.public_key()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + CLOCK_SKEW + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(signs_certificates=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(_san(names), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return Issued(cert, key)
 
 
 def load_issued(cert_pem: bytes, key_pem: bytes) -> Issued:

@@ -60,7 +60,8 @@ CA_DAYS = 365
 SERVER_DAYS = 90
 #: A certificate with less validity left than this is replaced.
 RENEW_BEFORE = datetime.timedelta(days=7)
-#: Common name of the development CA.
+#: Common name of the development CA, to which the date and a random tag are added
+#: (:func:`certgen.distinct_ca_name`) so no two development CAs look alike.
 CA_COMMON_NAME = "secure-echo development CA"
 
 _FIX = "set --state-dir to a writable directory or pass --cert/--key"
@@ -259,7 +260,8 @@ def _ensure(paths: _Paths, now: datetime.datetime) -> bool:
     ca = _reusable_ca(paths, now)
     regenerate = ca is None
     if ca is None:
-        ca = certgen.make_ca(CA_COMMON_NAME, days=CA_DAYS, now=now)
+        name = certgen.distinct_ca_name(CA_COMMON_NAME, now=now)
+        ca = certgen.make_ca(name, days=CA_DAYS, now=now)
         certgen.write_pair(ca, paths.ca_cert, paths.ca_key)
     if not regenerate and _reusable_server(paths, ca, now):
         return False
