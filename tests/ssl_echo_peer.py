@@ -4,13 +4,15 @@ Run as a script::
 
     python tests/ssl_echo_peer.py --cert SERVER.pem --key SERVER.key [--client-ca CA.pem]
         [--host 127.0.0.1] [--tls12-only] [--prefix TEXT] [--silent] [--out-limit BYTES]
-        [--lifetime SECONDS]
+        [--lifetime SECONDS] [--alpn PROTO]...
 
 It listens on ``--host`` (default 127.0.0.1), port 0, and prints the port as the first
 line of standard output.  It then prints one line per connection event:
-``client-cert <CN>`` / ``client-cert -`` after a handshake, ``handshake-failed <reason>``,
-``closed``.  It exits when standard input reaches end of file (its parent closed it) or
-after ``--lifetime`` seconds (default 60), whichever comes first.
+``alpn <protocol>`` / ``alpn -`` after a handshake when ``--alpn`` (repeatable: the
+protocols it selects from, in its order of preference) is given, ``client-cert <CN>`` /
+``client-cert -`` after a handshake, ``handshake-failed <reason>``, ``closed``.  It exits
+when standard input reaches end of file (its parent closed it) or after ``--lifetime``
+seconds (default 60), whichever comes first.
 
 Behaviour, like the secure-echo protocol: every LF-terminated line is echoed byte exact
 (``--prefix`` prepends TEXT to each echoed line, to fake a wrong reply; ``--silent``
@@ -126,6 +128,8 @@ class _Conn:
         except ssl.SSLWantReadError:
             return
         self.handshaken = True
+        if self.options.alpn:
+            _say(f"alpn {self.tls.selected_alpn_protocol() or '-'}")
         cert = self.tls.getpeercert() or {}
         subject = cert.get("subject", ())
         names = [
@@ -181,6 +185,7 @@ class _Options(argparse.Namespace):
     silent: bool
     out_limit: int
     lifetime: float
+    alpn: list[str]
 
     @property
     def prefix(self) -> bytes:
@@ -196,6 +201,8 @@ def _context(options: _Options) -> ssl.SSLContext:
     if options.client_ca:
         context.verify_mode = ssl.CERT_REQUIRED
         context.load_verify_locations(cafile=options.client_ca)
+    if options.alpn:
+        context.set_alpn_protocols(options.alpn)
     return context
 
 
@@ -278,6 +285,7 @@ def main() -> None:
     parser.add_argument("--silent", action="store_true")
     parser.add_argument("--out-limit", type=int, default=256 * 1024)
     parser.add_argument("--lifetime", type=float, default=60.0)
+    parser.add_argument("--alpn", action="append", default=[])
     options = parser.parse_args(namespace=_Options())
     context = _context(options)
     family = socket.AF_INET6 if ":" in options.host else socket.AF_INET

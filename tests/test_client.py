@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import platform
 import selectors
 import socket
 import ssl
@@ -26,6 +27,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+import secure_echo
 from secure_echo.tools import certgen
 from secure_echo.tools.client import (
     CHUNK,
@@ -520,6 +522,24 @@ class ArgumentTests(SynchronousTestCase):
             self.assertIs(options.proxy_v2, True)
             self.assertEqual(options.proxy_source, Address("192.0.2.7", 42))
 
+    def test_ca_is_optional(self) -> None:
+        """Without --ca or --insecure the client verifies against the system trust store."""
+        for prefix in [[], ["check"], ["info"]]:
+            _, options = parse_arguments([*prefix, "h:1"])
+            self.assertEqual((options.ca, options.insecure), (None, False))
+        _, options = parse_arguments(["h:1", "--insecure"])
+        self.assertIs(options.insecure, True)
+
+    def test_alpn_and_verbose(self) -> None:
+        """--alpn is repeatable and keeps its order; -v and --verbose work in every mode."""
+        for prefix in [[], ["check"], ["info"]]:
+            _, options = parse_arguments([*prefix, "h:1", "--alpn", "h2", "--alpn", "x-echo"])
+            self.assertEqual(options.alpn, ["h2", "x-echo"])
+            self.assertIs(options.verbose, False)
+            for flag in ("-v", "--verbose"):
+                self.assertIs(parse_arguments([*prefix, "h:1", flag])[1].verbose, True)
+        self.assertEqual(parse_arguments(["h:1"])[1].alpn, [])
+
     def test_proxy_defaults(self) -> None:
         """Without the options no header is sent and no source is claimed."""
         _, options = parse_arguments(["h:1", "--ca", "ca.pem"])
@@ -554,6 +574,14 @@ class ArgumentTests(SynchronousTestCase):
 # ----------------------------------------------------------------------------- usage
 
 
+def _restore_env(name: str, value: str | None) -> None:
+    """Put environment variable ``name`` back to ``value`` (``None``: unset)."""
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
 class UsageTests(ClientTestCase):
     """Bad command lines and unusable files: one line on stderr, exit status 64."""
 
@@ -579,7 +607,6 @@ class UsageTests(ClientTestCase):
         cases: list[tuple[list[str], str]] = [
             ([], "HOST:PORT"),
             (["check"], "HOST:PORT"),
-            (["localhost:8443"], "--ca"),
             (["nohost", "--ca", ca], "is not HOST:PORT"),
             (["::1:8443", "--ca", ca], "in brackets"),
             (["h:1", "--ca", ca, "--timeout", "0"], "more than 0"),
@@ -591,6 +618,12 @@ class UsageTests(ClientTestCase):
             (["check", "h:1", "--ca", ca, "extra"], "extra"),
             (["h:1", "--ca", ca, "--cert", str(self.certs.client_cert)], "--cert and --key"),
             (["h:1", "--ca", ca, "--key", str(self.certs.client_key)], "--cert and --key"),
+            (["h:1", "--ca", ca, "--insecure"], "--insecure and --ca"),
+            (["h:1", "--alpn", ""], "1 to 255"),
+            (["h:1", "--alpn", "x" * 256], "1 to 255"),
+            (["h:1", "--alpn", "\u00e9chec"], "printable ASCII"),
+            (["h:1", "--alpn", "a b"], "printable ASCII"),
+            (["h:1", "--alpn"], "expected one argument"),
         ]
         for args, text in cases:
             self.assert_usage(args, text)
@@ -609,7 +642,6 @@ class UsageTests(ClientTestCase):
             (["h:1", "--ca", ca, "--proxy-v2", "--proxy-source"], "expected one argument"),
             (["check", "h:1", "--ca", ca, "--proxy-v2=yes"], "--proxy-v2"),
             (["info"], "HOST:PORT"),
-            (["info", "h:1"], "--ca"),
             (["info", "h:1", "--ca", ca, "--info-line", ""], "must not be empty"),
             (["info", "h:1", "--ca", ca, "--info-line", "a\nb"], "line break"),
             (["info", "h:1", "--ca", ca, "--info-line", "a\r"], "line break"),
@@ -673,10 +705,45 @@ class UsageTests(ClientTestCase):
         self.assertEqual(context.verify_mode, ssl.CERT_REQUIRED)
         self.assertTrue(context.check_hostname)
         self.assertEqual(context.minimum_version, ssl.TLSVersion.TLSv1_2)
+        self.assertEqual(len(context.get_ca_certs()), 1)
         strict = build_context(str(self.certs.ca), tls13_only=True)
         self.assertEqual(strict.minimum_version, ssl.TLSVersion.TLSv1_3)
         with self.assertRaises(UsageError):
             build_context(str(self.certs.directory))
+
+    def test_build_context_system_store(self) -> None:
+        """Without a CA file the context loads OpenSSL's default paths ($SSL_CERT_FILE)."""
+        empty = self.certs.directory / "no-certs"
+        empty.mkdir()
+        for name, value in (
+            ("SSL_CERT_FILE", str(self.certs.other_ca)),
+            ("SSL_CERT_DIR", str(empty)),
+        ):
+            self.addCleanup(_restore_env, name, os.environ.get(name))
+            os.environ[name] = value  # os.environ also sets the C environment OpenSSL reads
+        context = build_context(None)
+        self.assertEqual(context.verify_mode, ssl.CERT_REQUIRED)
+        self.assertTrue(context.check_hostname)
+        loaded = [ssl.DER_cert_to_PEM_cert(der) for der in context.get_ca_certs(binary_form=True)]
+        self.assertEqual(loaded, [self.certs.other_ca.read_text()])
+
+    def test_build_context_insecure(self) -> None:
+        """--insecure turns verification and the name check off, and nothing else."""
+        context = build_context(None, insecure=True)
+        self.assertEqual(context.verify_mode, ssl.CERT_NONE)
+        self.assertFalse(context.check_hostname)
+        self.assertEqual(context.minimum_version, ssl.TLSVersion.TLSv1_2)
+
+    def test_version(self) -> None:
+        """--version prints secure-echo's version and the TLS library, in every mode."""
+        for prefix in [[], ["check"], ["info"]]:
+            status, out, err = self.run_main(*prefix, "--version")
+            self.assertEqual((status, err), (EXIT_OK, ""))
+            self.assertEqual(
+                out,
+                f"secure-echo-client {secure_echo.__version__} "
+                f"(Python {platform.python_version()}, {ssl.OPENSSL_VERSION})\n",
+            )
 
     def test_help(self) -> None:
         """--help prints usage mentioning the check subcommand and exits 0."""
@@ -1187,3 +1254,169 @@ class InfoEchoPeerTests(ClientTestCase):
         self.assert_one_line_error(
             result, EXIT_WRONG_REPLY, f"the reply is longer than {MAX_INFO_REPLY} bytes"
         )
+
+
+# ----------------------------------------------------------------------------- trust and -v
+
+
+def env_with_store(store: Path, directory: Path) -> dict[str, str]:
+    """The client's environment with OpenSSL's default trust store replaced by ``store``."""
+    empty = directory / "empty-cert-dir"
+    empty.mkdir(exist_ok=True)
+    return {**client_env(), "SSL_CERT_FILE": str(store), "SSL_CERT_DIR": str(empty)}
+
+
+class TrustTests(ClientTestCase):
+    """What the server's certificate is checked against: --ca, the system store, nothing."""
+
+    def run_with_store(self, store: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+        """Run the client with ``store`` as the system trust store."""
+        return subprocess.run(
+            client_command(*args),
+            input=b"",
+            capture_output=True,
+            timeout=RUN_TIMEOUT,
+            env=env_with_store(store, self.certs.directory),
+            check=False,
+        )
+
+    def test_system_store_trusts(self) -> None:
+        """Without --ca a server whose CA is in the system trust store is accepted."""
+        peer = self.peer()
+        result = self.run_with_store(self.certs.ca, "check", f"127.0.0.1:{peer.port}")
+        self.assertEqual((result.returncode, result.stderr), (EXIT_OK, b""))
+        self.assertTrue(result.stdout.startswith(b"OK "), result.stdout)
+
+    def test_system_store_refuses(self) -> None:
+        """Without --ca a server from a private CA is refused, with a hint to give --ca."""
+        peer = self.peer()
+        result = self.run_with_store(self.certs.other_ca, "check", f"127.0.0.1:{peer.port}")
+        line = self.assert_one_line_error(
+            result, EXIT_CONNECTION, "unable to get local issuer certificate"
+        )
+        self.assertIn(
+            "(checked against the system trust store; give --ca CA.pem to trust a private CA)",
+            line,
+        )
+
+    def test_ca_gets_no_hint(self) -> None:
+        """With --ca the failure names no trust store: the user chose the CA."""
+        peer = self.peer()
+        result = run_client("check", f"127.0.0.1:{peer.port}", "--ca", str(self.certs.other_ca))
+        line = self.assert_one_line_error(result, EXIT_CONNECTION, "certificate verify failed")
+        self.assertNotIn("trust store", line)
+
+    def test_insecure(self) -> None:
+        """--insecure connects to an unverifiable server and warns in one stderr line."""
+        peer = self.peer()
+        result = self.run_with_store(
+            self.certs.other_ca, "check", f"127.0.0.1:{peer.port}", "--insecure"
+        )
+        self.assertEqual(result.returncode, EXIT_OK, result.stderr)
+        self.assertTrue(result.stdout.startswith(b"OK "), result.stdout)
+        self.assertEqual(
+            result.stderr,
+            b"secure-echo-client: warning: --insecure: the server's certificate is not "
+            b"verified, so anyone on the path can pose as the server\n",
+        )
+
+    def test_insecure_echo(self) -> None:
+        """--insecure echo mode still echoes byte exact; the warning goes to stderr."""
+        peer = self.peer()
+        result = run_client(
+            f"127.0.0.1:{peer.port}", "--insecure", "--servername", "x.invalid", data=b"a\nb"
+        )
+        self.assertEqual((result.returncode, result.stdout), (EXIT_OK, b"a\nb"))
+        self.assertEqual(result.stderr.count(b"\n"), 1, result.stderr)
+
+
+class VerboseTests(ClientTestCase):
+    """-v: the connection report on standard error; standard output unchanged."""
+
+    def report_lines(self, result: subprocess.CompletedProcess[bytes]) -> list[str]:
+        """Assert the run succeeded and every stderr line is a report line; return them."""
+        self.assertEqual(result.returncode, EXIT_OK, result.stderr)
+        lines = result.stderr.decode().splitlines()
+        self.assertTrue(lines)
+        for line in lines:
+            self.assertTrue(line.startswith("* "), line)
+        return lines
+
+    def test_check(self) -> None:
+        """With check -v, OK on stdout and the report (version, group, chain) on stderr."""
+        peer = self.peer()
+        result = run_client("check", f"127.0.0.1:{peer.port}", "--ca", str(self.certs.ca), "-v")
+        self.assertRegex(result.stdout.decode(), r"\AOK \d+\.\d ms TLSv1\.3 TLS_[A-Z0-9_]+\n\Z")
+        lines = self.report_lines(result)
+        self.assertEqual(lines[0], f"* connected to 127.0.0.1:{peer.port}")
+        self.assertEqual(
+            lines[1],
+            "*   server name: 127.0.0.1 (an IP address: no SNI; checked in the certificate)",
+        )
+        self.assertIn("*   TLS version: TLSv1.3", lines)
+        self.assertIn("*   group: x25519", lines)
+        self.assertIn("*   ALPN: none (none offered)", lines)
+        self.assertIn(f"*   verification: against {self.certs.ca}", lines)
+        self.assertIn("*     [0] subject: CN=localhost", lines)
+        self.assertIn("*         SANs: DNS:localhost, IP:127.0.0.1, IP:::1", lines)
+        self.assertTrue(any(line.startswith("*   post-quantum: ") for line in lines), lines)
+
+    def test_echo(self) -> None:
+        """In echo mode -v keeps standard output byte exact."""
+        peer = self.peer()
+        data = b"one\ntwo\n"
+        result = run_client(
+            f"127.0.0.1:{peer.port}", "--ca", str(self.certs.ca), "--verbose", data=data
+        )
+        self.assertEqual(result.stdout, data)
+        self.assertIn("*   TLS version: TLSv1.3", self.report_lines(result))
+
+    def test_alpn(self) -> None:
+        """--alpn offers the protocols in order; the one the server picked is reported."""
+        peer = self.peer("--alpn", "secure-echo")
+        result = run_client(
+            "check",
+            f"127.0.0.1:{peer.port}",
+            "--ca",
+            str(self.certs.ca),
+            "--alpn",
+            "h2",
+            "--alpn",
+            "secure-echo",
+            "-v",
+        )
+        self.assertIn(
+            "*   ALPN: secure-echo (offered: h2, secure-echo)", self.report_lines(result)
+        )
+        self.assertEqual(peer.next_line(), "alpn secure-echo")
+
+    def test_system_store_and_insecure_are_named(self) -> None:
+        """The verification line names the system trust store, or says there was none."""
+        peer = self.peer()
+        result = subprocess.run(
+            client_command("check", f"127.0.0.1:{peer.port}", "-v"),
+            input=b"",
+            capture_output=True,
+            timeout=RUN_TIMEOUT,
+            env=env_with_store(self.certs.ca, self.certs.directory),
+            check=False,
+        )
+        self.assertIn(
+            "*   verification: against the system trust store", self.report_lines(result)
+        )
+        result = run_client("check", f"127.0.0.1:{peer.port}", "--insecure", "-v")
+        lines = result.stderr.decode().splitlines()
+        self.assertTrue(lines[0].startswith("secure-echo-client: warning: --insecure"), lines)
+        self.assertIn("*   verification: none (--insecure)", lines[1:])
+        self.assertIn(
+            "*   certificate chain, as sent by the server (not verified), 1 certificate:",
+            lines[1:],
+        )
+
+    def test_failure_is_still_one_line(self) -> None:
+        """A failed handshake with -v is still one line on stderr and no report."""
+        peer = self.peer()
+        result = run_client(
+            "check", f"127.0.0.1:{peer.port}", "--ca", str(self.certs.other_ca), "-v"
+        )
+        self.assert_one_line_error(result, EXIT_CONNECTION, "certificate verify failed")

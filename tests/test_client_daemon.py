@@ -384,6 +384,45 @@ class InfoTests(ClientDaemonCase):
         self.assert_closed(daemon, since, None)
 
 
+class VerboseTests(ClientDaemonCase):
+    """``-v`` against the daemon: the client's report agrees with the daemon's own view."""
+
+    def test_report_agrees_with_the_daemon(self) -> None:
+        """Version, cipher and group are those the daemon answers and logs; ALPN: none.
+
+        The daemon has no ALPN protocols, so the client's offer selects nothing and the
+        handshake still succeeds.
+        """
+        daemon = info_daemon()
+        pki = shared_pki()
+        since = daemon.mark()
+        result = run_client(
+            "info",
+            f"localhost:{daemon.port}",
+            "--ca",
+            str(pki.ca_cert),
+            "--info-line",
+            INFO_LINE,
+            "--alpn",
+            "h2",
+            "-v",
+        )
+        self.assertEqual(result.returncode, EXIT_OK, result.stderr)
+        facts = json.loads(result.stdout)
+        lines = result.stderr.decode().splitlines()
+        self.assertTrue(all(line.startswith("* ") for line in lines), lines)
+        self.assertEqual(lines[0], f"* connected to localhost:{daemon.port}")
+        self.assertIn(f"*   TLS version: {facts['tls_version']}", lines)
+        self.assertIn(f"*   cipher: {facts['cipher']}", lines)
+        self.assertIn(f"*   group: {facts['group']}", lines)
+        self.assertIn("*   ALPN: none (offered: h2)", lines)
+        self.assertIn("*     [0] subject: CN=localhost", lines)
+        self.assertIn("*         SANs: DNS:localhost, IP:127.0.0.1, IP:::1", lines)
+        self.assertEqual(facts["sni"], "localhost")
+        event = self.assert_closed(daemon, since, facts["peer"])
+        self.assertEqual(event["group"], facts["group"])
+
+
 def _reap(process: subprocess.Popen[bytes]) -> None:
     """Kill ``process`` if it still runs, wait for it, close its pipes."""
     if process.poll() is None:

@@ -2,11 +2,12 @@
 
 Usage::
 
-    secure-echo-client HOST:PORT --ca CA.pem [--cert CERT.pem --key KEY.pem]
+    secure-echo-client HOST:PORT [--ca CA.pem | --insecure] [--cert CERT.pem --key KEY.pem]
                        [--servername NAME] [--timeout SECONDS] [--tls13-only]
-                       [--proxy-v2 [--proxy-source IP:PORT]]
-    secure-echo-client check HOST:PORT --ca CA.pem [same options]
-    secure-echo-client info HOST:PORT --ca CA.pem [same options] [--info-line TEXT] [--raw]
+                       [--alpn PROTO]... [-v] [--proxy-v2 [--proxy-source IP:PORT]]
+    secure-echo-client check HOST:PORT [same options]
+    secure-echo-client info HOST:PORT [same options] [--info-line TEXT] [--raw]
+    secure-echo-client --version
 
 ``HOST`` is a DNS name, an IPv4 address or a bracketed IPv6 address (``[::1]:8443``).
 
@@ -48,9 +49,22 @@ Exit status:
 Every failure is exactly one line on standard error, ``secure-echo-client: ...``.  No
 tracebacks.
 
-TLS policy: TLS 1.2 minimum (``--tls13-only``: 1.3), the certificate must chain to
-``--ca`` alone (no system store), and must name ``--servername`` or else ``HOST``; an IP
-literal is checked against the certificate's IP address entries.
+TLS policy: TLS 1.2 minimum (``--tls13-only``: 1.3).  The certificate must chain to
+``--ca`` alone if given, else to the system trust store (OpenSSL's default paths, as
+``ssl.create_default_context()`` loads them; ``SSL_CERT_FILE``/``SSL_CERT_DIR`` move
+them), and must name ``--servername`` or else ``HOST``; an IP literal is checked against
+the certificate's IP address entries.  A verification failure against the system store
+says so and suggests ``--ca``.  ``--insecure`` checks nothing and says so in one
+warning line on standard error before connecting.  ``--alpn PROTO`` (repeatable) offers
+those protocols in that order.  Key-exchange groups are OpenSSL's defaults, never
+narrowed: the client offers the post-quantum X25519MLKEM768 exactly when the OpenSSL
+that Python's ``ssl`` uses does by default (3.5 and later); Python before 3.15 has no
+way to add a group to that list.
+
+``-v``/``--verbose`` prints, after the handshake and before any data, what was
+negotiated and the server's certificate chain to standard error, each line starting
+``* `` (:mod:`secure_echo.tools.report` says what and from where); standard output
+is unchanged.  ``--version`` prints secure-echo's version, Python's and OpenSSL's.
 
 I/O model.  Rules the loop keeps:
 
@@ -87,6 +101,7 @@ import ipaddress
 import json
 import math
 import os
+import platform
 import re
 import secrets
 import selectors
@@ -98,6 +113,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
+
+import secure_echo
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -127,6 +144,19 @@ MAX_PORT = 65535
 DEFAULT_INFO_LINE = "INFO"
 #: Longest ``info`` reply accepted (the server's JSON line is well under 2 KiB).
 MAX_INFO_REPLY = 64 * 1024
+#: Bytes of each direction of the handshake kept for ``-v`` (a ClientHello and a
+#: TLS 1.2 server flight with its chain fit; anything past this is not needed).
+HANDSHAKE_RECORD_LIMIT = 64 * 1024
+#: ALPN protocol names are 1 to 255 bytes (RFC 7301).
+MAX_ALPN = 255
+#: Appended to a verification failure when no ``--ca`` was given.
+SYSTEM_STORE_HINT = (
+    "(checked against the system trust store; give --ca CA.pem to trust a private CA)"
+)
+INSECURE_WARNING = (
+    "warning: --insecure: the server's certificate is not verified, so anyone on the "
+    "path can pose as the server"
+)
 
 _PORT = re.compile(r"[0-9]{1,5}")
 _SSL_TEXT = re.compile(r"^(?:\[[^\]]*\]\s*)?(?P<text>.*?)(?:\s*\(_ssl\.c:\d+\))?$", re.DOTALL)
@@ -375,27 +405,53 @@ def _read_option_file(option: str, path: str) -> None:
 
 
 def build_context(
-    ca: str, cert: str | None = None, key: str | None = None, *, tls13_only: bool = False
+    ca: str | None,
+    cert: str | None = None,
+    key: str | None = None,
+    *,
+    tls13_only: bool = False,
+    insecure: bool = False,
+    alpn: Sequence[str] = (),
 ) -> ssl.SSLContext:
-    """Build the client context: verify against ``ca`` only, TLS 1.2+ (or 1.3 only).
+    """Build the client context: TLS 1.2+ (or 1.3 only), verifying the server.
 
-    Raises :class:`UsageError` naming the option whose file cannot be read or used.
+    The server is verified against ``ca`` only, or without it against the system trust
+    store (OpenSSL's default paths); ``insecure`` verifies nothing.  ``alpn`` is offered
+    in order.  Raises :class:`UsageError` naming the option whose file cannot be read or
+    used.
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname
     context.minimum_version = ssl.TLSVersion.TLSv1_3 if tls13_only else ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_RENEGOTIATION
-    _read_option_file("--ca", ca)
-    try:
-        context.load_verify_locations(cafile=ca)
-    except (ssl.SSLError, OSError, ValueError) as exc:
-        raise UsageError(
-            f"--ca: {ca} holds no usable CA certificate: {describe_error(exc)}"
-        ) from None
+    if insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif ca is None:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    else:
+        _read_option_file("--ca", ca)
+        try:
+            context.load_verify_locations(cafile=ca)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise UsageError(
+                f"--ca: {ca} holds no usable CA certificate: {describe_error(exc)}"
+            ) from None
+    if alpn:
+        context.set_alpn_protocols(list(alpn))
     if (cert is None) != (key is None):
         raise UsageError("--cert and --key go together: give both or neither")
     if cert is not None and key is not None:
         _load_client_pair(context, cert, key)
     return context
+
+
+def trust_description(options: argparse.Namespace) -> str:
+    """Say what the server's certificate is checked against, for ``-v``."""
+    if options.insecure:
+        return "none (--insecure)"
+    if options.ca is None:
+        return "against the system trust store"
+    return f"against {options.ca}"
 
 
 def _load_client_pair(context: ssl.SSLContext, cert: str, key: str) -> None:
@@ -434,11 +490,45 @@ def new_selector() -> selectors.BaseSelector:
     return selectors.SelectSelector()
 
 
+class HandshakeRecorder:
+    """Copies of the TLS bytes sent and received until the handshake is done, for ``-v``.
+
+    Each direction keeps at most :data:`HANDSHAKE_RECORD_LIMIT` bytes.  The PROXY header
+    is not TLS and never passes through here.
+    """
+
+    def __init__(self) -> None:
+        self.sent = bytearray()
+        self.received = bytearray()
+        self.recording = True
+
+    def on_sent(self, data: bytes) -> None:
+        """Keep a copy of TLS bytes handed to the socket queue."""
+        if self.recording:
+            self.sent += data[: HANDSHAKE_RECORD_LIMIT - len(self.sent)]
+
+    def on_received(self, data: bytes) -> None:
+        """Keep a copy of TLS bytes read from the socket."""
+        if self.recording:
+            self.received += data[: HANDSHAKE_RECORD_LIMIT - len(self.received)]
+
+
 class _Connection:
     """A non-blocking TCP socket with TLS over memory BIOs."""
 
-    def __init__(self, context: ssl.SSLContext, server_name: str, address: Address) -> None:
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        server_name: str,
+        address: Address,
+        *,
+        recorder: HandshakeRecorder | None = None,
+        verify_hint: str = "",
+    ) -> None:
         self.address = address
+        self.server_name = server_name
+        self.recorder = recorder
+        self.verify_hint = verify_hint
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
         try:
@@ -457,7 +547,10 @@ class _Connection:
     def collect(self) -> None:
         """Move ciphertext produced by the TLS object to the socket queue."""
         if self.outgoing.pending:
-            self.net_out += self.outgoing.read()
+            data = self.outgoing.read()
+            if self.recorder is not None:
+                self.recorder.on_sent(data)
+            self.net_out += data
 
     @property
     def socket(self) -> socket.socket:
@@ -511,6 +604,8 @@ class _Connection:
                     self._receive_until(deadline)
                 else:
                     self.collect()
+                    if self.recorder is not None:
+                        self.recorder.recording = False
                     return
         except _DeadlineError:
             raise ConnectionFailedError(f"{prefix}: timed out after {timeout:g} s") from None
@@ -518,7 +613,10 @@ class _Connection:
             raise ConnectionFailedError(f"{prefix}: connection closed by the server") from None
         except ssl.SSLError as exc:
             self.send_alert()
-            raise ConnectionFailedError(f"{prefix}: {describe_error(exc)}") from None
+            reason = describe_error(exc)
+            if isinstance(exc, ssl.SSLCertVerificationError) and self.verify_hint:
+                reason = f"{reason} {self.verify_hint}"
+            raise ConnectionFailedError(f"{prefix}: {reason}") from None
         except OSError as exc:
             raise ConnectionFailedError(f"{prefix}: {describe_error(exc)}") from None
 
@@ -554,6 +652,8 @@ class _Connection:
         if not data:
             self.incoming.write_eof()
             raise _PeerClosedError
+        if self.recorder is not None:
+            self.recorder.on_received(data)
         self.incoming.write(data)
 
 
@@ -564,13 +664,22 @@ def open_connection(
     timeout: float,
     *,
     preamble: Callable[[socket.socket], bytes] | None = None,
+    recorder: HandshakeRecorder | None = None,
+    verify_hint: str = "",
 ) -> _Connection:
     """Connect and complete the handshake within ``timeout`` seconds, or raise.
 
     ``preamble(sock)``, called once TCP is up, returns plaintext bytes to send before
-    the handshake (a PROXY header).
+    the handshake (a PROXY header).  ``recorder`` keeps the handshake's bytes;
+    ``verify_hint`` is appended to a certificate verification failure.
     """
-    connection = _Connection(context, server_name or address.verify_name, address)
+    connection = _Connection(
+        context,
+        server_name or address.verify_name,
+        address,
+        recorder=recorder,
+        verify_hint=verify_hint,
+    )
     deadline = time.monotonic() + timeout
     try:
         connection.connect(deadline, timeout)
@@ -860,14 +969,49 @@ def _proxy_preamble(options: argparse.Namespace) -> Callable[[socket.socket], by
 
 
 def connect(options: argparse.Namespace, context: ssl.SSLContext) -> _Connection:
-    """Open the connection the options describe (PROXY header included), or raise."""
-    return open_connection(
+    """Open the connection the options describe (PROXY header included), or raise.
+
+    With ``-v`` the connection report goes to standard error once the handshake is done.
+    """
+    recorder = HandshakeRecorder() if options.verbose else None
+    connection = open_connection(
         options.address,
         context,
         options.servername,
         options.timeout,
         preamble=_proxy_preamble(options),
+        recorder=recorder,
+        verify_hint=SYSTEM_STORE_HINT if options.ca is None and not options.insecure else "",
     )
+    if recorder is not None:
+        try:
+            _print_report(options, connection, recorder)
+        except BaseException:
+            connection.close()
+            raise
+    return connection
+
+
+def _print_report(
+    options: argparse.Namespace, connection: _Connection, recorder: HandshakeRecorder
+) -> None:
+    # Imported here: the report needs ``cryptography``, which the other paths do not.
+    from secure_echo.tools.report import connection_report  # noqa: PLC0415
+
+    lines = connection_report(
+        connection.tls,
+        address=str(connection.address),
+        server_name=connection.server_name,
+        trust=trust_description(options),
+        offered_alpn=options.alpn,
+        sent=bytes(recorder.sent),
+        received=bytes(recorder.received),
+    )
+    try:
+        sys.stderr.write("".join(f"{line}\n" for line in lines))
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        return
 
 
 def run_echo(options: argparse.Namespace, context: ssl.SSLContext) -> int:
@@ -1015,6 +1159,19 @@ def _info_line_argument(text: str) -> bytes:
     return line
 
 
+def _alpn_argument(text: str) -> str:
+    name = text.encode("utf-8", "surrogateescape")
+    if not 1 <= len(name) <= MAX_ALPN:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: an ALPN protocol name is 1 to {MAX_ALPN} bytes"
+        )
+    if not all(0x21 <= byte <= 0x7E for byte in name):  # noqa: PLR2004 - printable ASCII
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give the ALPN protocol name in printable ASCII, as h2 or http/1.1"
+        )
+    return text
+
+
 def _servername_argument(text: str) -> str:
     if not text or any(ch.isspace() for ch in text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a server name")
@@ -1036,6 +1193,15 @@ _EXIT_STATUS_HELP = (
     "input/output failed (echo); 2 TLS or connection failure; 64 bad usage or unusable "
     "--ca/--cert/--key"
 )
+
+
+def version_text() -> str:
+    """What ``--version`` prints: secure-echo's version, then Python's and OpenSSL's."""
+    return (
+        f"{PROG} {secure_echo.__version__} "
+        f"(Python {platform.python_version()}, {ssl.OPENSSL_VERSION})"
+    )
+
 
 #: What each mode runs once the options are parsed and the TLS context is built.
 _RUNNERS: dict[str, Callable[[argparse.Namespace, ssl.SSLContext], int]] = {
@@ -1064,7 +1230,7 @@ def _parser(mode: str) -> argparse.ArgumentParser:
     else:
         parser = _ArgumentParser(
             prog=PROG,
-            usage=f"{PROG} [check|info] HOST:PORT --ca CA.pem [options]",
+            usage=f"{PROG} [check|info] HOST:PORT [--ca CA.pem | --insecure] [options]",
             description="Send standard input to a secure-echo server line by line and write "
             f"its replies to standard output. '{PROG} check HOST:PORT ...' "
             f"checks a server instead; '{PROG} info HOST:PORT ...' shows how the server "
@@ -1077,8 +1243,16 @@ def _parser(mode: str) -> argparse.ArgumentParser:
         type=_address_argument,
         help="server address; IPv6 in brackets: [::1]:8443",
     )
+    parser.add_argument("--version", action="version", version=version_text())
     parser.add_argument(
-        "--ca", required=True, metavar="CA.pem", help="CA certificate(s) to verify the server"
+        "--ca",
+        metavar="CA.pem",
+        help="CA certificate(s) to verify the server against (default: the system trust store)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="do not verify the server's certificate or name (a warning says so)",
     )
     parser.add_argument("--cert", metavar="CERT.pem", help="client certificate (with --key)")
     parser.add_argument("--key", metavar="KEY.pem", help="unencrypted client private key")
@@ -1097,6 +1271,21 @@ def _parser(mode: str) -> argparse.ArgumentParser:
         f"(default {DEFAULT_TIMEOUT:g})",
     )
     parser.add_argument("--tls13-only", action="store_true", help="refuse TLS 1.2")
+    parser.add_argument(
+        "--alpn",
+        action="append",
+        default=[],
+        type=_alpn_argument,
+        metavar="PROTO",
+        help="offer this ALPN protocol; repeatable, in order of preference",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print the negotiated TLS version, cipher, group and ALPN and the server's "
+        "certificate chain to standard error",
+    )
     parser.add_argument(
         "--proxy-v2",
         action="store_true",
@@ -1148,6 +1337,8 @@ def parse_arguments(argv: Sequence[str]) -> tuple[str, argparse.Namespace]:
     options = parser.parse_args(arguments)
     if options.proxy_source is not None and not options.proxy_v2:
         parser.error("--proxy-source needs --proxy-v2")
+    if options.insecure and options.ca is not None:
+        parser.error("--insecure and --ca exclude each other: verify against --ca, or not at all")
     return mode, options
 
 
@@ -1159,8 +1350,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as exc:  # --help
             return exc.code if isinstance(exc.code, int) else EXIT_OK
         context = build_context(
-            options.ca, options.cert, options.key, tls13_only=options.tls13_only
+            options.ca,
+            options.cert,
+            options.key,
+            tls13_only=options.tls13_only,
+            insecure=options.insecure,
+            alpn=options.alpn,
         )
+        if options.insecure:
+            _complain(INSECURE_WARNING)
         return _RUNNERS[mode](options, context)
     except ClientError as exc:
         _complain(str(exc))
