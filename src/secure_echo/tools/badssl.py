@@ -69,7 +69,7 @@ class Case:
 
 #: The standard set, in the order they are listed.
 CASES: tuple[Case, ...] = (
-    Case("valid", "nothing: the control", None, "ok"),
+    Case("valid", "nothing wrong: the control", None, "ok"),
     Case("expired", "its validity ended 30 days ago", 10, "certificate has expired"),
     Case("not-yet-valid", "its validity starts in 30 days", 9, "certificate is not yet valid"),
     Case(
