@@ -15,6 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 from twisted.trial.unittest import SynchronousTestCase
 
+from secure_echo.tls.material import load_test_certs
 from secure_echo.tls.policy import TLSConfigError, TLSSettings, load_and_validate
 from secure_echo.tools import badssl, certgen
 from secure_echo.tools.certs_cli import main
@@ -526,6 +527,15 @@ class BadsslTests(_CLITestCase):
             with self.assertRaises(HandshakeRefusedError) as caught:
                 handshake(cert, key, ca, case.server_name)
             self.assertEqual(caught.exception.verify_code, case.verify_code, case.name)
+
+    def test_the_daemon_serves_each_case_by_its_name(self) -> None:
+        """The daemon's --test-certs loader finds each case under its SNI name, not the CA."""
+        self.run_cli("badssl", str(self.directory))
+        loaded = load_test_certs(self.directory)
+        self.assertEqual(
+            sorted(test.name for test in loaded),
+            sorted(case.server_name for case in badssl.CASES),
+        )
 
     def test_prints_how_to_serve_and_test(self) -> None:
         """The summary names each case and gives the daemon and client commands."""
