@@ -216,9 +216,10 @@ class TLSServerConnection(TwistedProtocol):
         if self._phase is Phase.CLOSED:  # pragma: no cover - the stream calls this once
             return
         writer = self._writer
-        # Lingering, the replies were written; the last look says what was not
-        # yet acknowledged (the socket is gone now, and a reset purged its queue).
-        held = writer.unacked_replies if self._phase is Phase.LINGERING else writer.held()
+        # Lingering or aborted, the last look (taken while the socket was there; a
+        # reset purges its queue) says what the client had not acknowledged.
+        looked = self._phase is Phase.LINGERING or self._phase is Phase.ABORTING
+        held = writer.unacked_replies if looked else writer.held()
         self.record.unsent_bytes = held
         clean = reason is None or reason.check(ConnectionDone) is not None
         self._lost_reason = reason
@@ -496,6 +497,8 @@ def _watch_close(c: TLSServerConnection) -> None:
 
 def _abort_stream(c: TLSServerConnection) -> None:
     c._deadlines.cancel_all()
+    # The last look at what the client has not received, while the socket is there.
+    c._writer.replies_unacknowledged()
     c._writer.abort()
 
 
