@@ -402,7 +402,7 @@ class ClientHelloCollector:
                     self._record_version,
                     self._records,
                 )
-        if position < end < position + _RECORD_HEADER and not self._records:
+        if 0 < end - position < _RECORD_HEADER:
             self._check_record_header(buf, position, end - position)
         if buf is self._pending:
             del self._pending[:position]
@@ -422,10 +422,15 @@ class ClientHelloCollector:
     def _check_record_header(
         self, buf: bytes | bytearray, position: int, available: int = _RECORD_HEADER
     ) -> None:
-        """Refuse a record header that is not a TLS handshake record."""
+        """Refuse a record header that is not a TLS handshake record.
+
+        On the stream's first record that means the client does not speak TLS
+        (:data:`NOT_TLS`, :data:`SSLV2`); on a later one, a malformed hello.
+        """
+        first = not self._records
         content_type = buf[position]
         if content_type != HANDSHAKE_RECORD:
-            if not self._records:
+            if first:
                 raise _Malformed(*_not_tls(content_type))
             msg = f"a record of type 0x{content_type:02x} came inside the ClientHello"
             raise _malformed(msg)
@@ -433,10 +438,10 @@ class ClientHelloCollector:
             return
         if buf[position + 1] != 0x03:  # noqa: PLR2004 - TLS and SSL 3.0 records are 3.x
             msg = f"record version 0x{buf[position + 1]:02x}.. is not TLS (0x03..)"
-            raise _Malformed(NOT_TLS, msg)
+            raise _Malformed(NOT_TLS if first else MALFORMED, msg)
         if available < _RECORD_HEADER:
             return
-        if not self._records:
+        if first:
             self._record_version = buf[position + 1] << 8 | buf[position + 2]
         length = buf[position + 3] << 8 | buf[position + 4]
         if length > MAX_RECORD_LENGTH:
@@ -503,7 +508,9 @@ def _parse_body(
     if session_id_length > _MAX_SESSION_ID:
         msg = f"session id of {session_id_length} bytes (at most {_MAX_SESSION_ID})"
         raise _malformed(msg)
-    position += 1 + session_id_length
+    position += 1
+    _need(end, position, session_id_length, "session id")
+    position += session_id_length
     _need(end, position, 2, "cipher suites")
     size = buf[position] << 8 | buf[position + 1]
     position += 2
