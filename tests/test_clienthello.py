@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
+import shutil
 import struct
+import subprocess
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from secure_echo.wire.clienthello import (
+    CIPHER_SUITE_NAMES,
     EXT_ALPN,
     EXT_EARLY_DATA,
     EXT_ENCRYPTED_CLIENT_HELLO,
@@ -582,7 +586,10 @@ class UnparsedTests(SynchronousTestCase):
             unparsed(b"\x00\x00\x00\x00\x00\x00"),
             Unparsed(NOT_TLS, "first byte 0x00 is not a TLS handshake record (0x16)"),
         )
-        self.assertEqual(unparsed(b"\x7f").reason, NOT_TLS)
+        self.assertEqual(
+            unparsed(b"\x7f"),
+            Unparsed(NOT_TLS, "first byte 0x7f is not a TLS handshake record (0x16)"),
+        )
         self.assertEqual(unparsed(b"\x1f").reason, NOT_TLS)
         self.assertIn("(' ')", unparsed(b" ").detail)
         self.assertIn("('~')", unparsed(b"~").detail)
@@ -703,6 +710,13 @@ class UnparsedTests(SynchronousTestCase):
         self.assertEqual(
             result, Unparsed(TOO_LARGE, f"no complete ClientHello in the first {limit} bytes")
         )
+
+    def test_bytes_past_the_limit_are_not_read(self) -> None:
+        """A read that goes past the limit is cut there, even at a record boundary."""
+        wire = HelloSpec().wire()
+        first = frame(HelloSpec().message()[:10], [10])
+        collector = ClientHelloCollector(len(first))
+        self.assertEqual(collector.feed(first + b"G" + wire).reason, TOO_LARGE)  # type: ignore[union-attr]
 
     def test_empty_records_until_the_limit(self) -> None:
         """A stream of empty handshake records is refused at 64 KiB."""
@@ -1031,34 +1045,116 @@ class SummaryTests(SynchronousTestCase):
         self.assertEqual(record["compression_methods"], ["null", "DEFLATE", "LZS", "0x0002"])
         self.assertEqual(name_of(0x0304, {}), "0x0304")
 
+    def test_cipher_suite_names_are_openssl_standard_names(self) -> None:
+        """Every suite OpenSSL knows has the standard (IANA) name OpenSSL gives it."""
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            msg = "openssl is not installed: no independent list of suite names"
+            raise SkipTest(msg)
+        tls13 = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+        tls13 += ":TLS_AES_128_CCM_SHA256:TLS_AES_128_CCM_8_SHA256"
+        listing = subprocess.run(
+            [
+                openssl,
+                "ciphers",
+                "-V",
+                "-stdname",
+                "-ciphersuites",
+                tls13,
+                "ALL:COMPLEMENTOFALL:@SECLEVEL=0",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        standard = {
+            int(high + low, 16): name
+            for high, low, name in re.findall(
+                r"^\s*0x([0-9A-F]{2}),0x([0-9A-F]{2}) - (\S+)\s+- ", listing, re.MULTILINE
+            )
+        }
+        common = CIPHER_SUITE_NAMES.keys() & standard.keys()
+        self.assertGreater(len(common), 50)
+        self.assertEqual(
+            {k: CIPHER_SUITE_NAMES[k] for k in common}, {k: standard[k] for k in common}
+        )
+
     def test_lists_are_capped(self) -> None:
         """Each list keeps 64 entries; ``truncated`` gives the full length."""
         many = list(range(0x0100, 0x0100 + MAX_LIST_ENTRIES + 36))
         hello = parsed(
             HelloSpec(
                 cipher_suites=many,
+                compression_methods=bytes(range(MAX_LIST_ENTRIES + 1)),
                 extensions=[
+                    (EXT_SUPPORTED_VERSIONS, u16_list(many, 1)),
                     (EXT_SUPPORTED_GROUPS, u16_list(many)),
+                    (EXT_KEY_SHARE, key_share_body([(group, b"k") for group in many])),
+                    (EXT_SIGNATURE_ALGORITHMS, u16_list(many)),
+                    (EXT_SIGNATURE_ALGORITHMS_CERT, u16_list(many)),
                     (EXT_ALPN, alpn_body([b"p%d" % i for i in range(70)])),
                     *[(0x7000 + i, b"") for i in range(65)],
                 ],
             ).wire()
         )
         record = hello.as_record()
-        for key in ("cipher_suites", "supported_groups", "alpn", "extensions"):
+        capped = {
+            "cipher_suites": 100,
+            "compression_methods": 65,
+            "supported_versions": 100,
+            "supported_groups": 100,
+            "key_share_groups": 100,
+            "signature_algorithms": 100,
+            "signature_algorithms_cert": 100,
+            "alpn": 70,
+            "extensions": 71,
+        }
+        self.assertEqual(record["truncated"], capped)
+        for key in capped:
             entries = record[key]
             assert isinstance(entries, list)
             self.assertEqual(len(entries), MAX_LIST_ENTRIES, key)
         alpn = record["alpn"]
         assert isinstance(alpn, list)
         self.assertEqual(alpn[-1], "p63")
-        self.assertEqual(
-            record["truncated"],
-            {"cipher_suites": 100, "supported_groups": 100, "alpn": 70, "extensions": 67},
-        )
         self.assertEqual(len(hello.cipher_suites), 100)
-        exactly = parsed(HelloSpec(cipher_suites=many[:MAX_LIST_ENTRIES]).wire()).as_record()
+        exactly = parsed(
+            HelloSpec(
+                cipher_suites=many[:MAX_LIST_ENTRIES],
+                extensions=[(EXT_ALPN, alpn_body([b"p%d" % i for i in range(MAX_LIST_ENTRIES)]))],
+            ).wire()
+        ).as_record()
         self.assertEqual(exactly["truncated"], {})
+        self.assertEqual(len(exactly["alpn"]), MAX_LIST_ENTRIES)  # type: ignore[arg-type]
+
+    def test_many_cipher_suites(self) -> None:
+        """A list of suites over 255 bytes (a two-byte length) is read whole."""
+        suites = list(range(0x0100, 0x0100 + 200))
+        self.assertEqual(
+            parsed(HelloSpec(cipher_suites=suites).wire()).cipher_suites, tuple(suites)
+        )
+
+    def test_empty_lists(self) -> None:
+        """No suites and no compression methods are reported as sent (OpenSSL refuses them)."""
+        body = HelloSpec(cipher_suites=[], compression_methods=b"", extensions=None).body()
+        hello = parsed(frame(message_of(body), [999]))
+        self.assertEqual((hello.cipher_suites, hello.compression_methods), ((), ()))
+        self.assertEqual(
+            malformed_detail(message_of(body[:-1])),
+            "the ClientHello ends inside its compression methods",
+        )
+
+    def test_larger_than_64k_with_a_larger_limit(self) -> None:
+        """The limit is a parameter: a 70 KB hello parses when the limit allows it."""
+        # Each vector has a 16-bit length: fill both the suites and the extensions.
+        spec = HelloSpec(cipher_suites=[0x1301] * 30000, extensions=[(0x0015, bytes(10000))])
+        message = spec.message()
+        self.assertGreater(len(message), 1 << 16)
+        wire = frame(message, [MAX_RECORD_LENGTH])
+        self.assertEqual(unparsed(wire).reason, TOO_LARGE)
+        hello = ClientHelloCollector(len(wire)).feed(wire)
+        assert isinstance(hello, ClientHello)
+        self.assertEqual((hello.records, hello.length), (5, len(message) - 4))
 
     def test_strings_are_safe(self) -> None:
         """Controls, DEL, C1 codes, bidi overrides and backslashes are escaped."""

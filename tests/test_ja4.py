@@ -299,6 +299,8 @@ class PublishedTests(SynchronousTestCase):
             b"\x30\xab\xcd\x31": "01",
             b"a": "aa",
             b"Z": "ZZ",
+            b"AB": "AB",
+            b"@A": "41",
             b"0": "00",
             b"9/z": "9z",
             b"A-": "4d",

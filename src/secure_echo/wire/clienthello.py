@@ -46,10 +46,10 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Callable, Mapping
 
 #: The collector stops at this many bytes of the stream (records and their headers).
 MAX_COLLECT: Final = 64 * 1024
@@ -93,12 +93,13 @@ _MAX_SESSION_ID: Final = 32
 _SNI_HOST_NAME: Final = 0
 
 
-_GREASE_NIBBLES: Final = 0x0A0A
+#: The 16 GREASE values of RFC 8701: 0x0a0a, 0x1a1a, ... 0xfafa.
+GREASE: Final = frozenset(0x0A0A + 0x1010 * index for index in range(16))
 
 
 def is_grease(value: int) -> bool:
     """Whether a 16-bit value is GREASE (RFC 8701): ``0x?a?a`` with equal bytes."""
-    return value & 0x0F0F == _GREASE_NIBBLES and value >> 8 == value & 0xFF
+    return value in GREASE
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +177,7 @@ class ClientHello:
             self.signature_algorithms,
             self.signature_algorithms_cert,
         )
-        return any(is_grease(value) for values in lists for value in values)
+        return any(not GREASE.isdisjoint(values) for values in lists)
 
     def as_record(self) -> dict[str, object]:
         """The JSON-ready summary for the log.
@@ -269,16 +270,11 @@ def _escape(raw: bytes) -> tuple[str, bool]:
     return "".join(out), True
 
 
-def _escape_byte(byte: int) -> str:
-    if byte == 0x5C:  # noqa: PLR2004 - the backslash
-        return "\\\\"
-    if 0x20 <= byte < 0x7F:  # noqa: PLR2004 - printable ASCII
-        return chr(byte)
-    return f"\\x{byte:02x}"
-
-
 #: Byte -> its log-safe text.
-_ESCAPES: Final = tuple(_escape_byte(byte) for byte in range(256))
+_ESCAPES: Final = tuple(
+    "\\\\" if byte == 0x5C else chr(byte) if 0x20 <= byte < 0x7F else f"\\x{byte:02x}"  # noqa: PLR2004 - backslash, printable ASCII
+    for byte in range(256)
+)
 
 
 def safe_text(raw: bytes) -> str:
@@ -289,16 +285,16 @@ def safe_text(raw: bytes) -> str:
 # -- the collector ----------------------------------------------------------------
 
 
-class _Malformed(Exception):  # noqa: N818 - internal signal, never escapes the module
-    """Raised inside the parser; :class:`ClientHelloCollector` turns it into Unparsed."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(reason, detail)
-        self.unparsed = Unparsed(reason, detail)
+class _Refused(Exception):  # noqa: N818 - internal signal, never escapes the module
+    """Raised inside the parser with its :class:`Unparsed` as the only argument."""
 
 
-def _malformed(detail: str) -> _Malformed:
-    return _Malformed(MALFORMED, detail)
+def _refused(reason: str, detail: str) -> _Refused:
+    return _Refused(Unparsed(reason, detail))
+
+
+def _malformed(detail: str) -> _Refused:
+    return _refused(MALFORMED, detail)
 
 
 class ClientHelloCollector:
@@ -351,8 +347,8 @@ class ClientHelloCollector:
                 result = self._walk(self._pending, len(self._pending))
             else:
                 result = self._walk(data, take)
-        except _Malformed as error:
-            result = error.unparsed
+        except _Refused as error:
+            result = error.args[0]
         if result is None and self._seen >= self._limit:
             result = Unparsed(
                 TOO_LARGE, f"no complete ClientHello in the first {self._limit} bytes"
@@ -384,8 +380,9 @@ class ClientHelloCollector:
             start = position + _RECORD_HEADER
             if end - start < length:
                 if not self._records:
-                    self._check_handshake_header(buf, start, min(end, start + length))
-                break
+                    self._check_handshake_header(buf, start, end)
+                self._keep(buf, position, end)
+                return None
             self._records += 1
             position = start + length
             if not self._fragments:
@@ -402,13 +399,17 @@ class ClientHelloCollector:
                     self._record_version,
                     self._records,
                 )
-        if 0 < end - position < _RECORD_HEADER:
+        if position < end:
             self._check_record_header(buf, position, end - position)
+        self._keep(buf, position, end)
+        return None
+
+    def _keep(self, buf: bytes | bytearray, position: int, end: int) -> None:
+        """Hold ``buf[position:end]``, the start of a record not yet complete."""
         if buf is self._pending:
             del self._pending[:position]
         else:
             self._pending += memoryview(buf)[position:end]
-        return None
 
     def _whole_message(self, buf: bytes | bytearray, start: int, end: int) -> ClientHello | None:
         """The hello parsed in place when the record at ``start`` holds all of it."""
@@ -431,14 +432,14 @@ class ClientHelloCollector:
         content_type = buf[position]
         if content_type != HANDSHAKE_RECORD:
             if first:
-                raise _Malformed(*_not_tls(content_type))
+                raise _refused(*_not_tls(content_type))
             msg = f"a record of type 0x{content_type:02x} came inside the ClientHello"
             raise _malformed(msg)
         if available < 2:  # noqa: PLR2004 - the version's first byte
             return
         if buf[position + 1] != 0x03:  # noqa: PLR2004 - TLS and SSL 3.0 records are 3.x
             msg = f"record version 0x{buf[position + 1]:02x}.. is not TLS (0x03..)"
-            raise _Malformed(NOT_TLS if first else MALFORMED, msg)
+            raise _refused(NOT_TLS if first else MALFORMED, msg)
         if available < _RECORD_HEADER:
             return
         if first:
@@ -458,7 +459,7 @@ class ClientHelloCollector:
             return None
         if buf[start] != CLIENT_HELLO_TYPE:
             msg = f"the first handshake message has type {buf[start]}, not ClientHello (1)"
-            raise _Malformed(NOT_CLIENT_HELLO, msg)
+            raise _refused(NOT_CLIENT_HELLO, msg)
         if end - start < _HANDSHAKE_HEADER:
             return None
         body = buf[start + 1] << 16 | buf[start + 2] << 8 | buf[start + 3]
@@ -466,7 +467,7 @@ class ClientHelloCollector:
         records = -(-message // MAX_RECORD_LENGTH)
         if message + records * _RECORD_HEADER > self._limit:
             msg = f"a ClientHello of {body} bytes does not fit in {self._limit} bytes"
-            raise _Malformed(TOO_LARGE, msg)
+            raise _refused(TOO_LARGE, msg)
         return message
 
 
@@ -490,6 +491,9 @@ def _need(end: int, position: int, size: int, what: str) -> None:
     if end - position < size:
         msg = f"the ClientHello ends inside its {what}"
         raise _malformed(msg)
+
+
+_TWO_U16: Final = struct.Struct(">HH")
 
 
 def _u16s(buf: bytes | bytearray, start: int, size: int) -> tuple[int, ...]:
@@ -526,7 +530,8 @@ def _parse_body(
     _need(end, position, size, "compression methods")
     compression_methods = tuple(buf[position : position + size])
     position += size
-    found = _Extensions()
+    types: list[int] = []
+    found: dict[str, Any] = {}
     if position < end:
         _need(end, position, 2, "extensions length")
         size = buf[position] << 8 | buf[position + 1]
@@ -534,103 +539,42 @@ def _parse_body(
         if end - position != size:
             msg = f"extensions of {size} bytes in the {end - position} bytes left"
             raise _malformed(msg)
-        found.walk(buf, position, end)
+        _read_extensions(buf, position, end, types, found)
     return ClientHello(
         record_version=record_version,
         legacy_version=legacy_version,
         session_id_length=session_id_length,
         cipher_suites=cipher_suites,
         compression_methods=compression_methods,
-        extensions=tuple(found.types),
-        supported_versions=found.supported_versions,
-        supported_groups=found.supported_groups,
-        key_share_groups=found.key_share_groups,
-        signature_algorithms=found.signature_algorithms,
-        signature_algorithms_cert=found.signature_algorithms_cert,
-        alpn=found.alpn,
-        server_name=found.server_name,
-        session_ticket=found.session_ticket,
+        extensions=tuple(types),
         records=records,
         length=length,
+        **found,
     )
 
 
-class _Extensions:
-    """What the extensions say; the first extension of each type counts."""
+def _read_extensions(
+    buf: bytes | bytearray, position: int, end: int, types: list[int], found: dict[str, Any]
+) -> None:
+    """Walk the extensions in ``buf[position:end]`` (which they fill exactly).
 
-    __slots__ = (
-        "alpn",
-        "key_share_groups",
-        "server_name",
-        "session_ticket",
-        "signature_algorithms",
-        "signature_algorithms_cert",
-        "supported_groups",
-        "supported_versions",
-        "types",
-    )
-
-    def __init__(self) -> None:
-        self.types: list[int] = []
-        self.supported_versions: tuple[int, ...] = ()
-        self.supported_groups: tuple[int, ...] = ()
-        self.key_share_groups: tuple[int, ...] = ()
-        self.signature_algorithms: tuple[int, ...] = ()
-        self.signature_algorithms_cert: tuple[int, ...] = ()
-        self.alpn: tuple[bytes, ...] = ()
-        self.server_name: bytes | None = None
-        self.session_ticket: int | None = None
-
-    def walk(self, buf: bytes | bytearray, position: int, end: int) -> None:
-        """Read every extension in ``buf[position:end]`` (exactly filled)."""
-        types = self.types
-        read: set[int] = set()
-        while position < end:
-            _need(end, position, 4, "extension header")
-            kind = buf[position] << 8 | buf[position + 1]
-            size = buf[position + 2] << 8 | buf[position + 3]
-            position += 4
-            _need(end, position, size, f"extension 0x{kind:04x}")
-            if kind in _READ and kind not in read:
-                read.add(kind)
-                self._read(kind, buf, position, position + size)
-            types.append(kind)
-            position += size
-
-    def _read(self, kind: int, buf: bytes | bytearray, start: int, end: int) -> None:
-        if kind == EXT_SERVER_NAME:
-            self.server_name = _read_server_name(buf, start, end)
-        elif kind == EXT_SUPPORTED_GROUPS:
-            self.supported_groups = _u16_list(buf, start, end, 2, "supported_groups")
-        elif kind == EXT_SIGNATURE_ALGORITHMS:
-            self.signature_algorithms = _u16_list(buf, start, end, 2, "signature_algorithms")
-        elif kind == EXT_ALPN:
-            self.alpn = _read_alpn(buf, start, end)
-        elif kind == EXT_SESSION_TICKET:
-            self.session_ticket = end - start
-        elif kind == EXT_SUPPORTED_VERSIONS:
-            self.supported_versions = _u16_list(buf, start, end, 1, "supported_versions")
-        elif kind == EXT_SIGNATURE_ALGORITHMS_CERT:
-            self.signature_algorithms_cert = _u16_list(
-                buf, start, end, 2, "signature_algorithms_cert"
-            )
-        else:
-            self.key_share_groups = _read_key_share(buf, start, end)
-
-
-#: The extensions :class:`_Extensions` reads the data of.
-_READ: Final = frozenset(
-    {
-        EXT_SERVER_NAME,
-        EXT_SUPPORTED_GROUPS,
-        EXT_SIGNATURE_ALGORITHMS,
-        EXT_ALPN,
-        EXT_SESSION_TICKET,
-        EXT_SUPPORTED_VERSIONS,
-        EXT_SIGNATURE_ALGORITHMS_CERT,
-        EXT_KEY_SHARE,
-    }
-)
+    Appends each type to ``types``; puts what the first extension of each kind in
+    :data:`_READERS` says into ``found``, under its :class:`ClientHello` field.
+    """
+    append = types.append
+    readers = _READERS
+    while position < end:
+        _need(end, position, 4, "extension header")
+        kind, size = _TWO_U16.unpack_from(buf, position)
+        start = position + 4
+        position = start + size
+        if position > end:
+            msg = f"the ClientHello ends inside its extension 0x{kind:04x}"
+            raise _malformed(msg)
+        reader = readers.get(kind)
+        if reader is not None and reader[0] not in found:
+            found[reader[0]] = reader[1](buf, start, position)
+        append(kind)
 
 
 def _vector(buf: bytes | bytearray, start: int, end: int, prefix: int, what: str) -> int:
@@ -638,7 +582,7 @@ def _vector(buf: bytes | bytearray, start: int, end: int, prefix: int, what: str
     if end - start < prefix:
         msg = f"{what} is too short for its length"
         raise _malformed(msg)
-    size = int.from_bytes(buf[start : start + prefix], "big")
+    size = buf[start] if prefix == 1 else buf[start] << 8 | buf[start + 1]
     if end - start - prefix != size:
         msg = f"{what} says {size} bytes but has {end - start - prefix}"
         raise _malformed(msg)
@@ -649,10 +593,11 @@ def _u16_list(
     buf: bytes | bytearray, start: int, end: int, prefix: int, what: str
 ) -> tuple[int, ...]:
     start = _vector(buf, start, end, prefix, what)
-    if (end - start) % 2:
+    size = end - start
+    if size % 2:
         msg = f"{what} has an odd length"
         raise _malformed(msg)
-    return _u16s(buf, start, end - start)
+    return _u16s(buf, start, size)
 
 
 def _read_server_name(buf: bytes | bytearray, start: int, end: int) -> bytes | None:
@@ -695,220 +640,243 @@ def _read_key_share(buf: bytes | bytearray, start: int, end: int) -> tuple[int, 
     return tuple(groups)
 
 
+def _read_groups(buf: bytes | bytearray, start: int, end: int) -> tuple[int, ...]:
+    return _u16_list(buf, start, end, 2, "supported_groups")
+
+
+def _read_signatures(buf: bytes | bytearray, start: int, end: int) -> tuple[int, ...]:
+    return _u16_list(buf, start, end, 2, "signature_algorithms")
+
+
+def _read_signatures_cert(buf: bytes | bytearray, start: int, end: int) -> tuple[int, ...]:
+    return _u16_list(buf, start, end, 2, "signature_algorithms_cert")
+
+
+def _read_versions(buf: bytes | bytearray, start: int, end: int) -> tuple[int, ...]:
+    return _u16_list(buf, start, end, 1, "supported_versions")
+
+
+def _read_ticket(_buf: bytes | bytearray, start: int, end: int) -> int:
+    return end - start
+
+
+#: Extension type -> the :class:`ClientHello` field it fills, and its reader.
+_READERS: Final[dict[int, tuple[str, Callable[[bytes | bytearray, int, int], Any]]]] = {
+    EXT_SERVER_NAME: ("server_name", _read_server_name),
+    EXT_SUPPORTED_GROUPS: ("supported_groups", _read_groups),
+    EXT_SIGNATURE_ALGORITHMS: ("signature_algorithms", _read_signatures),
+    EXT_ALPN: ("alpn", _read_alpn),
+    EXT_SESSION_TICKET: ("session_ticket", _read_ticket),
+    EXT_SUPPORTED_VERSIONS: ("supported_versions", _read_versions),
+    EXT_SIGNATURE_ALGORITHMS_CERT: ("signature_algorithms_cert", _read_signatures_cert),
+    EXT_KEY_SHARE: ("key_share_groups", _read_key_share),
+}
+
+
 # -- names (IANA TLS registries; a static subset of what clients send) ---------------
 
 
-def _table(entries: Iterable[tuple[int, str]]) -> dict[int, str]:
-    return dict(entries)
+VERSION_NAMES: Final = {
+    0x0002: "SSL 2.0",
+    0x0300: "SSL 3.0",
+    0x0301: "TLS 1.0",
+    0x0302: "TLS 1.1",
+    0x0303: "TLS 1.2",
+    0x0304: "TLS 1.3",
+    0xFEFF: "DTLS 1.0",
+    0xFEFD: "DTLS 1.2",
+    0xFEFC: "DTLS 1.3",
+}
 
+CIPHER_SUITE_NAMES: Final = {
+    0x0004: "TLS_RSA_WITH_RC4_128_MD5",
+    0x0005: "TLS_RSA_WITH_RC4_128_SHA",
+    0x000A: "TLS_RSA_WITH_3DES_EDE_CBC_SHA",
+    0x0013: "TLS_DHE_DSS_WITH_3DES_EDE_CBC_SHA",
+    0x0016: "TLS_DHE_RSA_WITH_3DES_EDE_CBC_SHA",
+    0x002F: "TLS_RSA_WITH_AES_128_CBC_SHA",
+    0x0032: "TLS_DHE_DSS_WITH_AES_128_CBC_SHA",
+    0x0033: "TLS_DHE_RSA_WITH_AES_128_CBC_SHA",
+    0x0035: "TLS_RSA_WITH_AES_256_CBC_SHA",
+    0x0038: "TLS_DHE_DSS_WITH_AES_256_CBC_SHA",
+    0x0039: "TLS_DHE_RSA_WITH_AES_256_CBC_SHA",
+    0x003C: "TLS_RSA_WITH_AES_128_CBC_SHA256",
+    0x003D: "TLS_RSA_WITH_AES_256_CBC_SHA256",
+    0x0040: "TLS_DHE_DSS_WITH_AES_128_CBC_SHA256",
+    0x0067: "TLS_DHE_RSA_WITH_AES_128_CBC_SHA256",
+    0x006A: "TLS_DHE_DSS_WITH_AES_256_CBC_SHA256",
+    0x006B: "TLS_DHE_RSA_WITH_AES_256_CBC_SHA256",
+    0x009C: "TLS_RSA_WITH_AES_128_GCM_SHA256",
+    0x009D: "TLS_RSA_WITH_AES_256_GCM_SHA384",
+    0x009E: "TLS_DHE_RSA_WITH_AES_128_GCM_SHA256",
+    0x009F: "TLS_DHE_RSA_WITH_AES_256_GCM_SHA384",
+    0x00A2: "TLS_DHE_DSS_WITH_AES_128_GCM_SHA256",
+    0x00A3: "TLS_DHE_DSS_WITH_AES_256_GCM_SHA384",
+    0x00FF: "TLS_EMPTY_RENEGOTIATION_INFO_SCSV",
+    0x1301: "TLS_AES_128_GCM_SHA256",
+    0x1302: "TLS_AES_256_GCM_SHA384",
+    0x1303: "TLS_CHACHA20_POLY1305_SHA256",
+    0x1304: "TLS_AES_128_CCM_SHA256",
+    0x1305: "TLS_AES_128_CCM_8_SHA256",
+    0x5600: "TLS_FALLBACK_SCSV",
+    0xC004: "TLS_ECDH_ECDSA_WITH_AES_128_CBC_SHA",
+    0xC005: "TLS_ECDH_ECDSA_WITH_AES_256_CBC_SHA",
+    0xC008: "TLS_ECDHE_ECDSA_WITH_3DES_EDE_CBC_SHA",
+    0xC009: "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA",
+    0xC00A: "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA",
+    0xC00E: "TLS_ECDH_RSA_WITH_AES_128_CBC_SHA",
+    0xC00F: "TLS_ECDH_RSA_WITH_AES_256_CBC_SHA",
+    0xC012: "TLS_ECDHE_RSA_WITH_3DES_EDE_CBC_SHA",
+    0xC013: "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA",
+    0xC014: "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA",
+    0xC023: "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256",
+    0xC024: "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA384",
+    0xC025: "TLS_ECDH_ECDSA_WITH_AES_128_CBC_SHA256",
+    0xC026: "TLS_ECDH_ECDSA_WITH_AES_256_CBC_SHA384",
+    0xC027: "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256",
+    0xC028: "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA384",
+    0xC029: "TLS_ECDH_RSA_WITH_AES_128_CBC_SHA256",
+    0xC02A: "TLS_ECDH_RSA_WITH_AES_256_CBC_SHA384",
+    0xC02B: "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+    0xC02C: "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+    0xC02D: "TLS_ECDH_ECDSA_WITH_AES_128_GCM_SHA256",
+    0xC02E: "TLS_ECDH_ECDSA_WITH_AES_256_GCM_SHA384",
+    0xC02F: "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+    0xC030: "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+    0xC031: "TLS_ECDH_RSA_WITH_AES_128_GCM_SHA256",
+    0xC032: "TLS_ECDH_RSA_WITH_AES_256_GCM_SHA384",
+    0xC050: "TLS_RSA_WITH_ARIA_128_GCM_SHA256",
+    0xC051: "TLS_RSA_WITH_ARIA_256_GCM_SHA384",
+    0xC052: "TLS_DHE_RSA_WITH_ARIA_128_GCM_SHA256",
+    0xC053: "TLS_DHE_RSA_WITH_ARIA_256_GCM_SHA384",
+    0xC056: "TLS_DHE_DSS_WITH_ARIA_128_GCM_SHA256",
+    0xC057: "TLS_DHE_DSS_WITH_ARIA_256_GCM_SHA384",
+    0xC05C: "TLS_ECDHE_ECDSA_WITH_ARIA_128_GCM_SHA256",
+    0xC05D: "TLS_ECDHE_ECDSA_WITH_ARIA_256_GCM_SHA384",
+    0xC060: "TLS_ECDHE_RSA_WITH_ARIA_128_GCM_SHA256",
+    0xC061: "TLS_ECDHE_RSA_WITH_ARIA_256_GCM_SHA384",
+    0xC09C: "TLS_RSA_WITH_AES_128_CCM",
+    0xC09D: "TLS_RSA_WITH_AES_256_CCM",
+    0xC09E: "TLS_DHE_RSA_WITH_AES_128_CCM",
+    0xC09F: "TLS_DHE_RSA_WITH_AES_256_CCM",
+    0xC0A0: "TLS_RSA_WITH_AES_128_CCM_8",
+    0xC0A1: "TLS_RSA_WITH_AES_256_CCM_8",
+    0xC0A2: "TLS_DHE_RSA_WITH_AES_128_CCM_8",
+    0xC0A3: "TLS_DHE_RSA_WITH_AES_256_CCM_8",
+    0xC0AC: "TLS_ECDHE_ECDSA_WITH_AES_128_CCM",
+    0xC0AD: "TLS_ECDHE_ECDSA_WITH_AES_256_CCM",
+    0xC0AE: "TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8",
+    0xC0AF: "TLS_ECDHE_ECDSA_WITH_AES_256_CCM_8",
+    0xCCA8: "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+    0xCCA9: "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+    0xCCAA: "TLS_DHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+}
 
-VERSION_NAMES: Final = _table(
-    [
-        (0x0002, "SSL 2.0"),
-        (0x0300, "SSL 3.0"),
-        (0x0301, "TLS 1.0"),
-        (0x0302, "TLS 1.1"),
-        (0x0303, "TLS 1.2"),
-        (0x0304, "TLS 1.3"),
-        (0xFEFF, "DTLS 1.0"),
-        (0xFEFD, "DTLS 1.2"),
-        (0xFEFC, "DTLS 1.3"),
-    ]
-)
+GROUP_NAMES: Final = {
+    0x0015: "secp224r1",
+    0x0016: "secp256k1",
+    0x0017: "secp256r1",
+    0x0018: "secp384r1",
+    0x0019: "secp521r1",
+    0x001A: "brainpoolP256r1",
+    0x001B: "brainpoolP384r1",
+    0x001C: "brainpoolP512r1",
+    0x001D: "x25519",
+    0x001E: "x448",
+    0x001F: "brainpoolP256r1tls13",
+    0x0020: "brainpoolP384r1tls13",
+    0x0021: "brainpoolP512r1tls13",
+    0x0029: "curveSM2",
+    0x0100: "ffdhe2048",
+    0x0101: "ffdhe3072",
+    0x0102: "ffdhe4096",
+    0x0103: "ffdhe6144",
+    0x0104: "ffdhe8192",
+    0x0200: "MLKEM512",
+    0x0201: "MLKEM768",
+    0x0202: "MLKEM1024",
+    0x11EB: "SecP256r1MLKEM768",
+    0x11EC: "X25519MLKEM768",
+    0x11ED: "SecP384r1MLKEM1024",
+    0x11EE: "curveSM2MLKEM768",
+    0x6399: "X25519Kyber768Draft00",
+}
 
-CIPHER_SUITE_NAMES: Final = _table(
-    [
-        (0x0004, "TLS_RSA_WITH_RC4_128_MD5"),
-        (0x0005, "TLS_RSA_WITH_RC4_128_SHA"),
-        (0x000A, "TLS_RSA_WITH_3DES_EDE_CBC_SHA"),
-        (0x0013, "TLS_DHE_DSS_WITH_3DES_EDE_CBC_SHA"),
-        (0x0016, "TLS_DHE_RSA_WITH_3DES_EDE_CBC_SHA"),
-        (0x002F, "TLS_RSA_WITH_AES_128_CBC_SHA"),
-        (0x0032, "TLS_DHE_DSS_WITH_AES_128_CBC_SHA"),
-        (0x0033, "TLS_DHE_RSA_WITH_AES_128_CBC_SHA"),
-        (0x0035, "TLS_RSA_WITH_AES_256_CBC_SHA"),
-        (0x0038, "TLS_DHE_DSS_WITH_AES_256_CBC_SHA"),
-        (0x0039, "TLS_DHE_RSA_WITH_AES_256_CBC_SHA"),
-        (0x003C, "TLS_RSA_WITH_AES_128_CBC_SHA256"),
-        (0x003D, "TLS_RSA_WITH_AES_256_CBC_SHA256"),
-        (0x0040, "TLS_DHE_DSS_WITH_AES_128_CBC_SHA256"),
-        (0x0067, "TLS_DHE_RSA_WITH_AES_128_CBC_SHA256"),
-        (0x006A, "TLS_DHE_DSS_WITH_AES_256_CBC_SHA256"),
-        (0x006B, "TLS_DHE_RSA_WITH_AES_256_CBC_SHA256"),
-        (0x009C, "TLS_RSA_WITH_AES_128_GCM_SHA256"),
-        (0x009D, "TLS_RSA_WITH_AES_256_GCM_SHA384"),
-        (0x009E, "TLS_DHE_RSA_WITH_AES_128_GCM_SHA256"),
-        (0x009F, "TLS_DHE_RSA_WITH_AES_256_GCM_SHA384"),
-        (0x00A2, "TLS_DHE_DSS_WITH_AES_128_GCM_SHA256"),
-        (0x00A3, "TLS_DHE_DSS_WITH_AES_256_GCM_SHA384"),
-        (0x00FF, "TLS_EMPTY_RENEGOTIATION_INFO_SCSV"),
-        (0x1301, "TLS_AES_128_GCM_SHA256"),
-        (0x1302, "TLS_AES_256_GCM_SHA384"),
-        (0x1303, "TLS_CHACHA20_POLY1305_SHA256"),
-        (0x1304, "TLS_AES_128_CCM_SHA256"),
-        (0x1305, "TLS_AES_128_CCM_8_SHA256"),
-        (0x5600, "TLS_FALLBACK_SCSV"),
-        (0xC004, "TLS_ECDH_ECDSA_WITH_AES_128_CBC_SHA"),
-        (0xC005, "TLS_ECDH_ECDSA_WITH_AES_256_CBC_SHA"),
-        (0xC008, "TLS_ECDHE_ECDSA_WITH_3DES_EDE_CBC_SHA"),
-        (0xC009, "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA"),
-        (0xC00A, "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA"),
-        (0xC00E, "TLS_ECDH_RSA_WITH_AES_128_CBC_SHA"),
-        (0xC00F, "TLS_ECDH_RSA_WITH_AES_256_CBC_SHA"),
-        (0xC012, "TLS_ECDHE_RSA_WITH_3DES_EDE_CBC_SHA"),
-        (0xC013, "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA"),
-        (0xC014, "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA"),
-        (0xC023, "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256"),
-        (0xC024, "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA384"),
-        (0xC025, "TLS_ECDH_ECDSA_WITH_AES_128_CBC_SHA256"),
-        (0xC026, "TLS_ECDH_ECDSA_WITH_AES_256_CBC_SHA384"),
-        (0xC027, "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256"),
-        (0xC028, "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA384"),
-        (0xC029, "TLS_ECDH_RSA_WITH_AES_128_CBC_SHA256"),
-        (0xC02A, "TLS_ECDH_RSA_WITH_AES_256_CBC_SHA384"),
-        (0xC02B, "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"),
-        (0xC02C, "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"),
-        (0xC02D, "TLS_ECDH_ECDSA_WITH_AES_128_GCM_SHA256"),
-        (0xC02E, "TLS_ECDH_ECDSA_WITH_AES_256_GCM_SHA384"),
-        (0xC02F, "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"),
-        (0xC030, "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384"),
-        (0xC031, "TLS_ECDH_RSA_WITH_AES_128_GCM_SHA256"),
-        (0xC032, "TLS_ECDH_RSA_WITH_AES_256_GCM_SHA384"),
-        (0xC050, "TLS_RSA_WITH_ARIA_128_GCM_SHA256"),
-        (0xC051, "TLS_RSA_WITH_ARIA_256_GCM_SHA384"),
-        (0xC052, "TLS_DHE_RSA_WITH_ARIA_128_GCM_SHA256"),
-        (0xC053, "TLS_DHE_RSA_WITH_ARIA_256_GCM_SHA384"),
-        (0xC056, "TLS_DHE_DSS_WITH_ARIA_128_GCM_SHA256"),
-        (0xC057, "TLS_DHE_DSS_WITH_ARIA_256_GCM_SHA384"),
-        (0xC05C, "TLS_ECDHE_ECDSA_WITH_ARIA_128_GCM_SHA256"),
-        (0xC05D, "TLS_ECDHE_ECDSA_WITH_ARIA_256_GCM_SHA384"),
-        (0xC060, "TLS_ECDHE_RSA_WITH_ARIA_128_GCM_SHA256"),
-        (0xC061, "TLS_ECDHE_RSA_WITH_ARIA_256_GCM_SHA384"),
-        (0xC09C, "TLS_RSA_WITH_AES_128_CCM"),
-        (0xC09D, "TLS_RSA_WITH_AES_256_CCM"),
-        (0xC09E, "TLS_DHE_RSA_WITH_AES_128_CCM"),
-        (0xC09F, "TLS_DHE_RSA_WITH_AES_256_CCM"),
-        (0xC0A0, "TLS_RSA_WITH_AES_128_CCM_8"),
-        (0xC0A1, "TLS_RSA_WITH_AES_256_CCM_8"),
-        (0xC0A2, "TLS_DHE_RSA_WITH_AES_128_CCM_8"),
-        (0xC0A3, "TLS_DHE_RSA_WITH_AES_256_CCM_8"),
-        (0xC0AC, "TLS_ECDHE_ECDSA_WITH_AES_128_CCM"),
-        (0xC0AD, "TLS_ECDHE_ECDSA_WITH_AES_256_CCM"),
-        (0xC0AE, "TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8"),
-        (0xC0AF, "TLS_ECDHE_ECDSA_WITH_AES_256_CCM_8"),
-        (0xCCA8, "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256"),
-        (0xCCA9, "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256"),
-        (0xCCAA, "TLS_DHE_RSA_WITH_CHACHA20_POLY1305_SHA256"),
-    ]
-)
+SIGNATURE_SCHEME_NAMES: Final = {
+    0x0201: "rsa_pkcs1_sha1",
+    0x0202: "dsa_sha1",
+    0x0203: "ecdsa_sha1",
+    0x0301: "rsa_pkcs1_sha224",
+    0x0302: "dsa_sha224",
+    0x0303: "ecdsa_sha224",
+    0x0401: "rsa_pkcs1_sha256",
+    0x0402: "dsa_sha256",
+    0x0403: "ecdsa_secp256r1_sha256",
+    0x0501: "rsa_pkcs1_sha384",
+    0x0502: "dsa_sha384",
+    0x0503: "ecdsa_secp384r1_sha384",
+    0x0601: "rsa_pkcs1_sha512",
+    0x0602: "dsa_sha512",
+    0x0603: "ecdsa_secp521r1_sha512",
+    0x0708: "sm2sig_sm3",
+    0x0804: "rsa_pss_rsae_sha256",
+    0x0805: "rsa_pss_rsae_sha384",
+    0x0806: "rsa_pss_rsae_sha512",
+    0x0807: "ed25519",
+    0x0808: "ed448",
+    0x0809: "rsa_pss_pss_sha256",
+    0x080A: "rsa_pss_pss_sha384",
+    0x080B: "rsa_pss_pss_sha512",
+    0x081A: "ecdsa_brainpoolP256r1tls13_sha256",
+    0x081B: "ecdsa_brainpoolP384r1tls13_sha384",
+    0x081C: "ecdsa_brainpoolP512r1tls13_sha512",
+    0x0904: "mldsa44",
+    0x0905: "mldsa65",
+    0x0906: "mldsa87",
+}
 
-GROUP_NAMES: Final = _table(
-    [
-        (0x0015, "secp224r1"),
-        (0x0016, "secp256k1"),
-        (0x0017, "secp256r1"),
-        (0x0018, "secp384r1"),
-        (0x0019, "secp521r1"),
-        (0x001A, "brainpoolP256r1"),
-        (0x001B, "brainpoolP384r1"),
-        (0x001C, "brainpoolP512r1"),
-        (0x001D, "x25519"),
-        (0x001E, "x448"),
-        (0x001F, "brainpoolP256r1tls13"),
-        (0x0020, "brainpoolP384r1tls13"),
-        (0x0021, "brainpoolP512r1tls13"),
-        (0x0029, "curveSM2"),
-        (0x0100, "ffdhe2048"),
-        (0x0101, "ffdhe3072"),
-        (0x0102, "ffdhe4096"),
-        (0x0103, "ffdhe6144"),
-        (0x0104, "ffdhe8192"),
-        (0x0200, "MLKEM512"),
-        (0x0201, "MLKEM768"),
-        (0x0202, "MLKEM1024"),
-        (0x11EB, "SecP256r1MLKEM768"),
-        (0x11EC, "X25519MLKEM768"),
-        (0x11ED, "SecP384r1MLKEM1024"),
-        (0x11EE, "curveSM2MLKEM768"),
-        (0x6399, "X25519Kyber768Draft00"),
-    ]
-)
+EXTENSION_NAMES: Final = {
+    0x0000: "server_name",
+    0x0001: "max_fragment_length",
+    0x0005: "status_request",
+    0x000A: "supported_groups",
+    0x000B: "ec_point_formats",
+    0x000D: "signature_algorithms",
+    0x000E: "use_srtp",
+    0x000F: "heartbeat",
+    0x0010: "application_layer_protocol_negotiation",
+    0x0011: "status_request_v2",
+    0x0012: "signed_certificate_timestamp",
+    0x0013: "client_certificate_type",
+    0x0014: "server_certificate_type",
+    0x0015: "padding",
+    0x0016: "encrypt_then_mac",
+    0x0017: "extended_master_secret",
+    0x001B: "compress_certificate",
+    0x001C: "record_size_limit",
+    0x0022: "delegated_credential",
+    0x0023: "session_ticket",
+    0x0029: "pre_shared_key",
+    0x002A: "early_data",
+    0x002B: "supported_versions",
+    0x002C: "cookie",
+    0x002D: "psk_key_exchange_modes",
+    0x002F: "certificate_authorities",
+    0x0030: "oid_filters",
+    0x0031: "post_handshake_auth",
+    0x0032: "signature_algorithms_cert",
+    0x0033: "key_share",
+    0x0039: "quic_transport_parameters",
+    0x3374: "next_protocol_negotiation",
+    0x4469: "application_settings_old",
+    0x44CD: "application_settings",
+    0xFD00: "ech_outer_extensions",
+    0xFE0D: "encrypted_client_hello",
+    0xFF01: "renegotiation_info",
+}
 
-SIGNATURE_SCHEME_NAMES: Final = _table(
-    [
-        (0x0201, "rsa_pkcs1_sha1"),
-        (0x0202, "dsa_sha1"),
-        (0x0203, "ecdsa_sha1"),
-        (0x0301, "rsa_pkcs1_sha224"),
-        (0x0302, "dsa_sha224"),
-        (0x0303, "ecdsa_sha224"),
-        (0x0401, "rsa_pkcs1_sha256"),
-        (0x0402, "dsa_sha256"),
-        (0x0403, "ecdsa_secp256r1_sha256"),
-        (0x0501, "rsa_pkcs1_sha384"),
-        (0x0502, "dsa_sha384"),
-        (0x0503, "ecdsa_secp384r1_sha384"),
-        (0x0601, "rsa_pkcs1_sha512"),
-        (0x0602, "dsa_sha512"),
-        (0x0603, "ecdsa_secp521r1_sha512"),
-        (0x0708, "sm2sig_sm3"),
-        (0x0804, "rsa_pss_rsae_sha256"),
-        (0x0805, "rsa_pss_rsae_sha384"),
-        (0x0806, "rsa_pss_rsae_sha512"),
-        (0x0807, "ed25519"),
-        (0x0808, "ed448"),
-        (0x0809, "rsa_pss_pss_sha256"),
-        (0x080A, "rsa_pss_pss_sha384"),
-        (0x080B, "rsa_pss_pss_sha512"),
-        (0x081A, "ecdsa_brainpoolP256r1tls13_sha256"),
-        (0x081B, "ecdsa_brainpoolP384r1tls13_sha384"),
-        (0x081C, "ecdsa_brainpoolP512r1tls13_sha512"),
-        (0x0904, "mldsa44"),
-        (0x0905, "mldsa65"),
-        (0x0906, "mldsa87"),
-    ]
-)
-
-EXTENSION_NAMES: Final = _table(
-    [
-        (0x0000, "server_name"),
-        (0x0001, "max_fragment_length"),
-        (0x0005, "status_request"),
-        (0x000A, "supported_groups"),
-        (0x000B, "ec_point_formats"),
-        (0x000D, "signature_algorithms"),
-        (0x000E, "use_srtp"),
-        (0x000F, "heartbeat"),
-        (0x0010, "application_layer_protocol_negotiation"),
-        (0x0011, "status_request_v2"),
-        (0x0012, "signed_certificate_timestamp"),
-        (0x0013, "client_certificate_type"),
-        (0x0014, "server_certificate_type"),
-        (0x0015, "padding"),
-        (0x0016, "encrypt_then_mac"),
-        (0x0017, "extended_master_secret"),
-        (0x001B, "compress_certificate"),
-        (0x001C, "record_size_limit"),
-        (0x0022, "delegated_credential"),
-        (0x0023, "session_ticket"),
-        (0x0029, "pre_shared_key"),
-        (0x002A, "early_data"),
-        (0x002B, "supported_versions"),
-        (0x002C, "cookie"),
-        (0x002D, "psk_key_exchange_modes"),
-        (0x002F, "certificate_authorities"),
-        (0x0030, "oid_filters"),
-        (0x0031, "post_handshake_auth"),
-        (0x0032, "signature_algorithms_cert"),
-        (0x0033, "key_share"),
-        (0x0039, "quic_transport_parameters"),
-        (0x3374, "next_protocol_negotiation"),
-        (0x4469, "application_settings_old"),
-        (0x44CD, "application_settings"),
-        (0xFD00, "ech_outer_extensions"),
-        (0xFE0D, "encrypted_client_hello"),
-        (0xFF01, "renegotiation_info"),
-    ]
-)
-
-COMPRESSION_NAMES: Final = _table([(0, "null"), (1, "DEFLATE"), (64, "LZS")])
+COMPRESSION_NAMES: Final = {
+    0: "null",
+    1: "DEFLATE",
+    64: "LZS",
+}

@@ -36,16 +36,17 @@ Pure and cheap: four SHA-256 of strings of a few hundred bytes, once per connect
 from __future__ import annotations
 
 import hashlib
+import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from secure_echo.wire.clienthello import EXT_ALPN, EXT_SERVER_NAME, is_grease
+from secure_echo.wire.clienthello import EXT_ALPN, EXT_SERVER_NAME, GREASE
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
-
     from secure_echo.wire.clienthello import ClientHello
 
+#: Extensions JA4's first part shows, left out of its extension hash.
+_IN_PART_A: Final = frozenset({EXT_SERVER_NAME, EXT_ALPN})
 #: The hash of an empty list.
 EMPTY_HASH: Final = "000000000000"
 #: The counts in JA4's first part have two digits.
@@ -81,7 +82,7 @@ class JA4:
 
 def version_code(hello: ClientHello) -> str:
     """JA4's version: the highest non-GREASE supported version, else the legacy one."""
-    offered = [v for v in hello.supported_versions if not is_grease(v)]
+    offered = [v for v in hello.supported_versions if v not in GREASE]
     version = max(offered) if offered else hello.legacy_version
     return VERSION_CODES.get(version, "00")
 
@@ -105,26 +106,25 @@ def _count(values: list[int]) -> str:
     return f"{min(len(values), MAX_COUNT):02d}"
 
 
-def _hex_list(values: Iterable[int]) -> str:
-    return ",".join(f"{value:04x}" for value in values)
+def _hex_list(values: list[int]) -> str:
+    """``0a0a,1301``: four lowercase hex digits per value, comma-separated."""
+    return struct.pack(f">{len(values)}H", *values).hex(",", 2)
 
 
 def _sha12(text: str) -> str:
-    return hashlib.sha256(text.encode("ascii")).hexdigest()[:12]
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def fingerprints(hello: ClientHello) -> JA4:
     """All four JA4 forms of ``hello``."""
-    ciphers = [c for c in hello.cipher_suites if not is_grease(c)]
-    extensions = [e for e in hello.extensions if not is_grease(e)]
-    algorithms = [a for a in hello.signature_algorithms if not is_grease(a)]
+    ciphers = [c for c in hello.cipher_suites if c not in GREASE]
+    extensions = [e for e in hello.extensions if e not in GREASE]
+    algorithms = [a for a in hello.signature_algorithms if a not in GREASE]
     sni = "d" if EXT_SERVER_NAME in extensions else "i"
     part_a = f"t{version_code(hello)}{sni}{_count(ciphers)}{_count(extensions)}{alpn_code(hello)}"
     sorted_ciphers = _hex_list(sorted(ciphers))
     original_ciphers = _hex_list(ciphers)
-    sorted_extensions = _hex_list(
-        sorted(e for e in extensions if e not in {EXT_SERVER_NAME, EXT_ALPN})
-    )
+    sorted_extensions = _hex_list(sorted(e for e in extensions if e not in _IN_PART_A))
     original_extensions = _hex_list(extensions)
     tail = f"_{_hex_list(algorithms)}" if algorithms else ""
     cipher_hash = _sha12(sorted_ciphers) if ciphers else EMPTY_HASH
