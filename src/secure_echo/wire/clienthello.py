@@ -38,8 +38,11 @@ Contract of :class:`ClientHelloCollector`:
   place, with no buffering and no copy of the message.  Otherwise every byte is
   copied at most twice (into the unfinished record, then into the handshake buffer).
 
-Summary lists keep what the client sent, in its order, GREASE values included
-(:func:`is_grease`); :meth:`ClientHello.as_record` caps them for the log.
+The parser checks lengths, not values: an empty cipher list, an unknown version or
+a repeated extension is reported as sent (the first extension of a kind gives the
+values), and OpenSSL judges it.  Summary lists keep what the client sent, in its
+order, GREASE values included (:func:`is_grease`); :meth:`ClientHello.as_record`
+caps them for the log.
 """
 
 from __future__ import annotations
@@ -109,7 +112,8 @@ class Unparsed:
     ``reason`` is one of the tokens :data:`NOT_TLS`, :data:`SSLV2`,
     :data:`NOT_CLIENT_HELLO`, :data:`MALFORMED`, :data:`TOO_LARGE`,
     :data:`INCOMPLETE`; ``detail`` says what exactly, in a few words.  Neither holds
-    client bytes beyond hex-formatted numbers, so both are safe to log.
+    client bytes beyond numbers and at most one printable ASCII character, so both
+    are safe to log.
     """
 
     reason: str
