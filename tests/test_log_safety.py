@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import ipaddress
 import json
 import ssl
@@ -16,7 +17,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from secure_echo.daemon.logs import event_as_record, render_message
+from secure_echo.daemon.logs import JSONLinesObserver, render_message
 from secure_echo.edge.proxyreader import ProxySettings
 from secure_echo.edge.text import printable, printable_bytes
 from secure_echo.tls.allowlist import AllowList
@@ -47,7 +48,15 @@ def assert_clean(case: SynchronousTestCase, text: str) -> None:
 
 def as_lines(event: LogEvent) -> tuple[str, str]:
     """The event as the text log renders it and as the JSON log writes it."""
-    return render_message(event), json.dumps(event_as_record(event), ensure_ascii=False)
+    stream = io.StringIO()
+    JSONLinesObserver(stream)(event)
+    written = stream.getvalue()
+    # One record, one line: the only line break is the record's own end.
+    assert written.count("\n") == 1, written
+    assert written.endswith("\n"), written
+    line = written[:-1]
+    json.loads(line)
+    return render_message(event), line
 
 
 class PrintableTests(SynchronousTestCase):

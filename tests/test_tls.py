@@ -39,13 +39,15 @@ from secure_echo.tls.policy import (
     load_and_validate,
     set_groups,
 )
-from secure_echo.tls.verify import verify_error_text
+from secure_echo.tls.verify import describe, verify_error_text
 from secure_echo.tools import certgen
 from tests.helpers import NO_EKU, make_pki, write_expired_server, write_server_with
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
+
+    from OpenSSL.crypto import X509
 
     from tests.helpers import PKI
 
@@ -221,14 +223,16 @@ class VerifyNotes:
 
     notes: list[str] = field(default_factory=list)
     presented: list[tuple[str, str, str]] = field(default_factory=list)
+    codes: list[int | None] = field(default_factory=list)
 
-    def note_presented(self, subject: str, issuer: str, sha256: str) -> None:
+    def note_presented(self, cert: X509) -> None:
         """Record the presented certificate."""
-        self.presented.append((subject, issuer, sha256))
+        self.presented.append(describe(cert))
 
-    def note_verify_error(self, reason: str) -> None:
+    def note_verify_error(self, reason: str, code: int | None = None) -> None:
         """Record one verification error."""
         self.notes.append(reason)
+        self.codes.append(code)
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -708,6 +712,7 @@ class PolicyTests(SynchronousTestCase):
         self.assertFalse(outcome.server_done)
         self.assertIn("certificate verify failed", str(outcome.server_error))
         self.assertEqual(notes.notes, ["unable to get local issuer certificate (depth 0)"])
+        self.assertEqual(notes.codes, [20])  # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY
         (presented,) = notes.presented
         leaf = x509.load_pem_x509_certificate(self.pki.other_client_cert.read_bytes())
         self.assertEqual(

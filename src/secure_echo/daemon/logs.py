@@ -43,6 +43,8 @@ from twisted.python.logfile import LogFile
 from typing_extensions import override
 from zope.interface import implementer
 
+from secure_echo.tls.offered import RawJSON
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from pathlib import Path
@@ -53,6 +55,8 @@ DEFAULT_EVENT = "twisted"
 
 def _default(value: object) -> object:
     """JSON fallback: sets become lists, everything else its ``repr``."""
+    if isinstance(value, RawJSON):
+        return value.value()
     if isinstance(value, set | frozenset | tuple):
         return list(value)
     if isinstance(value, bytes):
@@ -165,12 +169,19 @@ class JSONLinesObserver:
     def __call__(self, event: LogEvent) -> None:
         """Write ``event`` as one line."""
         record = event_as_record(event)
+        # A field that is JSON text already (the ClientHello summary) is written as
+        # it is, after the rest: encoded once per kind of client, not per record.
+        raw = record.get("client_hello")
+        if isinstance(raw, RawJSON):
+            del record["client_hello"]
         try:
             line = _dumps(record)
         except (TypeError, ValueError):
             # A field JSON cannot hold (non-string keys, a cycle, NaN): write that
             # field as its repr rather than lose the whole record.
             line = _dumps({key: _field(value) for key, value in record.items()})
+        if isinstance(raw, RawJSON):
+            line = f'{line[:-1]}, "client_hello": {raw.text}}}'
         if not line.isascii():
             # A lone surrogate (an undecodable file name) cannot be encoded as UTF-8;
             # written as a JSON escape it keeps the record.

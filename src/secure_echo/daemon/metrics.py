@@ -43,6 +43,12 @@ Metrics (all counters count from the process start):
     Application bytes (plaintext, not TLS records).
 ``secure_echo_lines_received_total`` / ``secure_echo_lines_sent_total``
     Lines received (overlong ones included) and replies sent (errors included).
+``secure_echo_client_hello_versions_total{version}``
+``secure_echo_client_hello_key_shares_total{group}``
+    What clients offered: each TLS version in a ClientHello's supported_versions
+    (else its legacy version), and each key-share group it sent, counted at close
+    (names as in docs/logging.md's ``client_hello``; others are ``other``).  No
+    per-client labels: JA4 and the rest are in the log, not the metrics.
 ``secure_echo_proxy_rejected_total{reason}``
     PROXY headers refused, by ``proxy_rejected``'s reason (``proxy_malformed``,
     ``proxy_missing``, ``proxy_timeout``, ``proxy_untrusted``; else ``other``).
@@ -110,6 +116,7 @@ import secure_echo
 from secure_echo.daemon.logs import iso_timestamp
 from secure_echo.edge.limits import DRAINING, LIMIT_PER_IP, LIMIT_TOTAL
 from secure_echo.tls.failures import HANDSHAKE_FAILURE_REASONS, OTHER, handshake_failure_reason
+from secure_echo.tls.offered import RawJSON
 from secure_echo.tls.record import CloseReason
 from secure_echo.wire.proxy import PROXY_MALFORMED, PROXY_MISSING, PROXY_TIMEOUT, PROXY_UNTRUSTED
 
@@ -140,6 +147,26 @@ HANDSHAKE_BUCKETS: Final = (
 
 _CLOSE_REASONS: Final = frozenset(reason.value for reason in CloseReason)
 _REFUSAL_REASONS: Final = (LIMIT_TOTAL, LIMIT_PER_IP, DRAINING)
+#: The label values of the offer counters: the names clients really send (GREASE
+#: and unknown values are "other", so no client can add a label).
+_OFFERED_VERSIONS: Final = frozenset({"TLS 1.0", "TLS 1.1", "TLS 1.2", "TLS 1.3", "SSL 3.0"})
+_OFFERED_GROUPS: Final = frozenset(
+    {
+        "x25519",
+        "x448",
+        "secp256r1",
+        "secp384r1",
+        "secp521r1",
+        "X25519MLKEM768",
+        "SecP256r1MLKEM768",
+        "SecP384r1MLKEM1024",
+        "X25519Kyber768Draft00",
+        "MLKEM768",
+        "MLKEM1024",
+        "ffdhe2048",
+        "ffdhe3072",
+    }
+)
 _PROXY_REASONS: Final = (PROXY_MALFORMED, PROXY_MISSING, PROXY_TIMEOUT, PROXY_UNTRUSTED)
 _TLS_VERSIONS: Final = frozenset({"TLSv1.2", "TLSv1.3"})
 _CIPHER_MAX: Final = 64
@@ -295,6 +322,18 @@ class Metrics:
             "Replies sent, error replies included (counted at close).",
             registry=r,
         )
+        self._offered_versions = Counter(
+            "secure_echo_client_hello_versions_total",
+            "TLS versions clients offered in their ClientHello, one count per version offered.",
+            ["version"],
+            registry=r,
+        )
+        self._offered_key_shares = Counter(
+            "secure_echo_client_hello_key_shares_total",
+            "Key-share groups clients sent in their ClientHello, one count per group.",
+            ["group"],
+            registry=r,
+        )
         self._proxy_rejected = Counter(
             "secure_echo_proxy_rejected_total",
             "PROXY headers refused (and their connections closed), by reason.",
@@ -389,6 +428,24 @@ class Metrics:
             failure = "plaintext"
         if failure is not None:
             self._handshake_failures.labels(reason=failure).inc()
+        self._count_offer(event.get("client_hello"))
+
+    def _count_offer(self, value: object) -> None:
+        """Count the versions and key shares a connection's ClientHello offered."""
+        if value is None:
+            return
+        if isinstance(value, RawJSON):
+            versions: object = value.versions
+            key_shares: object = value.key_shares
+        elif isinstance(value, dict):
+            versions = value.get("supported_versions") or [value.get("legacy_version")]
+            key_shares = value.get("key_share_groups")
+        else:
+            return
+        for version in versions if isinstance(versions, list | tuple) else ():
+            self._offered_versions.labels(version=_label(version, _OFFERED_VERSIONS)).inc()
+        for group in key_shares if isinstance(key_shares, list | tuple) else ():
+            self._offered_key_shares.labels(group=_label(group, _OFFERED_GROUPS)).inc()
 
     def _connection_refused(self, event: LogEvent) -> None:
         # The first refusal of its reason in a window; the rest of the window comes

@@ -39,9 +39,11 @@ from zope.interface import implementer
 from secure_echo.edge.addresses import format_address
 from secure_echo.edge.text import printable
 from secure_echo.tls.deadlines import Deadlines
+from secure_echo.tls.diagnosis import plaintext_failure
 from secure_echo.tls.facts import record_handshake
-from secure_echo.tls.failures import plaintext_answer
+from secure_echo.tls.failures import looks_like_http, plaintext_answer
 from secure_echo.tls.lifecycle import Action, Event, Phase, next_reason, step
+from secure_echo.tls.notes import HandshakeNotes
 from secure_echo.tls.readgate import ReadGate
 from secure_echo.tls.record import ConnectionRecord
 from secure_echo.tls.recordio import record_io
@@ -50,10 +52,12 @@ from secure_echo.tls.writer import StreamWriter
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from OpenSSL.crypto import X509
     from twisted.internet.interfaces import IAddress, IProtocol, IReactorTime
     from twisted.python.failure import Failure
 
     from secure_echo.tls.deadlines import Timeouts
+    from secure_echo.tls.diagnosis import ServerPolicy
     from secure_echo.tls.policy import ContextHolder
 
 #: The first byte of a TLS handshake record.
@@ -81,6 +85,12 @@ class ConnectionFactory(Protocol):
     clock: IReactorTime
     timeouts: Timeouts
     plaintext_reply: bytes
+    #: Whether to read each client's ClientHello (``client_hello``, ``ja4``).
+    read_client_hello: bool
+
+    def policy(self) -> ServerPolicy:
+        """What the current TLS set accepts (to explain a failed handshake)."""
+        ...
 
     def connection_opened(self, connection: TLSServerConnection) -> None:
         """An accepted connection starts."""
@@ -132,7 +142,8 @@ class TLSServerConnection(TwistedProtocol):
         self._app: IProtocol | None = None
         self._in_read = False
         self._out: list[bytes] = []
-        self._verify_error: str | None = None
+        #: What the handshake learns (:mod:`secure_echo.tls.notes`); kept while it lasts.
+        self._notes: HandshakeNotes | None = None
         self._lost_reason: Failure | None = None
         #: A plaintext client's first read, kept to answer it in its own terms.
         self._first_bytes = b""
@@ -190,9 +201,13 @@ class TLSServerConnection(TwistedProtocol):
                 self._first_bytes = data
                 self._event(Event.PLAINTEXT_BYTES)
                 return
+            self._notes = HandshakeNotes(collect=self.factory.read_client_hello)
             self._event(Event.TLS_BYTES)
             phase = self._phase
         if phase is Phase.HANDSHAKING:
+            notes = self._notes
+            if notes is not None:
+                notes.feed(data, self.record)
             self._io.feed(data)
             if self._continue_handshake():
                 self._read_application_data()
@@ -247,7 +262,15 @@ class TLSServerConnection(TwistedProtocol):
         """A timer of :class:`Deadlines` (or the linger poll) reports ``event``."""
         if event is Event.HANDSHAKE_DEADLINE:
             timeout = self.factory.timeouts.handshake
-            self.record.tls_error = f"no handshake within {timeout:g} s"
+            record = self.record
+            record.tls_error = f"no handshake within {timeout:g} s"
+            record.failure = "timeout"
+            record.hint = (
+                f"the client did not finish the handshake within {timeout:g} s; a client "
+                "that waits for the server to speak first is not speaking TLS"
+            )
+            if self._notes is not None:
+                self._notes.finish(record)
         self._event(event)
 
     def owes_replies(self) -> bool:
@@ -265,28 +288,40 @@ class TLSServerConnection(TwistedProtocol):
             return False
         except SSL.Error as error:
             reason = ssl_error_text(error)
-            if self._verify_error is not None:
-                reason = f"{reason}: {self._verify_error}"
+            notes = self._notes
+            if notes is not None and notes.verify_error is not None:
+                reason = f"{reason}: {notes.verify_error}"
             self.record.tls_error = reason
             self._event(Event.HANDSHAKE_ERROR)
             return False
         self._event(Event.HANDSHAKE_DONE)
         return self._phase is _OPEN
 
-    def note_presented(self, subject: str, issuer: str, sha256: str) -> None:
-        """The client presented this certificate (from :mod:`secure_echo.tls.verify`)."""
-        record = self.record
-        record.client_cert_subject = subject
-        record.client_cert_issuer = issuer
-        record.client_cert_sha256 = sha256
+    def note_presented(self, cert: X509) -> None:
+        """The client presented ``cert`` (from :mod:`secure_echo.tls.verify`)."""
+        if self._notes is not None:
+            self._notes.presented = cert
 
     def note_sni_refused(self, name: str) -> None:
         """``--strict-sni`` refused the server name (from :mod:`secure_echo.tls.sni`)."""
-        self._verify_error = f"no certificate for the server name {printable(name)}"
+        notes = self._notes
+        if notes is not None:
+            notes.sni_refused = printable(name)
+            notes.verify_error = f"no certificate for the server name {printable(name)}"
 
-    def note_verify_error(self, reason: str) -> None:
+    def note_verify_error(self, reason: str, code: int | None = None) -> None:
         """The client's certificate was refused, and why (from :mod:`secure_echo.tls.verify`)."""
-        self._verify_error = reason
+        notes = self._notes
+        if notes is not None:
+            notes.verify_error = reason
+            notes.verify_code = code
+
+    def explain_failure(self) -> None:
+        """Fill the record's ``failure`` and ``hint`` for a failed handshake."""
+        record = self.record
+        notes = self._notes or HandshakeNotes(collect=False)
+        failure = notes.explain(record, self.factory.policy())
+        record.failure, record.hint = failure.code, failure.hint
 
     # -- application data -------------------------------------------------------
 
@@ -429,8 +464,19 @@ class TLSServerConnection(TwistedProtocol):
 # -- what each lifecycle action does (the table says when) -----------------------------
 
 
+def _send_hint(c: TLSServerConnection) -> None:
+    first = c._first_bytes
+    failure = plaintext_failure(http=looks_like_http(first))
+    c.record.failure, c.record.hint = failure.code, failure.hint
+    c._writer.write_plain(plaintext_answer(first, c.factory.plaintext_reply))
+
+
 def _start_app(c: TLSServerConnection) -> None:
     record_handshake(c.record, c._tls, c.factory.clock.seconds())
+    notes = c._notes
+    if notes is not None:
+        notes.finish(c.record)
+        c._notes = None  # an open connection keeps nothing of its handshake
     # The session tickets OpenSSL just queued are not sent here: the read that
     # finished the handshake is read on at once (dataReceived), and whatever it
     # leads to (the first replies, or nothing) flushes the outgoing BIO, so the
@@ -520,9 +566,7 @@ _ACTIONS: Final[dict[Action, Callable[[TLSServerConnection], object]]] = {
     Action.ARM_ESTABLISHED: lambda c: c._deadlines.arm_established(
         c.factory.timeouts, c.factory.clock.seconds()
     ),
-    Action.SEND_HINT: lambda c: c._writer.write_plain(
-        plaintext_answer(c._first_bytes, c.factory.plaintext_reply)
-    ),
+    Action.SEND_HINT: _send_hint,
     Action.FLUSH_TLS: lambda c: c._flush_tls(),
     Action.START_APP: _start_app,
     Action.END_APP_INPUT: _end_app_input,

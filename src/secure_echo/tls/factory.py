@@ -32,6 +32,7 @@ from secure_echo.edge.limits import DRAINING, ConnectionLimiter, RefusalLog, pee
 from secure_echo.edge.proxyreader import ProxyHeaderReader, ProxySettings
 from secure_echo.tls.connection import TLSServerConnection
 from secure_echo.tls.deadlines import Timeouts
+from secure_echo.tls.diagnosis import ServerPolicy, policy_of
 from secure_echo.tls.failures import handshake_failure_reason
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ class TLSServerFactory(Factory):
         refusals: RefusalLog | None = None,
         plaintext_hint: str = "secure-echo-client HOST:PORT --ca CA.pem",
         proxy: ProxySettings | None = None,
+        read_client_hello: bool = True,
     ) -> None:
         self.contexts = contexts
         self.app_factory = app_factory
@@ -97,6 +99,9 @@ class TLSServerFactory(Factory):
         self.connection_log: Logger = self.log
         #: ``--proxy-protocol``: None when off.
         self.proxy = proxy
+        #: Read each client's ClientHello (``client_hello``, ``ja4`` in the records).
+        self.read_client_hello = read_client_hello
+        self._policy: tuple[object, ServerPolicy] | None = None
         #: Every admitted socket still open (readers waiting for a header included).
         self.connections: set[Tracked] = set()
         self._handshake_digest = Digest(clock, self._handshake_summary)
@@ -217,6 +222,14 @@ class TLSServerFactory(Factory):
         )
         self._forget(connection.peer_key)
 
+    def policy(self) -> ServerPolicy:
+        """What the TLS set in use accepts, made once per set (a reload makes a new one)."""
+        loaded = self.contexts.loaded
+        cached = self._policy
+        if cached is None or cached[0] is not loaded:
+            cached = self._policy = (loaded, policy_of(loaded))
+        return cached[1]
+
     def handshake_failed(self, connection: TLSServerConnection) -> None:
         """Log a failed handshake: the first of its kind as a warning, the rest summed up.
 
@@ -224,6 +237,7 @@ class TLSServerFactory(Factory):
         for the first of its reason in a window, else an entry where the
         connection records go (summed up in the main log as ``handshake_failures``).
         """
+        connection.explain_failure()
         record = connection.record
         reason = handshake_failure_reason(record.tls_error)
         first = self._handshake_digest.first(reason, record.peer)
@@ -236,6 +250,11 @@ class TLSServerFactory(Factory):
             client_cert_subject=record.client_cert_subject,
             client_cert_issuer=record.client_cert_issuer,
             client_cert_sha256=record.client_cert_sha256,
+            failure=record.failure,
+            hint=record.hint,
+            client_hello=record.client_hello,
+            ja4=record.ja4,
+            ja4_r=record.ja4_r,
         )
 
     def _handshake_summary(

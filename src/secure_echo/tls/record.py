@@ -8,7 +8,10 @@ docs/logging.md lists every field; keep the two in step.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from secure_echo.tls.offered import RawJSON
 
 
 class CloseReason(StrEnum):
@@ -78,11 +81,16 @@ class ConnectionRecord:
         "client_cert_sans",
         "client_cert_sha256",
         "client_cert_subject",
+        "client_hello",
         "close_reason",
         "conn_id",
+        "failure",
         "group",
         "handler_errors",
         "handshake_ms",
+        "hint",
+        "ja4",
+        "ja4_r",
         "lines_in",
         "lines_out",
         "local",
@@ -113,6 +121,14 @@ class ConnectionRecord:
         self.client_cert_sans: list[str] | None = None
         self.client_cert_not_after: str | None = None
         self.handshake_ms: float | None = None
+        #: What the client offered (:mod:`secure_echo.tls.offered`): the ClientHello
+        #: summary, as JSON text, and its JA4 fingerprints.
+        self.client_hello: RawJSON | None = None
+        self.ja4: str | None = None
+        self.ja4_r: str | None = None
+        #: Why the handshake failed, as a stable code and a hint (:mod:`.diagnosis`).
+        self.failure: str | None = None
+        self.hint: str | None = None
         self.bytes_in = 0
         self.bytes_out = 0
         self.lines_in = 0
@@ -140,6 +156,8 @@ class ConnectionRecord:
             "client_cert_issuer": self.client_cert_issuer,
             "client_cert_sha256": self.client_cert_sha256,
             "handshake_ms": self.handshake_ms,
+            "ja4": self.ja4,
+            "ja4_r": self.ja4_r,
         }
 
     def info(self) -> dict[str, Any]:
@@ -147,6 +165,8 @@ class ConnectionRecord:
         fields = self._identity()
         fields["client_cert_sans"] = self.client_cert_sans
         fields["client_cert_not_after"] = self.client_cert_not_after
+        hello = self.client_hello
+        fields["client_hello"] = hello.value() if hello is not None else None
         return fields
 
     def close_fields(self, now: float) -> dict[str, Any]:
@@ -163,5 +183,8 @@ class ConnectionRecord:
             close_reason=str(self.close_reason or CloseReason.CONNECTION_LOST),
             tls_error=self.tls_error,
             unsent_bytes=self.unsent_bytes,
+            client_hello=self.client_hello,
+            failure=self.failure,
+            hint=self.hint,
         )
         return fields

@@ -40,11 +40,11 @@ if TYPE_CHECKING:
 class VerifyListener(Protocol):
     """What a connection hears from the verification of its client's certificate."""
 
-    def note_presented(self, subject: str, issuer: str, sha256: str) -> None:
+    def note_presented(self, cert: X509) -> None:
         """The client presented this certificate (its leaf)."""
 
-    def note_verify_error(self, reason: str) -> None:
-        """The certificate was refused, and why."""
+    def note_verify_error(self, reason: str, code: int | None = None) -> None:
+        """The certificate was refused, and why (``code``: OpenSSL's verify error)."""
 
 
 def verify_error_text(code: int) -> str:
@@ -104,19 +104,21 @@ def _check(ok: int, store_ctx: Any, allow: AllowList) -> int:
     if listener is not None and (depth == 0 or not ok):
         # The chain is checked from its top down: the leaf's turn, or the failure
         # that ends the check, is where the record learns what was presented.
-        listener.note_presented(*describe(leaf))
+        listener.note_presented(leaf)
     reason: str | None = None
+    code: int | None = None
     if not ok:
-        error = _lib.X509_STORE_CTX_get_error(store_ctx)
-        reason = f"{verify_error_text(error)} (depth {depth})"
+        code = _lib.X509_STORE_CTX_get_error(store_ctx)
+        reason = f"{verify_error_text(code)} (depth {depth})"
     elif depth == 0 and allow.active:
         reason = allow.check(leaf.to_cryptography())
         if reason is not None:
-            _lib.X509_STORE_CTX_set_error(store_ctx, _lib.X509_V_ERR_CERT_REJECTED)
+            code = _lib.X509_V_ERR_CERT_REJECTED
+            _lib.X509_STORE_CTX_set_error(store_ctx, code)
     if reason is None:
         return 1
     if listener is not None:
-        listener.note_verify_error(reason)
+        listener.note_verify_error(reason, code)
     return 0
 
 
@@ -133,7 +135,10 @@ def install_verify(context: SSL.Context, mode: int, allow: AllowList) -> None:
             finally:
                 _lib.X509_STORE_CTX_set_error(store_ctx, _lib.X509_V_ERR_CERT_REJECTED)
             if listener is not None:
-                listener.note_verify_error(f"the certificate could not be checked: {error}")
+                listener.note_verify_error(
+                    f"the certificate could not be checked: {error}",
+                    _lib.X509_V_ERR_CERT_REJECTED,
+                )
             return 0
 
     handle = _ffi.callback("int (*)(int, X509_STORE_CTX *)", callback)

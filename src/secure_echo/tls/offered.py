@@ -1,0 +1,149 @@
+"""What each client offered, as its record shows it: the ClientHello summary and JA4.
+
+The connection feeds the client's first bytes to a
+:class:`~secure_echo.wire.clienthello.ClientHelloCollector` until it has the
+ClientHello (or knows it cannot read one); :func:`summarise` turns the result into
+what the records carry: ``client_hello`` (an object, as
+:meth:`~secure_echo.wire.clienthello.ClientHello.as_record` describes it) and
+``ja4``, ``ja4_r``.
+
+Cost matters here: this runs for every connection, on the handshake's path.  Most
+connections come from few kinds of client (one browser build, one library, one
+load balancer), and everything but a handful of fields is the same for all of one
+kind.  So the JSON text of that part and the fingerprints are made once per kind
+(an LRU cache keyed by what they depend on) and the record carries the text as
+it is (:class:`RawJSON`), which the JSON log writes without encoding it again.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import TYPE_CHECKING, Final
+
+from secure_echo.wire.clienthello import (
+    GROUP_NAMES,
+    VERSION_NAMES,
+    ClientHello,
+    Unparsed,
+    is_grease,
+    name_of,
+)
+from secure_echo.wire.clienthello import _escape as escape
+from secure_echo.wire.ja4 import fingerprints
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+#: Kinds of client remembered (each entry: a few kilobytes of text).
+CACHE_SIZE: Final = 512
+#: Fields of :meth:`ClientHello.as_record` that differ between connections of one
+#: kind of client; the rest are the kind's.
+_PER_CONNECTION: Final = ("sni", "session_ticket", "session_id_length", "length", "truncated")
+
+
+class RawJSON:
+    """A record field whose value is JSON text already (written as it is).
+
+    ``versions`` and ``key_shares`` are the offered TLS versions and key-share
+    groups, by name, for the metrics (which count them, never the whole object).
+    """
+
+    __slots__ = ("key_shares", "text", "versions")
+
+    def __init__(self, text: str, versions: tuple[str, ...], key_shares: tuple[str, ...]) -> None:
+        self.text = text
+        self.versions = versions
+        self.key_shares = key_shares
+
+    def value(self) -> object:
+        """The decoded value (for the info reply, and tests)."""
+        return json.loads(self.text)
+
+
+class _Kind:
+    """What all connections of one kind of client share in their record."""
+
+    __slots__ = ("ja4", "ja4_r", "key_shares", "text", "truncated", "versions")
+
+    def __init__(self, hello: ClientHello) -> None:
+        record = hello.as_record()
+        shared = {key: value for key, value in record.items() if key not in _PER_CONNECTION}
+        #: The shared fields as JSON, without the closing brace.
+        self.text = json.dumps(shared, separators=(",", ":"), sort_keys=True)[:-1]
+        truncated = record["truncated"]
+        self.truncated: dict[str, int] = truncated if isinstance(truncated, dict) else {}
+        marks = fingerprints(hello)
+        self.ja4 = marks.ja4
+        self.ja4_r = marks.ja4_r
+        versions = hello.supported_versions or (hello.legacy_version,)
+        self.versions = tuple(name_of(v, VERSION_NAMES) for v in versions if not is_grease(v))
+        self.key_shares = tuple(
+            name_of(g, GROUP_NAMES) for g in hello.key_share_groups if not is_grease(g)
+        )
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _kind(hello: ClientHello) -> _Kind:
+    return _Kind(hello)
+
+
+def _kind_key(hello: ClientHello) -> ClientHello:
+    """``hello`` with what differs between connections of one client cleared.
+
+    JA4 depends on whether a server name was sent, not on which; the summary's
+    per-connection fields are added afterwards.
+    """
+    return ClientHello(
+        hello.record_version,
+        hello.legacy_version,
+        0,
+        hello.cipher_suites,
+        hello.compression_methods,
+        hello.extensions,
+        hello.supported_versions,
+        hello.supported_groups,
+        hello.key_share_groups,
+        hello.signature_algorithms,
+        hello.signature_algorithms_cert,
+        hello.alpn,
+        b"" if hello.server_name is not None else None,
+        None,
+        hello.records,
+        0,
+    )
+
+
+def summarise(result: ClientHello | Unparsed) -> tuple[RawJSON, str | None, str | None]:
+    """The record's ``client_hello``, ``ja4`` and ``ja4_r`` for a collector's result."""
+    if isinstance(result, Unparsed):
+        text = json.dumps(result.as_record(), separators=(",", ":"), sort_keys=True)
+        return RawJSON(text, (), ()), None, None
+    kind = _kind(_kind_key(result))
+    truncated = kind.truncated
+    sni = None
+    if result.server_name is not None:
+        sni, whole = escape(result.server_name)
+        if not whole:
+            truncated = {**truncated, "sni": len(result.server_name)}
+    own = {
+        "length": result.length,
+        "session_id_length": result.session_id_length,
+        "session_ticket": result.session_ticket,
+        "sni": sni,
+        "truncated": truncated,
+    }
+    text = kind.text + "," + json.dumps(own, separators=(",", ":"), sort_keys=True)[1:]
+    return RawJSON(text, kind.versions, kind.key_shares), kind.ja4, kind.ja4_r
+
+
+def offered(value: object) -> Mapping[str, object]:
+    """A record's ``client_hello`` as a mapping, whichever form it has reached us in.
+
+    In this process it is a :class:`RawJSON`; relayed from a worker process, a
+    decoded object.
+    """
+    if isinstance(value, RawJSON):
+        decoded = value.value()
+        return decoded if isinstance(decoded, dict) else {}
+    return value if isinstance(value, dict) else {}
