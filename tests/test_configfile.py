@@ -113,7 +113,7 @@ class PrecedenceTests(FileTestCase):
         """Relative command-line paths are kept absolute for a later reload."""
         cert = Path(os.path.relpath(self.pki.server_cert))
         cfg = self.parse_file("", "--cert", str(cert))
-        self.assertEqual(cfg.command_line["cert"], str(cert.absolute()))
+        self.assertEqual(cfg.command_line["cert"], (str(cert.absolute()),))
 
     def test_flag_is_boolean(self) -> None:
         """A flag is written true or false in the file; the command line still wins."""
@@ -336,7 +336,7 @@ class PrintConfigTests(FileTestCase):
         self.assertEqual(options["max-pending"], {"value": 8, "source": "command-line"})
         self.assertEqual(options["log-keep"], {"value": 5, "source": "default"})
         self.assertEqual(options["listen"]["value"], ["tcp:9001:backlog=4096"])
-        self.assertEqual(options["cert"]["value"], str(self.directory / "server.pem"))
+        self.assertEqual(options["cert"]["value"], [str(self.directory / "server.pem")])
         self.assertEqual(shown["config_file"], str(self.file))
         self.assertEqual(shown["config_sha256"], hashlib.sha256(path.read_bytes()).hexdigest())
 

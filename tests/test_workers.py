@@ -404,7 +404,7 @@ class ConfigTests(SynchronousTestCase):
             ]
         )
         values = worker_values(options)
-        self.assertEqual(values["cert"], str(self.pki.server_cert.absolute()))
+        self.assertEqual(values["cert"], [str(self.pki.server_cert.absolute())])
         self.assertEqual(values["max-pending"], "9")
         self.assertEqual(values["allow-cn"], ["x"])
         self.assertEqual(values["listen"], [])
@@ -421,7 +421,7 @@ class ConfigTests(SynchronousTestCase):
         options.parseOptions([])
         values = worker_values(options)
         self.assertEqual(values["state-dir"], str(state))
-        self.assertIsNone(values["cert"])
+        self.assertEqual(values["cert"], [])
 
     def test_worker_options(self) -> None:
         """A worker validates the values again into the config it serves with."""
@@ -981,7 +981,7 @@ class WorkerProcessTests(SynchronousTestCase):
 
     def test_invalid_options(self) -> None:
         """Options that no longer validate (a certificate gone): worker_failed, status 2."""
-        values = {**self.values, "cert": str(Path(self.mktemp()).absolute())}
+        values = {**self.values, "cert": [str(Path(self.mktemp()).absolute())]}
         process = self.spawn(WorkerSpec(1, values).to_json())
         assert process.stdout is not None
         records = read_records(process.stdout, lambda r: r.get("event") == "worker_failed")
