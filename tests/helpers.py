@@ -156,12 +156,21 @@ def write_named_server(
 def write_test_certs(directory: Path, ca: certgen.Issued) -> Path:
     """A ``--test-certs`` directory serving an expired certificate for ``expired.localhost``.
 
-    Returns the directory (created).
+    The certificate names ``expired.localhost``, so its expiry is the only fault a
+    verifying client finds.  Returns the directory (created).
     """
     directory.mkdir(parents=True, exist_ok=True)
-    cert, key = write_expired_server(directory, ca)
-    cert.rename(directory / "expired.localhost.pem")
-    key.rename(directory / "expired.localhost.key")
+    now = datetime.datetime.now(datetime.UTC)
+    expired = certgen.issue_server(
+        ca,
+        ("expired.localhost",),
+        days=-1,
+        now=now,
+        not_before=now - datetime.timedelta(days=10),
+    )
+    certgen.write_pair(
+        expired, directory / "expired.localhost.pem", directory / "expired.localhost.key"
+    )
     return directory
 
 
