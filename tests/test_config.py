@@ -243,7 +243,9 @@ class InvalidOptionTests(ConfigTestCase):
             parse,
             ["--key", str(self.pki.server_key), "--state-dir", self.mktemp()],
         )
-        self.assertTrue(str(error).startswith("--key:"), str(error))
+        self.assertEqual(
+            str(error), "--key: given without --cert; add --cert with the matching certificate"
+        )
 
     def test_bad_cert(self) -> None:
         """A TLS problem reaches the operator as one UsageError line naming the option."""

@@ -6,8 +6,8 @@ place, after parsing and before the reactor runs, that touches the filesystem fo
 TLS: it makes (or reuses) the development certificate when no ``--cert`` was given,
 reads and checks the whole TLS set (:func:`secure_echo.tls.material.load_tls`: every
 certificate and key, the client CAs, the CRLs, the test certificates), and builds
-the first TLS contexts.  Its errors are the same one-line ``usage.UsageError`` as the options',
-worded for the config file when the option came from there.
+the first TLS contexts.  Its errors are the same one-line ``usage.UsageError`` as
+the options', worded for the config file when the option came from there.
 """
 
 from __future__ import annotations

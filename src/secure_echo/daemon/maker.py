@@ -95,7 +95,7 @@ class TLSService(Service):
             certificates=describe(loaded),
             test_certificates=test_names(loaded),
             crls=[str(crl) for crl in settings.crls],
-            alpn=[name.decode("ascii", "backslashreplace") for name in settings.alpn],
+            alpn=[name.decode("utf-8", "backslashreplace") for name in settings.alpn],
             strict_sni=settings.strict_sni,
         )
         if loaded.test:

@@ -66,7 +66,7 @@ def _tls_policy(cfg: Config) -> dict[str, object]:
         "certificates": describe(loaded, detail=True),
         "test_certificates": describe_test(loaded),
         "strict_sni": settings.strict_sni,
-        "alpn": [name.decode("ascii", "backslashreplace") for name in settings.alpn],
+        "alpn": [name.decode("utf-8", "backslashreplace") for name in settings.alpn],
         "crls": [
             {
                 "issuer": crl.issuer.rfc4514_string(),

@@ -3,9 +3,9 @@
 A reload is one transaction: every certificate chain and key, the client CA, the
 CRLs, the test certificates and the allow-lists are read and validated together
 (:func:`secure_echo.tls.material.load_tls`), new contexts are built from them, and
-only then swapped in for new connections.  If any
-step fails the old context stays in use and ``tls_reload_failed`` is logged; open
-connections always keep the context they started with.
+only then swapped in for new connections.  If any step fails the old contexts stay
+in use and ``tls_reload_failed`` is logged; open connections always keep the context
+they started with.
 
 Triggers:
 

@@ -321,13 +321,8 @@ def _log_path(value: str) -> Path:
     return path
 
 
-def _paths(value: object) -> list[str]:
-    """A repeatable path option's values as a list (a lone string is one path)."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    assert isinstance(value, list | tuple)  # what Options and the config file give
+def _paths(value: Sequence[str]) -> list[str]:
+    """A repeatable path option's values (a list: Options keeps one for each)."""
     return [str(item) for item in value]
 
 
@@ -338,6 +333,10 @@ def _certificate_pairs(values: Mapping[str, Any]) -> list[tuple[Path, Path]]:
     key from the certificate file.
     """
     certs, keys = _paths(values["cert"]), _paths(values["key"])
+    if keys and not certs:
+        raise usage.UsageError(
+            "--key: given without --cert; add --cert with the matching certificate"
+        )
     for name, given in (("cert", certs), ("key", keys)):
         if "" in given:
             raise usage.UsageError(
@@ -421,10 +420,6 @@ def tls_settings(values: Mapping[str, Any]) -> tuple[TLSSettings, Path | None]:
     test_certs = Path(values["test-certs"]).expanduser() if values["test-certs"] else None
     state_dir = None
     if not pairs:
-        if _paths(values["key"]):
-            raise usage.UsageError(
-                "--key: given without --cert; add --cert with the matching certificate"
-            )
         try:
             state_dir = (
                 Path(values["state-dir"]).expanduser()
