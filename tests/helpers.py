@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import crypto
 
@@ -138,3 +138,68 @@ def write_server_with(
     cert, key_path = directory / f"{name}.pem", directory / f"{name}-key.pem"
     certgen.write_pair(issued, cert, key_path)
     return cert, key_path
+
+
+def write_named_server(
+    pki: PKI, stem: str, names: tuple[str, ...], *, days: int = 2
+) -> tuple[Path, Path]:
+    """A server certificate for ``names`` from the test CA, as ``stem.pem`` + ``stem-key.pem``.
+
+    Returns (cert, key).  ``days`` is its lifetime from now.
+    """
+    issued = certgen.issue_server(pki.ca, names, days=days)
+    cert, key = pki.directory / f"{stem}.pem", pki.directory / f"{stem}-key.pem"
+    certgen.write_pair(issued, cert, key)
+    return cert, key
+
+
+def write_test_certs(directory: Path, ca: certgen.Issued) -> Path:
+    """A ``--test-certs`` directory serving an expired certificate for ``expired.localhost``.
+
+    The certificate names ``expired.localhost``, so its expiry is the only fault a
+    verifying client finds.  Returns the directory (created).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    expired = certgen.issue_server(
+        ca,
+        ("expired.localhost",),
+        days=-1,
+        now=now,
+        not_before=now - datetime.timedelta(days=10),
+    )
+    certgen.write_pair(
+        expired, directory / "expired.localhost.pem", directory / "expired.localhost.key"
+    )
+    return directory
+
+
+def write_crl(pki: PKI, revoked: tuple[int, ...], *, name: str = "crl.pem", days: int = 2) -> Path:
+    """A PEM CRL from the test CA revoking the serial numbers ``revoked``; its path.
+
+    ``days`` is how long it stays current (negative: expired).
+    """
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(pki.ca.certificate.subject)
+        .last_update(now - datetime.timedelta(days=10))
+        .next_update(now + datetime.timedelta(days=days))
+    )
+    for serial in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(serial)
+            .revocation_date(now - datetime.timedelta(minutes=5))
+            .build()
+        )
+    path = pki.directory / name
+    path.write_bytes(
+        builder.sign(pki.ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+    )
+    return path
+
+
+def serial_of(path: Path) -> int:
+    """The serial number of the (first) certificate in a PEM file."""
+    return x509.load_pem_x509_certificate(path.read_bytes()).serial_number

@@ -18,7 +18,13 @@ from secure_echo.daemon.load import Config, load
 from secure_echo.daemon.options import parse
 from secure_echo.daemon.settings import DEFAULT_BACKLOG, Listen, validate_listen
 from secure_echo.tls.policy import ClientAuth, TLSProfile
-from tests.helpers import make_pki
+from tests.helpers import (
+    make_pki,
+    write_crl,
+    write_expired_server,
+    write_named_server,
+    write_test_certs,
+)
 
 
 class ConfigTestCase(SynchronousTestCase):
@@ -237,7 +243,9 @@ class InvalidOptionTests(ConfigTestCase):
             parse,
             ["--key", str(self.pki.server_key), "--state-dir", self.mktemp()],
         )
-        self.assertTrue(str(error).startswith("--key:"), str(error))
+        self.assertEqual(
+            str(error), "--key: given without --cert; add --cert with the matching certificate"
+        )
 
     def test_bad_cert(self) -> None:
         """A TLS problem reaches the operator as one UsageError line naming the option."""
@@ -449,3 +457,194 @@ class NewOptionTests(ConfigTestCase):
             "10",
             words=("longer than --max-line-length",),
         )
+
+
+class SeveralCertificatesTests(SynchronousTestCase):
+    """--cert/--key repeatable: paired by position, the first is the default."""
+
+    def setUp(self) -> None:
+        self.pki = make_pki(self.mktemp())
+        self.other = write_named_server(self.pki, "other", ("other.example",))
+        self.third = write_named_server(self.pki, "third", ("*.third.example",))
+
+    def error(self, *args: str) -> str:
+        """Parsing ``args`` fails with one line; return it."""
+        error: usage.UsageError = self.assertRaises(usage.UsageError, parse, list(args))
+        self.assertNotIn("\n", str(error))
+        return str(error)
+
+    def test_pairs_by_position(self) -> None:
+        """The n-th --key belongs to the n-th --cert; the first pair is the default."""
+        cfg = parse(
+            [
+                "--cert",
+                str(self.pki.server_cert),
+                "--cert",
+                str(self.other[0]),
+                "--key",
+                str(self.pki.server_key),
+                "--key",
+                str(self.other[1]),
+            ]
+        )
+        settings = cfg.tls.settings
+        self.assertEqual(
+            (settings.cert, settings.key), (self.pki.server_cert, self.pki.server_key)
+        )
+        self.assertEqual(settings.extra_certs, (self.other,))
+        self.assertEqual(cfg.tls.subject, "CN=localhost")
+        self.assertEqual([extra.subject for extra in cfg.tls.extra], ["CN=other.example"])
+
+    def test_missing_key_read_from_cert_file(self) -> None:
+        """A --cert beyond the last --key reads its key from its own file."""
+        combined = self.pki.directory / "third-combined.pem"
+        combined.write_bytes(self.third[0].read_bytes() + self.third[1].read_bytes())
+        cfg = parse(
+            [
+                "--cert",
+                str(self.pki.server_cert),
+                "--key",
+                str(self.pki.server_key),
+                "--cert",
+                str(combined),
+            ]
+        )
+        self.assertEqual(cfg.tls.settings.extra_certs, ((combined, combined),))
+        self.assertEqual(cfg.tls.extra[0].subject, "CN=*.third.example")
+
+    def test_more_keys_than_certs(self) -> None:
+        """More --key than --cert is one line saying how they pair."""
+        text = self.error(
+            "--cert",
+            str(self.pki.server_cert),
+            "--key",
+            str(self.pki.server_key),
+            "--key",
+            str(self.other[1]),
+        )
+        self.assertTrue(text.startswith("--key: 2 keys for 1 certificate;"), text)
+        self.assertIn("the n-th --key belongs to the n-th --cert", text)
+
+    def test_empty_paths(self) -> None:
+        """An empty --cert or --key is refused, naming the option."""
+        self.assertTrue(self.error("--cert", "").startswith("--cert: an empty path"))
+        text = self.error("--cert", str(self.pki.server_cert), "--key", "")
+        self.assertTrue(text.startswith("--key: an empty path"), text)
+
+    def test_bad_second_certificate(self) -> None:
+        """The further certificates get the default one's checks: an expired one stops start-up."""
+        expired = write_expired_server(self.pki.directory, self.pki.ca)
+        text = self.error(
+            "--cert",
+            str(self.pki.server_cert),
+            "--cert",
+            str(expired[0]),
+            "--key",
+            str(self.pki.server_key),
+            "--key",
+            str(expired[1]),
+        )
+        self.assertTrue(text.startswith("--cert: certificate in"), text)
+        self.assertIn("expired", text)
+
+    def test_second_key_mismatch(self) -> None:
+        """A further key that is not its certificate's is refused naming --key."""
+        text = self.error(
+            "--cert",
+            str(self.pki.server_cert),
+            "--cert",
+            str(self.other[0]),
+            "--key",
+            str(self.pki.server_key),
+            "--key",
+            str(self.third[1]),
+        )
+        self.assertTrue(text.startswith("--key:"), text)
+        self.assertIn("does not match", text)
+
+
+class NewTLSOptionTests(ConfigTestCase):
+    """--test-certs, --strict-sni, --crl and --alpn."""
+
+    def test_defaults(self) -> None:
+        """Without them: no test certificates, no CRL, no ALPN, SNI not strict."""
+        settings = self.parse().tls.settings
+        self.assertEqual(
+            (
+                settings.test_certs,
+                settings.crls,
+                settings.alpn,
+                settings.strict_sni,
+                settings.extra_certs,
+            ),
+            (None, (), (), False, ()),
+        )
+
+    def test_test_certs(self) -> None:
+        """--test-certs DIR loads each NAME.pem + NAME.key; the default stays --cert."""
+        directory = write_test_certs(self.pki.directory / "test-certs", self.pki.ca)
+        cfg = self.parse("--test-certs", str(directory))
+        self.assertEqual(cfg.tls.settings.test_certs, directory)
+        self.assertEqual([cert.name for cert in cfg.tls.test], ["expired.localhost"])
+        self.assertEqual(cfg.tls.settings.cert, self.pki.server_cert)
+
+    def test_test_certs_not_a_directory(self) -> None:
+        """A --test-certs that is no directory is one line naming the option."""
+        self.assert_usage_error(
+            "--test-certs", "--test-certs", str(self.pki.ca_cert), words=("not a directory",)
+        )
+
+    def test_strict_sni(self) -> None:
+        """--strict-sni is a flag."""
+        self.assertTrue(self.parse("--strict-sni").tls.settings.strict_sni)
+
+    def test_alpn(self) -> None:
+        """--alpn keeps the order given, once per protocol."""
+        cfg = self.parse("--alpn", "h2", "--alpn", "http/1.1", "--alpn", "h2")
+        self.assertEqual(cfg.tls.settings.alpn, (b"h2", b"http/1.1"))
+
+    def test_alpn_errors(self) -> None:
+        """An empty, too long or comma-separated --alpn is one line naming it."""
+        self.assert_usage_error("--alpn", "--alpn", "", words=("is 0 bytes", "1 to 255"))
+        self.assert_usage_error("--alpn", "--alpn", "x" * 256, words=("is 256 bytes",))
+        self.assertEqual(self.parse("--alpn", "x" * 255).tls.settings.alpn, (b"x" * 255,))
+        self.assert_usage_error(
+            "--alpn", "--alpn", "h2,http/1.1", words=("comma", "--alpn h2 --alpn http/1.1")
+        )
+
+    def test_crl(self) -> None:
+        """--crl with --client-ca is loaded, repeatable."""
+        first = write_crl(self.pki, (1,), name="one.pem")
+        second = write_crl(self.pki, (2, 3), name="two.pem")
+        cfg = self.parse(
+            "--client-ca", str(self.pki.ca_cert), "--crl", str(first), "--crl", str(second)
+        )
+        self.assertEqual(cfg.tls.settings.crls, (first, second))
+        self.assertEqual([len(crl) for crl in cfg.tls.crls], [1, 2])
+
+    def test_crl_needs_client_ca(self) -> None:
+        """--crl without --client-ca, or with --client-auth none, is one line: what to add."""
+        crl = str(write_crl(self.pki, ()))
+        self.assert_usage_error("--crl", "--crl", crl, words=("add --client-ca",))
+        self.assert_usage_error(
+            "--crl",
+            "--crl",
+            crl,
+            "--client-ca",
+            str(self.pki.ca_cert),
+            "--client-auth",
+            "none",
+            words=("--client-auth none checks no client certificate",),
+        )
+        self.assert_usage_error(
+            "--crl", "--crl", "", "--client-ca", str(self.pki.ca_cert), words=("empty path",)
+        )
+
+    def test_crl_file_problems(self) -> None:
+        """A CRL file that holds no CRL, or an expired one, stops start-up naming --crl."""
+        ca = ("--client-ca", str(self.pki.ca_cert))
+        self.assert_usage_error(
+            "--crl", *ca, "--crl", str(self.pki.ca_cert), words=("holds no PEM CRL",)
+        )
+        expired = write_crl(self.pki, (), name="old.pem", days=-1)
+        self.assert_usage_error("--crl", *ca, "--crl", str(expired), words=("expired",))

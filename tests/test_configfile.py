@@ -23,9 +23,16 @@ from secure_echo.daemon.load import Config
 from secure_echo.daemon.options import parse
 from secure_echo.daemon.printconfig import effective_settings
 from secure_echo.daemon.settings import DEFAULT_LISTEN, FILE_KEYS
-from secure_echo.tls.policy import GROUPS, TLS12_CIPHERS, TLS13_CIPHERS, ClientAuth, TLSConfigError
+from secure_echo.tls.policy import (
+    GROUPS,
+    TLS12_CIPHERS,
+    TLS13_CIPHERS,
+    ClientAuth,
+    TLSConfigError,
+    fingerprint_sha256,
+)
 from secure_echo.tls.policy import TLSProfile as Profile
-from tests.helpers import make_pki
+from tests.helpers import make_pki, write_crl, write_named_server, write_test_certs
 
 CONTRIB = Path(__file__).resolve().parent.parent / "contrib" / "secure-echo.toml"
 #: A key line of the contrib file, commented out or not.
@@ -113,7 +120,7 @@ class PrecedenceTests(FileTestCase):
         """Relative command-line paths are kept absolute for a later reload."""
         cert = Path(os.path.relpath(self.pki.server_cert))
         cfg = self.parse_file("", "--cert", str(cert))
-        self.assertEqual(cfg.command_line["cert"], str(cert.absolute()))
+        self.assertEqual(cfg.command_line["cert"], (str(cert.absolute()),))
 
     def test_flag_is_boolean(self) -> None:
         """A flag is written true or false in the file; the command line still wins."""
@@ -336,7 +343,7 @@ class PrintConfigTests(FileTestCase):
         self.assertEqual(options["max-pending"], {"value": 8, "source": "command-line"})
         self.assertEqual(options["log-keep"], {"value": 5, "source": "default"})
         self.assertEqual(options["listen"]["value"], ["tcp:9001:backlog=4096"])
-        self.assertEqual(options["cert"]["value"], str(self.directory / "server.pem"))
+        self.assertEqual(options["cert"]["value"], [str(self.directory / "server.pem")])
         self.assertEqual(shown["config_file"], str(self.file))
         self.assertEqual(shown["config_sha256"], hashlib.sha256(path.read_bytes()).hexdigest())
 
@@ -553,3 +560,179 @@ class ContribFileTests(SynchronousTestCase):
         path = Path(self.mktemp())
         path.write_text("".join(f"{key} = {spec.example}\n" for key, spec in FILE_KEYS.items()))
         self.assertEqual(set(configfile.read(path, FILE_KEYS).values), set(FILE_KEYS))
+
+
+class CertificateArrayTests(FileTestCase):
+    """cert, key and crl as a path or an array of paths; the new TLS keys."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.other = write_named_server(self.pki, "other", ("other.example",))
+
+    def write_certs(self, text: str) -> Path:
+        """Write ``text`` as the whole config file (no default cert and key lines)."""
+        self.file.write_text(text)
+        return self.file
+
+    def test_arrays_relative_to_the_file(self) -> None:
+        """Arrays of relative paths are resolved against the file's directory, in order."""
+        self.write_certs(
+            'cert = ["server.pem", "other.pem"]\nkey = ["server-key.pem", "other-key.pem"]\n'
+        )
+        cfg = parse(["--config", str(self.file)])
+        settings = cfg.tls.settings
+        self.assertEqual(settings.cert, self.directory / "server.pem")
+        self.assertEqual(settings.key, self.directory / "server-key.pem")
+        self.assertEqual(
+            settings.extra_certs,
+            ((self.directory / "other.pem", self.directory / "other-key.pem"),),
+        )
+        self.assertEqual(cfg.sources["cert"], "file")
+
+    def test_string_or_array(self) -> None:
+        """A single string is one path, as an array of one would be."""
+        self.write_certs('cert = "server.pem"\nkey = ["server-key.pem"]\n')
+        settings = parse(["--config", str(self.file)]).tls.settings
+        self.assertEqual(
+            (settings.cert, settings.key, settings.extra_certs),
+            (self.directory / "server.pem", self.directory / "server-key.pem", ()),
+        )
+
+    def test_command_line_replaces_the_array(self) -> None:
+        """--cert on the command line replaces the file's whole array (and --key its keys)."""
+        self.write_certs(
+            'cert = ["server.pem", "other.pem"]\nkey = ["server-key.pem", "other-key.pem"]\n'
+        )
+        cfg = parse(
+            ["--config", str(self.file), "--cert", str(self.other[0]), "--key", str(self.other[1])]
+        )
+        self.assertEqual(cfg.tls.subject, "CN=other.example")
+        self.assertEqual(cfg.tls.settings.extra_certs, ())
+        self.assertEqual(cfg.command_line["cert"], (str(self.other[0].absolute()),))
+
+    def test_wrong_types(self) -> None:
+        """A number, or an array holding a number, is one line naming the file and key."""
+        self.write_certs("cert = 5\n")
+        error = self.assertRaises(ConfigFileError, parse, ["--config", str(self.file)])
+        self.assertIn(
+            'key "cert" must be a path string or an array of path strings, not an integer (5)',
+            str(error),
+        )
+        self.write_certs('crl = ["a.pem", 1]\n')
+        error = self.assertRaises(ConfigFileError, parse, ["--config", str(self.file)])
+        self.assertIn('key "crl" must be an array of strings, and not every item', str(error))
+
+    def test_value_errors_name_file_and_key(self) -> None:
+        """A pairing or ALPN error from the file names the file and its key."""
+        self.write_certs('cert = "server.pem"\nkey = ["server-key.pem", "other-key.pem"]\n')
+        error = self.assertRaises(usage.UsageError, parse, ["--config", str(self.file)])
+        self.assertEqual(
+            str(error),
+            f'--config {self.file}: key "key": 2 keys for 1 certificate; the n-th --key '
+            "belongs to the n-th --cert, so drop the extra --key or add the --cert it belongs to",
+        )
+        message = self.file_error('alpn = ["h2,http/1.1"]\n')
+        self.assertIn('key "alpn": ', message)
+        message = self.file_error('crl = "crl.pem"\n')
+        self.assertIn('key "crl": revocation lists apply to client certificates', message)
+
+    def test_new_keys(self) -> None:
+        """test-certs (relative), strict-sni, alpn and crl (relative) from the file."""
+        write_test_certs(self.directory / "test-certs", self.pki.ca)
+        write_crl(self.pki, (7,))
+        cfg = self.parse_file(
+            'test-certs = "test-certs"\nstrict-sni = true\nalpn = ["h2", "http/1.1"]\n'
+            'client-ca = "ca.pem"\ncrl = "crl.pem"\n'
+        )
+        settings = cfg.tls.settings
+        self.assertEqual(settings.test_certs, self.directory / "test-certs")
+        self.assertTrue(settings.strict_sni)
+        self.assertEqual(settings.alpn, (b"h2", b"http/1.1"))
+        self.assertEqual(settings.crls, (self.directory / "crl.pem",))
+        self.assertEqual([cert.name for cert in cfg.tls.test], ["expired.localhost"])
+
+    def test_reload_rereads_the_set(self) -> None:
+        """A reload takes the certificates, CRLs, ALPN and test certificates of the file as now."""
+        self.write_certs('cert = "server.pem"\nkey = "server-key.pem"\n')
+        cfg = parse(["--config", str(self.file)])
+        write_test_certs(self.directory / "test-certs", self.pki.ca)
+        write_crl(self.pki, ())
+        self.write_certs(
+            'cert = ["server.pem", "other.pem"]\nkey = ["server-key.pem", "other-key.pem"]\n'
+            'test-certs = "test-certs"\nalpn = ["h2"]\nstrict-sni = true\n'
+            'client-ca = "ca.pem"\ncrl = ["crl.pem"]\n'
+        )
+        settings = config.reload_tls_settings(cfg)
+        self.assertEqual(
+            settings.extra_certs,
+            ((self.directory / "other.pem", self.directory / "other-key.pem"),),
+        )
+        self.assertEqual(settings.test_certs, self.directory / "test-certs")
+        self.assertEqual(settings.alpn, (b"h2",))
+        self.assertTrue(settings.strict_sni)
+        self.assertEqual(settings.crls, (self.directory / "crl.pem",))
+
+
+class PrintCertificatesTests(FileTestCase):
+    """--print-config shows every certificate, the test certificates, CRLs and ALPN."""
+
+    def test_every_certificate(self) -> None:
+        """Each certificate with subject, names, dates and fingerprint; the new options."""
+        other = write_named_server(self.pki, "other", ("other.example", "*.other.example"))
+        write_test_certs(self.directory / "test-certs", self.pki.ca)
+        write_crl(self.pki, (1, 2))
+        path = self.write(
+            'test-certs = "test-certs"\nalpn = ["h2"]\nstrict-sni = true\n'
+            'client-ca = "ca.pem"\ncrl = "crl.pem"\n'
+        )
+        stdout = io.StringIO()
+        self.patch(sys, "stdout", stdout)
+        args = [
+            "--config",
+            str(path),
+            "--cert",
+            str(self.pki.server_cert),
+            "--cert",
+            str(other[0]),
+        ]
+        args += ["--key", str(self.pki.server_key), "--key", str(other[1]), "--print-config"]
+        error = self.assertRaises(SystemExit, tap.Options().parseOptions, args)
+        self.assertEqual(error.code, 0)
+        shown = json.loads(stdout.getvalue())
+        cfg = parse(args[:-1])
+        tls = shown["tls"]
+        first, second = tls["certificates"]
+        self.assertEqual(first["subject"], "CN=localhost")
+        self.assertEqual(first["names"], ["localhost"])
+        self.assertTrue(first["default"])
+        self.assertEqual(first["sha256"], tls["certificate"]["sha256"])
+        self.assertEqual(second["cert"], str(other[0]))
+        self.assertEqual(second["key"], str(other[1]))
+        self.assertEqual(second["subject"], "CN=other.example")
+        self.assertEqual(second["names"], ["other.example", "*.other.example"])
+        self.assertFalse(second["default"])
+        self.assertEqual(second["not_after"], cfg.tls.extra[0].not_after.isoformat())
+        self.assertEqual(second["sha256"], fingerprint_sha256(cfg.tls.extra[0].leaf))
+        self.assertEqual(second["issuer"], "CN=test CA,O=secure-echo")
+        self.assertEqual(second["chain_length"], 1)
+        (test,) = tls["test_certificates"]
+        self.assertEqual(test["name"], "expired.localhost")
+        self.assertLess(test["not_after"], first["not_after"])
+        self.assertEqual(tls["alpn"], ["h2"])
+        self.assertTrue(tls["strict_sni"])
+        (shown_crl,) = tls["crls"]
+        self.assertEqual(shown_crl["revoked"], 2)
+        self.assertEqual(shown_crl["issuer"], "CN=test CA,O=secure-echo")
+        options = shown["options"]
+        self.assertEqual(
+            options["cert"],
+            {"value": [str(self.pki.server_cert), str(other[0])], "source": "command-line"},
+        )
+        self.assertEqual(
+            options["crl"], {"value": [str(self.directory / "crl.pem")], "source": "file"}
+        )
+        self.assertEqual(options["alpn"], {"value": ["h2"], "source": "file"})
+        self.assertEqual(options["strict-sni"], {"value": True, "source": "file"})
+        self.assertEqual(
+            options["test-certs"], {"value": str(self.directory / "test-certs"), "source": "file"}
+        )

@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import ssl
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
@@ -16,10 +18,18 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from secure_echo.daemon.reload import ReloadService, TLSReloader
+from secure_echo.daemon.reload import ReloadService, TLSReloader, files_of
+from secure_echo.tls.material import load_tls
 from secure_echo.tls.policy import ContextHolder, TLSSettings, load_and_validate
 from secure_echo.tools import certgen
-from tests.helpers import make_pki, write_expired_server, write_server_with
+from tests.helpers import (
+    make_pki,
+    write_crl,
+    write_expired_server,
+    write_named_server,
+    write_server_with,
+    write_test_certs,
+)
 from tests.tlspair import TLSPair, capture_events, client_context, named, server_factory
 
 if TYPE_CHECKING:
@@ -377,3 +387,138 @@ class PeriodicExpiryTests(SynchronousTestCase):
         self.assertEqual(warnings(), 0)
         clock.advance(EXPIRY_CHECK_INTERVAL * 3)
         self.assertGreaterEqual(warnings(), 1)
+
+
+class SeveralCertificatesReloadTests(SynchronousTestCase):
+    """A reload covers every certificate, the CRLs and the test certificates as one set."""
+
+    def setUp(self) -> None:
+        self.pki = make_pki(self.mktemp())
+        self.clock = wall_clock()
+        self.events = capture_events(self)
+        self.other = write_named_server(self.pki, "other", ("other.example",))
+        self.test_dir = write_test_certs(self.pki.directory / "test-certs", self.pki.ca)
+        self.tls_settings = TLSSettings(
+            self.pki.server_cert,
+            self.pki.server_key,
+            extra_certs=(self.other,),
+            test_certs=self.test_dir,
+        )
+        holder = ContextHolder(load_tls(self.tls_settings))
+        self.factory = server_factory(self.pki, self.clock, contexts=holder)
+        self.reloader = TLSReloader(
+            holder, lambda: self.tls_settings, self.clock, expiry_warning_days=14
+        )
+
+    def served(self, name: str) -> bytes:
+        """The DER certificate a client asking for ``name`` is served (not verified)."""
+        context = client_context(self.pki)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        pair = TLSPair(self.factory, context, server_hostname=name)
+        pair.handshake()
+        served = pair.client.getpeercert(binary_form=True)
+        assert served is not None
+        return served
+
+    def test_swaps_one_of_two(self) -> None:
+        """A new second certificate is served for its name; the default is unchanged."""
+        default, old_other = self.served("localhost"), self.served("other.example")
+        self.assertEqual(old_other, der(self.other[0]))
+        write_named_server(self.pki, "other", ("other.example",))
+        self.assertTrue(self.reloader.reload("SIGHUP"))
+        self.assertEqual(self.served("other.example"), der(self.other[0]))
+        self.assertNotEqual(self.served("other.example"), old_other)
+        self.assertEqual(self.served("localhost"), default)
+        (reloaded,) = named(self.events, "tls_reloaded")
+        self.assertEqual(reloaded["subject"], "CN=localhost")
+        self.assertEqual(
+            [(c["subject"], c["names"], c["default"]) for c in reloaded["certificates"]],
+            [
+                ("CN=localhost", ["localhost"], True),
+                ("CN=other.example", ["other.example"], False),
+            ],
+        )
+        self.assertEqual(reloaded["certificates"][1]["cert"], str(self.other[0]))
+        self.assertEqual(reloaded["test_certificates"], ["expired.localhost"])
+        self.assertEqual(reloaded["crls"], [])
+
+    def test_bad_second_certificate_keeps_all(self) -> None:
+        """A broken second key fails the whole reload: both certificates stay."""
+        before = (self.served("localhost"), self.served("other.example"))
+        self.new_default()
+        self.other[1].write_bytes(b"garbage")
+        self.assertFalse(self.reloader.reload("SIGHUP"))
+        (failed,) = named(self.events, "tls_reload_failed")
+        self.assertIn(str(self.other[1]), failed["error"])
+        self.assertEqual((self.served("localhost"), self.served("other.example")), before)
+
+    def test_bad_test_certificate_keeps_all(self) -> None:
+        """A test certificate whose key is not its own fails the reload as a whole."""
+        before = self.served("localhost")
+        self.new_default()
+        (self.test_dir / "expired.localhost.key").write_bytes(self.pki.client_key.read_bytes())
+        self.assertFalse(self.reloader.reload("file-change"))
+        (failed,) = named(self.events, "tls_reload_failed")
+        self.assertTrue(failed["error"].startswith("--test-certs: "), failed["error"])
+        self.assertEqual(self.served("localhost"), before)
+
+    def new_default(self) -> None:
+        """Write a fresh default certificate and key over the old files."""
+        write_named_server(self.pki, "server", ("localhost",))
+
+    def test_expiry_of_each_real_certificate(self) -> None:
+        """Each real certificate expiring soon warns by itself; the test certificates never."""
+        # The default certificate lives 2 days: outside a 1-day window, for now.
+        self.reloader.expiry_warning = datetime.timedelta(days=1)
+        write_named_server(self.pki, "other", ("other.example",), days=1)
+        self.assertTrue(self.reloader.reload("SIGHUP"))
+        (expiring,) = named(self.events, "certificate_expiring")
+        self.assertEqual(expiring["subject"], "CN=other.example")
+        self.assertEqual(expiring["cert"], str(self.other[0]))
+        self.assertIs(expiring["default"], False)
+        self.assertAlmostEqual(expiring["days"], 1.0, places=2)
+        self.clock.advance(datetime.timedelta(days=1.5).total_seconds())
+        self.reloader.warn_if_expiring(self.reloader.holder.loaded)
+        subjects = [e["subject"] for e in named(self.events, "certificate_expiring")]
+        self.assertEqual(subjects, ["CN=other.example", "CN=localhost", "CN=other.example"])
+
+    def test_files_of_every_part(self) -> None:
+        """Watched: each cert and key, the client CA, CRLs, the test directory and its files."""
+        crl = write_crl(self.pki, ())
+        settings = replace(self.tls_settings, client_ca=self.pki.ca_cert, crls=(crl,))
+        self.assertEqual(
+            files_of(settings),
+            (
+                self.pki.server_cert,
+                self.pki.server_key,
+                *self.other,
+                self.pki.ca_cert,
+                crl,
+                self.test_dir,
+                self.test_dir / "expired.localhost.key",
+                self.test_dir / "expired.localhost.pem",
+            ),
+        )
+        gone = replace(settings, test_certs=self.pki.directory / "nowhere")
+        self.assertEqual(files_of(gone)[-1], self.pki.directory / "nowhere")
+
+    def test_poll_sees_a_second_key_and_a_new_test_certificate(self) -> None:
+        """With --reload-interval, a renewed second pair or an added test pair reloads."""
+        original = signal.getsignal(signal.SIGHUP)
+        self.addCleanup(signal.signal, signal.SIGHUP, original)
+        service = ReloadService(self.reloader, self.clock, interval=5)
+        service.startService()
+        self.addCleanup(service.stopService)
+        write_named_server(self.pki, "other", ("other.example",))
+        self.clock.advance(5)
+        self.assertEqual(len(named(self.events, "tls_reloaded")), 1)
+        issued = certgen.issue_server(self.pki.ca, ("new.test",), days=2)
+        certgen.write_pair(issued, self.test_dir / "new.test.pem", self.test_dir / "new.test.key")
+        self.clock.advance(5)
+        reloads = named(self.events, "tls_reloaded")
+        self.assertEqual(len(reloads), 2)
+        self.assertEqual(reloads[-1]["test_certificates"], ["expired.localhost", "new.test"])
+        self.assertEqual(
+            self.served("new.test"), issued.certificate.public_bytes(serialization.Encoding.DER)
+        )

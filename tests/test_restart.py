@@ -67,6 +67,10 @@ class RestartChangesTests(SynchronousTestCase):
                 "allow-dns",
                 "allow-uri",
                 "allow-spki-sha256",
+                "crl",
+                "test-certs",
+                "alpn",
+                "strict-sni",
             },
         )
         self.assertLessEqual(RELOADED_KEYS, FILE_KEYS.keys())

@@ -26,7 +26,7 @@ from secure_echo.line.handler import EchoHandler
 from secure_echo.line.protocol import LineFactory, LineSettings
 from secure_echo.tls.factory import TLSServerFactory
 from secure_echo.tls.record import CloseReason, ConnectionRecord
-from tests.helpers import make_pki
+from tests.helpers import make_pki, write_crl, write_named_server, write_test_certs
 
 if TYPE_CHECKING:
     from secure_echo.daemon.load import Config
@@ -186,6 +186,66 @@ class MakeServiceTests(TapTestCase):
         self.assertEqual(event["not_after"], load(options.settings).tls.not_after.isoformat())
         self.assertEqual(self.named_events("dev_certificate"), [])
         self.assertEqual(self.stdout.getvalue(), "")
+
+    def test_tls_context_loaded_lists_every_certificate(self) -> None:
+        """With several certificates, test certificates, CRLs and ALPN, start-up lists each.
+
+        The test certificates get a warning of their own, naming them; the default
+        certificate stays the first --cert.
+        """
+        other = write_named_server(self.pki, "other", ("other.example",))
+        test_dir = write_test_certs(self.pki.directory / "test-certs", self.pki.ca)
+        crl = write_crl(self.pki, ())
+        options = self.options(
+            "--cert",
+            str(other[0]),
+            "--key",
+            str(other[1]),
+            "--test-certs",
+            str(test_dir),
+            "--client-ca",
+            str(self.pki.ca_cert),
+            "--crl",
+            str(crl),
+            "--alpn",
+            "h2",
+            "--strict-sni",
+        )
+        self.start(tap.makeService(options, reactor=MemoryReactorClock()))
+        [event] = self.named_events("tls_context_loaded")
+        self.assertEqual(event["subject"], "CN=localhost")
+        self.assertEqual(event["cert"], str(self.pki.server_cert))
+        certificates = cast("list[dict[str, Any]]", event["certificates"])
+        self.assertEqual(
+            [(c["cert"], c["subject"], c["names"], c["default"]) for c in certificates],
+            [
+                (str(self.pki.server_cert), "CN=localhost", ["localhost"], True),
+                (str(other[0]), "CN=other.example", ["other.example"], False),
+            ],
+        )
+        self.assertEqual(len(certificates[1]["sha256"]), 64)
+        self.assertEqual(event["test_certificates"], ["expired.localhost"])
+        self.assertEqual(event["crls"], [str(crl)])
+        self.assertEqual(event["alpn"], ["h2"])
+        self.assertIs(event["strict_sni"], True)
+        [warning] = self.named_events("test_certificates")
+        self.assertEqual(warning["log_level"], LogLevel.warn)
+        self.assertEqual(warning["names"], ["expired.localhost"])
+        self.assertEqual(warning["directory"], str(test_dir))
+        self.assertEqual(warning["subject"], "CN=localhost")
+        [test] = cast("list[dict[str, Any]]", warning["certificates"])
+        self.assertEqual(test["name"], "expired.localhost")
+
+    def test_no_test_certificates_no_warning(self) -> None:
+        """Without --test-certs there is no test_certificates warning and the lists are empty."""
+        self.start(tap.makeService(self.options(), reactor=MemoryReactorClock()))
+        [event] = self.named_events("tls_context_loaded")
+        self.assertEqual(
+            (event["test_certificates"], event["crls"], event["alpn"], event["strict_sni"]),
+            ([], [], [], False),
+        )
+        self.assertEqual(len(cast("list[object]", event["certificates"])), 1)
+        self.assertEqual(self.named_events("test_certificates"), [])
 
     def test_dev_certificate(self) -> None:
         """With development certificates start-up warns with dev_certificate."""

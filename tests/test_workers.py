@@ -76,7 +76,7 @@ from secure_echo.pool.worker import (
     worker_settings,
 )
 from tests.daemon import Daemon, Event, child_env, start_daemon
-from tests.helpers import make_pki
+from tests.helpers import make_pki, write_crl, write_named_server, write_test_certs
 from tests.test_integration import IntegrationCase, client_context, server_args, shared_pki
 from tests.test_sdnotify import NotifyListener, assignments, index_of
 from tests.test_socket_activation import SocketActivationCase, wait_for_message
@@ -404,7 +404,7 @@ class ConfigTests(SynchronousTestCase):
             ]
         )
         values = worker_values(options)
-        self.assertEqual(values["cert"], str(self.pki.server_cert.absolute()))
+        self.assertEqual(values["cert"], [str(self.pki.server_cert.absolute())])
         self.assertEqual(values["max-pending"], "9")
         self.assertEqual(values["allow-cn"], ["x"])
         self.assertEqual(values["listen"], [])
@@ -421,7 +421,7 @@ class ConfigTests(SynchronousTestCase):
         options.parseOptions([])
         values = worker_values(options)
         self.assertEqual(values["state-dir"], str(state))
-        self.assertIsNone(values["cert"])
+        self.assertEqual(values["cert"], [])
 
     def test_worker_options(self) -> None:
         """A worker validates the values again into the config it serves with."""
@@ -440,6 +440,53 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(cfg.tls.subject, load(options.settings).tls.subject)
         self.assertEqual(cfg.config_file, Path("/nowhere/se.toml"))
         self.assertEqual(cfg.command_line["max-line-length"], "100")
+
+    def test_worker_gets_every_certificate(self) -> None:
+        """Several --cert/--key, --crl, --test-certs, --alpn and --strict-sni reach a worker.
+
+        Relative paths are made absolute, each item of a list; the worker loads the
+        same set.
+        """
+        other = write_named_server(self.pki, "other", ("other.example",))
+        test_dir = write_test_certs(self.pki.directory / "test-certs", self.pki.ca)
+        crl = write_crl(self.pki, ())
+        relative = [os.path.relpath(path) for path in (*other, crl, test_dir)]
+        options = config.Options()
+        options.parseOptions(
+            [
+                *self.tls,
+                "--cert",
+                relative[0],
+                "--key",
+                relative[1],
+                "--client-ca",
+                str(self.pki.ca_cert),
+                "--crl",
+                relative[2],
+                "--test-certs",
+                relative[3],
+                "--alpn",
+                "h2",
+                "--strict-sni",
+                "--workers",
+                "2",
+            ]
+        )
+        values = worker_values(options)
+        self.assertEqual(
+            values["cert"], [str(self.pki.server_cert.absolute()), str(other[0].absolute())]
+        )
+        self.assertEqual(
+            values["key"], [str(self.pki.server_key.absolute()), str(other[1].absolute())]
+        )
+        self.assertEqual(values["crl"], [str(crl.absolute())])
+        self.assertEqual(values["test-certs"], str(test_dir.absolute()))
+        cfg = worker_settings(WorkerSpec.from_json(WorkerSpec(1, values).to_json()))
+        self.assertEqual([extra.subject for extra in cfg.tls.extra], ["CN=other.example"])
+        self.assertEqual([cert.name for cert in cfg.tls.test], ["expired.localhost"])
+        self.assertEqual(len(cfg.tls.crls), 1)
+        self.assertEqual(cfg.tls.settings.alpn, (b"h2",))
+        self.assertTrue(cfg.tls.settings.strict_sni)
 
     def test_make_service_branches(self) -> None:
         """``--workers 2`` builds a supervisor; the worker builds the one-process tree."""
@@ -981,7 +1028,7 @@ class WorkerProcessTests(SynchronousTestCase):
 
     def test_invalid_options(self) -> None:
         """Options that no longer validate (a certificate gone): worker_failed, status 2."""
-        values = {**self.values, "cert": str(Path(self.mktemp()).absolute())}
+        values = {**self.values, "cert": [str(Path(self.mktemp()).absolute())]}
         process = self.spawn(WorkerSpec(1, values).to_json())
         assert process.stdout is not None
         records = read_records(process.stdout, lambda r: r.get("event") == "worker_failed")

@@ -8,9 +8,11 @@ Format (``contrib/secure-echo.toml`` documents every key with its default):
 * Keys are top-level; there are no ``[tables]``.
 * Values have TOML types (:class:`Kind`): whole numbers are integers, durations are
   integers or floats (``"off"`` too where 0 switches a feature off), names and paths
-  are strings, repeatable options are arrays of strings, flags are booleans.
-* A relative path (``cert``, ``key``, ``client-ca``, ``log-file``, ``state-dir``) is
-  relative to the directory holding the file, not to the working directory.
+  are strings, repeatable options are arrays of strings, flags are booleans.  A
+  repeatable path (``cert``, ``key``, ``crl``) is a string or an array of strings.
+* A relative path (``cert``, ``key``, ``crl``, ``client-ca``, ``test-certs``,
+  ``log-file``, ``state-dir``) is relative to the directory holding the file, not to
+  the working directory.
   Endpoint strings (``listen``, ``metrics``) are used as written.
 * ``config`` and ``print-config`` are command-line only.
 
@@ -25,9 +27,9 @@ the file and the key.  Every error is one line::
     --config /etc/secure-echo.toml: unknown key "max-line-lenght"; did you mean "max-line-length"?
 
 Reload: :func:`secure_echo.daemon.options.reload_tls_settings` re-reads the file and
-rebuilds the TLS settings (certificate, key, client CA, client-auth, profile,
-allow-lists) as one set, with the command-line values captured at start still taking
-precedence.
+rebuilds the TLS settings (certificates, keys, client CA, client-auth, profile,
+allow-lists, CRLs, test certificates, ALPN, strict SNI) as one set, with the
+command-line values captured at start still taking precedence.
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ class Kind(StrEnum):
     STRING = "string"
     PATH = "path"
     STRINGS = "strings"
+    #: A path, or an array of paths (a repeatable path option).
+    PATHS = "paths"
     FLAG = "flag"
 
 
@@ -81,6 +85,7 @@ _KIND_TEXT: Final = {
     Kind.STRING: "a string",
     Kind.PATH: "a path string",
     Kind.STRINGS: "an array of strings",
+    Kind.PATHS: "a path string or an array of path strings",
     Kind.FLAG: "true or false",
 }
 
@@ -216,6 +221,8 @@ def _fits(kind: Kind, value: object) -> bool:
         Kind.STRING: isinstance(value, str),
         Kind.PATH: isinstance(value, str),
         Kind.STRINGS: isinstance(value, list) and all(isinstance(i, str) for i in value),
+        Kind.PATHS: isinstance(value, str)
+        or (isinstance(value, list) and all(isinstance(i, str) for i in value)),
         Kind.FLAG: isinstance(value, bool),
     }
     return checks[kind]
@@ -225,21 +232,33 @@ def _convert(path: Path, key: str, value: object, spec: Key) -> OptionValue:
     """Check the TOML type of ``value`` and turn it into what the command line gives."""
     kind = spec.kind
     if not _fits(kind, value):
-        if kind is Kind.STRINGS and isinstance(value, list):
+        if kind in {Kind.STRINGS, Kind.PATHS} and isinstance(value, list):
             problem = "must be an array of strings, and not every item is a string"
         else:
             problem = f"must be {_KIND_TEXT[kind]}, not {_type_name(value)} ({_shown(value)})"
         raise ConfigFileError(
             path, f'key "{key}" {problem}; write e.g. {key} = {spec.example}', key
         )
+    if kind is Kind.PATHS:
+        # One path or several; each relative to the file, as for a single path.
+        items = [value] if isinstance(value, str) else value
+        assert isinstance(items, list)  # _fits checked it
+        return tuple(_beside(path, str(item)) if item else "" for item in items)
     if isinstance(value, bool | str):
         if kind is Kind.PATH and value:
-            # Relative to the file, so it means the same from any working directory.
-            return str(path.parent / Path(str(value)).expanduser())
+            return _beside(path, str(value))
         return value
     if isinstance(value, list):
         return tuple(value)
     return str(value)
+
+
+def _beside(config_file: Path, value: str) -> str:
+    """``value`` as a path relative to the config file's directory (absolute stays).
+
+    So a path means the same from any working directory.
+    """
+    return str(config_file.parent / Path(value).expanduser())
 
 
 def fingerprint(data: bytes) -> str:

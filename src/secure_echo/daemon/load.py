@@ -4,9 +4,10 @@ Parsing (:mod:`secure_echo.daemon.options`) and validation
 (:mod:`secure_echo.daemon.settings`) deal in plain values.  :func:`load` is the one
 place, after parsing and before the reactor runs, that touches the filesystem for
 TLS: it makes (or reuses) the development certificate when no ``--cert`` was given,
-reads and checks the certificate, key and client CAs, and builds the first TLS
-context.  Its errors are the same one-line ``usage.UsageError`` as the options',
-worded for the config file when the option came from there.
+reads and checks the whole TLS set (:func:`secure_echo.tls.material.load_tls`: every
+certificate and key, the client CAs, the CRLs, the test certificates), and builds
+the first TLS contexts.  Its errors are the same one-line ``usage.UsageError`` as
+the options', worded for the config file when the option came from there.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from twisted.python import usage
 
 from secure_echo.daemon.configfile import reword_for_file
 from secure_echo.daemon.settings import Settings
+from secure_echo.tls.material import load_tls
 from secure_echo.tls.policy import ContextHolder, LoadedTLS, TLSConfigError
-from secure_echo.tls.policy import load_and_validate as load_tls
 from secure_echo.tools import devcerts
 
 
@@ -27,7 +28,7 @@ from secure_echo.tools import devcerts
 class Config(Settings):
     """:class:`Settings` plus what the load step read and built."""
 
-    #: The validated certificate, key and client CAs.
+    #: The validated certificates and keys, client CAs, CRLs and test certificates.
     tls: LoadedTLS
     #: The context every new connection is made from (swapped by a reload).
     contexts: ContextHolder
@@ -60,9 +61,14 @@ def _load(settings: Settings) -> Config:
     try:
         contexts = ContextHolder(tls)
     except (SSL.Error, RuntimeError) as error:
+        which = (
+            "a certificate or key (of --cert or --test-certs)"
+            if tls.test
+            else "the certificate or key"
+        )
         raise usage.UsageError(
-            f"--cert: OpenSSL refused the certificate or key ({error}); "
-            "check that they are a PEM certificate chain and its key"
+            f"--cert: OpenSSL refused {which} ({error}); "
+            "check that each is a PEM certificate chain and its key"
         ) from None
     values = {f.name: getattr(settings, f.name) for f in fields(Settings)}
     return Config(**values, tls=tls, contexts=contexts, dev_certs=dev)

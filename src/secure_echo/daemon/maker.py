@@ -19,6 +19,7 @@ from twisted.logger import ILogObserver, Logger, LogPublisher, globalLogPublishe
 from twisted.python.components import Componentized
 from typing_extensions import override
 
+from secure_echo.daemon.certificates import describe, describe_test, test_names
 from secure_echo.daemon.logs import log_sinks
 from secure_echo.daemon.metrics import Metrics, metrics_site
 from secure_echo.daemon.options import reload_tls_settings
@@ -79,17 +80,34 @@ class TLSService(Service):
                 cert=str(self._config.dev_certs.server_cert),
                 created=self._config.dev_certs.created,
             )
+        settings = loaded.settings
         self.log.info(
             "TLS context loaded ({profile}): {subject}, valid until {not_after}",
             event="tls_context_loaded",
-            profile=str(loaded.settings.profile),
+            profile=str(settings.profile),
+            # The default certificate, as before several could be served.
             subject=loaded.subject,
             not_after=loaded.not_after.isoformat(),
-            cert=str(loaded.settings.cert),
-            client_ca=str(loaded.settings.client_ca) if loaded.settings.client_ca else None,
-            client_auth=str(loaded.settings.client_auth),
-            allow_list=loaded.settings.allow.active,
+            cert=str(settings.cert),
+            client_ca=str(settings.client_ca) if settings.client_ca else None,
+            client_auth=str(settings.client_auth),
+            allow_list=settings.allow.active,
+            certificates=describe(loaded),
+            test_certificates=test_names(loaded),
+            crls=[str(crl) for crl in settings.crls],
+            alpn=[name.decode("utf-8", "backslashreplace") for name in settings.alpn],
+            strict_sni=settings.strict_sni,
         )
+        if loaded.test:
+            self.log.warn(
+                "serving test certificates, unchecked, for the server names {names}; "
+                "other clients get {subject}",
+                event="test_certificates",
+                names=test_names(loaded),
+                directory=str(settings.test_certs),
+                certificates=describe_test(loaded),
+                subject=loaded.subject,
+            )
         limiter = self._factory.limiter
         self.log.info(
             "limits: {max_connections} connections, {max_per_ip} per IP; "
@@ -243,8 +261,9 @@ def make_service(cfg: Config, reactor: Any, *, supervised: bool = False) -> Mult
     ).setServiceParent(top)
     reloader = TLSReloader(
         contexts,
-        # Re-reads --config (if any) so cert, key, client CA and allow-lists
-        # change together; command-line values still win.
+        # Re-reads --config (if any) so the certificates, keys, client CA, CRLs,
+        # test certificates and allow-lists change together; command-line values
+        # still win.
         lambda: reload_tls_settings(cfg),
         reactor,
         expiry_warning_days=cfg.expiry_warning_days,

@@ -64,6 +64,14 @@ class Options(usage.Options):
             None,
             "Print the effective settings and TLS policy as JSON, then exit.",
         ],
+        [
+            "strict-sni",
+            None,
+            (
+                "Refuse a client whose server name (SNI) no certificate carries "
+                "(unrecognized_name alert); clients sending no name get the default."
+            ),
+        ],
     ]
 
     optParameters: Any = [  # noqa: RUF012 - Twisted's declarative option tables
@@ -73,8 +81,12 @@ class Options(usage.Options):
             None,
             "TOML file of options (keys: the long option names); the command line wins.",
         ],
-        ["cert", None, None, "PEM certificate chain (server certificate first)."],
-        ["key", None, None, "PEM private key of --cert (default: read from --cert)."],
+        [
+            "test-certs",
+            None,
+            None,
+            "Directory of NAME.pem + NAME.key served, unchecked, to clients asking for SNI NAME.",
+        ],
         ["client-ca", None, None, "PEM CA certificate(s) to verify client certificates."],
         [
             "client-auth",
@@ -163,6 +175,22 @@ class Options(usage.Options):
     def opt_listen(self, description: str) -> None:
         """Endpoint to listen on, repeatable (default tcp:8443:interface=127.0.0.1)."""
         self["listen"].append(description)
+
+    def opt_cert(self, path: str) -> None:
+        """PEM chain, server certificate first; repeatable: the rest are chosen by SNI."""
+        self["cert"].append(path)
+
+    def opt_key(self, path: str) -> None:
+        """PEM key of the --cert in the same position (default: read from that --cert)."""
+        self["key"].append(path)
+
+    def opt_crl(self, path: str) -> None:
+        """PEM CRL: client certificates it revokes are refused (repeatable; --client-ca)."""
+        self["crl"].append(path)
+
+    def opt_alpn(self, protocol: str) -> None:
+        """ALPN protocol selected when offered, e.g. h2 (repeatable; first preferred)."""
+        self["alpn"].append(protocol)
 
     def opt_allow_cn(self, value: str) -> None:
         """Admit client certificates with this subject CN (repeatable)."""
@@ -271,7 +299,12 @@ class Options(usage.Options):
             value = self[name]
             if source != "command-line" or value is None:
                 continue
-            if isinstance(value, list):
+            if self.file_keys[name].kind is Kind.PATHS:
+                # As for one path: absolute, so a reload finds the same files.
+                captured[name] = tuple(
+                    str(Path(item).expanduser().absolute()) if item else item for item in value
+                )
+            elif isinstance(value, list):
                 captured[name] = tuple(value)
             elif self.file_keys[name].kind is Kind.FLAG:
                 captured[name] = bool(value)
@@ -312,8 +345,9 @@ def _as_tls_error(error: usage.UsageError) -> TLSConfigError:
 def reload_tls_settings(cfg: Settings) -> TLSSettings:
     """Re-read ``cfg``'s config file and build the TLS settings it now asks for.
 
-    The certificate, key, client CA, client-auth mode, profile and allow-lists come
-    from the file as it is now, except where the command line gave them at start
+    The certificates and keys, client CA, client-auth mode, profile, allow-lists,
+    CRLs, test certificates, ALPN protocols and strict SNI come from the file as it
+    is now, except where the command line gave them at start
     (``cfg.command_line``), which still wins.  The whole file is checked again
     (syntax, keys, types), but only the TLS options are validated and used; other
     changed keys take effect at the next start.  Without a config file this rebuilds

@@ -6,6 +6,7 @@ import json
 import sys
 from typing import IO, TYPE_CHECKING
 
+from secure_echo.daemon.certificates import describe, describe_test
 from secure_echo.daemon.settings import option_values
 from secure_echo.tls.policy import (
     GROUPS,
@@ -60,6 +61,21 @@ def _tls_policy(cfg: Config) -> dict[str, object]:
             "chain_length": len(loaded.chain),
             "development": cfg.dev_certs is not None,
         },
+        # Every real certificate, the default (above) first; the others are chosen
+        # by the client's server name.
+        "certificates": describe(loaded, detail=True),
+        "test_certificates": describe_test(loaded),
+        "strict_sni": settings.strict_sni,
+        "alpn": [name.decode("utf-8", "backslashreplace") for name in settings.alpn],
+        "crls": [
+            {
+                "issuer": crl.issuer.rfc4514_string(),
+                "last_update": crl.last_update_utc.isoformat(),
+                "next_update": crl.next_update_utc.isoformat() if crl.next_update_utc else None,
+                "revoked": len(crl),
+            }
+            for crl in loaded.crls
+        ],
     }
 
 

@@ -1,10 +1,11 @@
 """Reloading the TLS material without a restart: SIGHUP and file watching.
 
-A reload is one transaction: the certificate chain, key, client CA and allow-lists
-are read and validated together (:func:`secure_echo.tls.policy.load_and_validate`), a new
-context is built from them, and only then swapped in for new connections.  If any
-step fails the old context stays in use and ``tls_reload_failed`` is logged; open
-connections always keep the context they started with.
+A reload is one transaction: every certificate chain and key, the client CA, the
+CRLs, the test certificates and the allow-lists are read and validated together
+(:func:`secure_echo.tls.material.load_tls`), new contexts are built from them, and
+only then swapped in for new connections.  If any step fails the old contexts stay
+in use and ``tls_reload_failed`` is logged; open connections always keep the context
+they started with.
 
 Triggers:
 
@@ -12,12 +13,15 @@ Triggers:
   process), so :class:`ReloadService` installs one while running.  The handler
   only hops into the reactor (``callFromThread``); the reload runs there.
 * ``--reload-interval SECONDS``: the files' identity (inode, size, mtime) is polled
-  and a change triggers a reload.  Polling is cheap, needs no inotify, and sees
-  ``mv new.pem cert.pem`` renames as well as in-place writes; a half-written file
-  fails validation and is retried at the next change.
+  and a change triggers a reload.  The files are every ``--cert`` and ``--key``, the
+  client CA, the CRLs, and the ``--test-certs`` directory with the files in it.
+  Polling is cheap, needs no inotify, and sees ``mv new.pem cert.pem`` renames as
+  well as in-place writes; a half-written file fails validation and is retried at
+  the next change.
 
-After each load (at start too, then every 12 hours) a certificate that expires
-within ``--expiry-warning-days`` logs ``certificate_expiring``.
+After each load (at start too, then every 12 hours) each real certificate (every
+``--cert``, not the test certificates, which may be expired on purpose) that
+expires within ``--expiry-warning-days`` logs ``certificate_expiring``.
 
 Other settings of the ``--config`` file are not reloaded; after each reload the
 single process names those that changed (:mod:`secure_echo.daemon.restart`).
@@ -25,6 +29,7 @@ single process names those that changed (:mod:`secure_echo.daemon.restart`).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import signal
@@ -35,13 +40,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from typing_extensions import override
 
-from secure_echo.tls.policy import (
-    ContextHolder,
-    LoadedTLS,
-    TLSConfigError,
-    TLSSettings,
-    load_and_validate,
-)
+from secure_echo.daemon.certificates import describe, served, test_names
+from secure_echo.tls.material import load_tls
+from secure_echo.tls.policy import ContextHolder, LoadedTLS, TLSConfigError, TLSSettings
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -65,8 +66,17 @@ def _identity(path: Path | None) -> _FileId:
 
 
 def files_of(settings: TLSSettings) -> tuple[Path | None, ...]:
-    """The files a reload reads."""
-    return (settings.cert, settings.key, settings.client_ca)
+    """The files a reload reads (the test-certificate directory and its files as now)."""
+    files: list[Path | None] = [settings.cert, settings.key]
+    for cert, key in settings.extra_certs:
+        files += [cert, key]
+    files += [settings.client_ca, *settings.crls]
+    if settings.test_certs is not None:
+        # The directory itself too: adding or removing a pair changes its mtime.
+        files.append(settings.test_certs)
+        with contextlib.suppress(OSError):  # gone or unreadable: the reload says so
+            files += sorted(settings.test_certs.iterdir())
+    return tuple(files)
 
 
 class TLSReloader:
@@ -115,7 +125,7 @@ class TLSReloader:
     def _reload(self, trigger: str) -> bool:
         try:
             settings = self._settings()
-            loaded = load_and_validate(settings, self.now())
+            loaded = load_tls(settings, self.now())
             self.holder.replace(loaded)
         except (TLSConfigError, ValueError) as error:
             self.failures += 1
@@ -144,25 +154,36 @@ class TLSReloader:
             "TLS material reloaded ({trigger}): {subject}, valid until {not_after}",
             event="tls_reloaded",
             trigger=trigger,
+            # The default certificate, as before several could be served.
             subject=loaded.subject,
             not_after=loaded.not_after.isoformat(),
             cert=str(settings.cert),
             client_ca=str(settings.client_ca) if settings.client_ca else None,
+            certificates=describe(loaded),
+            test_certificates=test_names(loaded),
+            crls=[str(crl) for crl in settings.crls],
         )
         self.warn_if_expiring(loaded)
         return True
 
     def warn_if_expiring(self, loaded: LoadedTLS) -> None:
-        """Log ``certificate_expiring`` if the certificate expires soon."""
-        left = loaded.not_after - self.now()
-        if left <= self.expiry_warning:
-            self.log.warn(
-                "the server certificate {subject} expires in {days:.1f} days ({not_after})",
-                event="certificate_expiring",
-                subject=loaded.subject,
-                not_after=loaded.not_after.isoformat(),
-                days=left.total_seconds() / 86400.0,
-            )
+        """Log ``certificate_expiring`` for each real certificate that expires soon.
+
+        Test certificates are left out: expired or about to be is what some are for.
+        """
+        now = self.now()
+        for each in served(loaded):
+            left = each.not_after - now
+            if left <= self.expiry_warning:
+                self.log.warn(
+                    "the server certificate {subject} expires in {days:.1f} days ({not_after})",
+                    event="certificate_expiring",
+                    subject=each.subject,
+                    not_after=each.not_after.isoformat(),
+                    days=left.total_seconds() / 86400.0,
+                    cert=str(each.settings.cert),
+                    default=each is loaded,
+                )
 
 
 class ReloadService(Service):

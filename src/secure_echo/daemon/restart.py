@@ -43,7 +43,18 @@ if TYPE_CHECKING:
 
 #: The config-file keys a reload applies; every other key needs a restart.
 RELOADED_KEYS: Final = frozenset(
-    {"cert", "key", "client-ca", "client-auth", "tls-profile", *ALLOW_OPTIONS}
+    {
+        "cert",
+        "key",
+        "client-ca",
+        "client-auth",
+        "tls-profile",
+        *ALLOW_OPTIONS,
+        "crl",
+        "test-certs",
+        "alpn",
+        "strict-sni",
+    }
 )
 
 _OPTION: Final = re.compile(r"--([a-z0-9-]+)")

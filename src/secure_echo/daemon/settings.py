@@ -35,7 +35,9 @@ DEFAULT_BACKLOG: Final = 4096
 _ENDPOINT_TYPES: Final = frozenset({"tcp", "tcp6", "unix", "systemd"})
 _BACKLOG_TYPES: Final = frozenset({"tcp", "tcp6", "unix"})
 ALLOW_OPTIONS: Final = ("allow-cn", "allow-dns", "allow-uri", "allow-spki-sha256")
-REPEATABLE: Final = ("listen", *ALLOW_OPTIONS, "proxy-trusted")
+REPEATABLE: Final = ("listen", "cert", "key", "crl", "alpn", *ALLOW_OPTIONS, "proxy-trusted")
+#: The longest ALPN protocol name: its length is one byte on the wire (RFC 7301).
+MAX_ALPN_BYTES: Final = 255
 PROXY_PROTOCOL_MODES: Final = ("off", "optional", "required")
 LOG_STDOUT_FORMATS: Final = ("json", "text")
 #: ``--workers``: processes that accept on the shared listening sockets.
@@ -47,10 +49,16 @@ FILE_KEYS: Final[Mapping[str, Key]] = MappingProxyType(
     {
         "listen": Key(Kind.STRINGS, f'["{DEFAULT_LISTEN}"]'),
         "backlog": Key(Kind.INTEGER, str(DEFAULT_BACKLOG)),
-        "cert": Key(Kind.PATH, '"/etc/secure-echo/server.pem"'),
-        "key": Key(Kind.PATH, '"/etc/secure-echo/server-key.pem"'),
+        "cert": Key(Kind.PATHS, '["/etc/secure-echo/server.pem", "/etc/secure-echo/other.pem"]'),
+        "key": Key(
+            Kind.PATHS, '["/etc/secure-echo/server-key.pem", "/etc/secure-echo/other-key.pem"]'
+        ),
+        "test-certs": Key(Kind.PATH, '"/etc/secure-echo/test-certs"'),
+        "strict-sni": Key(Kind.FLAG, "false"),
+        "alpn": Key(Kind.STRINGS, '["h2", "http/1.1"]'),
         "client-ca": Key(Kind.PATH, '"/etc/secure-echo/client-ca.pem"'),
         "client-auth": Key(Kind.STRING, '"required"'),
+        "crl": Key(Kind.PATHS, '["/etc/secure-echo/client-ca.crl.pem"]'),
         "tls-profile": Key(Kind.STRING, '"intermediate"'),
         "allow-cn": Key(Kind.STRINGS, '["client.example.org"]'),
         "allow-dns": Key(Kind.STRINGS, '["client.example.org"]'),
@@ -313,11 +321,89 @@ def _log_path(value: str) -> Path:
     return path
 
 
+def _paths(value: Sequence[str]) -> list[str]:
+    """A repeatable path option's values (a list: Options keeps one for each)."""
+    return [str(item) for item in value]
+
+
+def _certificate_pairs(values: Mapping[str, Any]) -> list[tuple[Path, Path]]:
+    """``--cert``/``--key`` paired by position: the n-th key belongs to the n-th cert.
+
+    A certificate without a key of its own (fewer ``--key`` than ``--cert``) reads its
+    key from the certificate file.
+    """
+    certs, keys = _paths(values["cert"]), _paths(values["key"])
+    if keys and not certs:
+        raise usage.UsageError(
+            "--key: given without --cert; add --cert with the matching certificate"
+        )
+    for name, given in (("cert", certs), ("key", keys)):
+        if "" in given:
+            raise usage.UsageError(
+                f"--{name}: an empty path; give the path of a PEM file"
+                + (" or leave the option out" if name == "key" else "")
+            )
+    if len(keys) > len(certs):
+        raise usage.UsageError(
+            f"--key: {len(keys)} keys for {len(certs)} "
+            f"certificate{'s' if len(certs) != 1 else ''}; the n-th --key belongs to the "
+            "n-th --cert, so drop the extra --key or add the --cert it belongs to"
+        )
+    pairs = []
+    for index, cert in enumerate(certs):
+        key = keys[index] if index < len(keys) else cert
+        pairs.append((Path(cert).expanduser(), Path(key).expanduser()))
+    return pairs
+
+
+def _crls(values: Mapping[str, Any], client_auth: ClientAuth) -> tuple[Path, ...]:
+    """``--crl``: revocation lists, which only mean something when clients are verified."""
+    crls = _paths(values["crl"])
+    if not crls:
+        return ()
+    if "" in crls:
+        raise usage.UsageError("--crl: an empty path; give the path of a PEM CRL file")
+    if not values["client-ca"]:
+        raise usage.UsageError(
+            "--crl: revocation lists apply to client certificates, and none are "
+            "checked; add --client-ca CA.pem (the CA that issued them and the CRL)"
+        )
+    if client_auth is ClientAuth.NONE:
+        raise usage.UsageError(
+            "--crl: --client-auth none checks no client certificate; "
+            "use --client-auth required (or optional), or drop --crl"
+        )
+    return tuple(Path(crl).expanduser() for crl in crls)
+
+
+def _alpn(values: Mapping[str, Any]) -> tuple[bytes, ...]:
+    """``--alpn``: protocol names, most preferred first, each 1 to 255 bytes."""
+    protocols: list[bytes] = []
+    for value in values["alpn"] or ():
+        # Command-line bytes that are not UTF-8 arrive as surrogates: give them back.
+        name = str(value).encode("utf-8", "surrogateescape")
+        if not name or len(name) > MAX_ALPN_BYTES:
+            raise usage.UsageError(
+                f"--alpn: {value!r} is {len(name)} bytes; a protocol name is 1 to "
+                f"{MAX_ALPN_BYTES} bytes, such as h2 or http/1.1"
+            )
+        if b"," in name:
+            raise usage.UsageError(
+                f"--alpn: {value!r} holds a comma; give each protocol as its own --alpn "
+                "(--alpn h2 --alpn http/1.1)"
+            )
+        if name not in protocols:
+            protocols.append(name)
+    return tuple(protocols)
+
+
 def tls_settings(values: Mapping[str, Any]) -> tuple[TLSSettings, Path | None]:
     """The TLS options, validated into settings, and the dev-certificate directory.
 
-    Without ``--cert`` the settings name the development certificate's files under
-    the state directory (returned second); they are made by the load step, not here.
+    The first ``--cert``/``--key`` pair is the default certificate, the others are
+    chosen by the client's server name (``extra_certs``).  Without ``--cert`` the
+    settings name the development certificate's files under the state directory
+    (returned second); they are made by the load step, not here.
     """
     try:
         profile = TLSProfile(values["tls-profile"])
@@ -328,11 +414,12 @@ def tls_settings(values: Mapping[str, Any]) -> tuple[TLSSettings, Path | None]:
     client_auth = _client_auth(values)
     client_ca = Path(values["client-ca"]).expanduser() if values["client-ca"] else None
     allow = _allow_list(values, client_auth)
-    if values["cert"] is None:
-        if values["key"] is not None:
-            raise usage.UsageError(
-                "--key: given without --cert; add --cert with the matching certificate"
-            )
+    pairs = _certificate_pairs(values)
+    crls = _crls(values, client_auth)
+    alpn = _alpn(values)
+    test_certs = Path(values["test-certs"]).expanduser() if values["test-certs"] else None
+    state_dir = None
+    if not pairs:
         try:
             state_dir = (
                 Path(values["state-dir"]).expanduser()
@@ -341,11 +428,22 @@ def tls_settings(values: Mapping[str, Any]) -> tuple[TLSSettings, Path | None]:
             )
         except devcerts.DevCertsError as error:
             raise usage.UsageError(f"--state-dir: {error}") from None
-        cert, key = devcerts.server_paths(state_dir)
-        return TLSSettings(cert, key, client_ca, client_auth, profile, allow), state_dir
-    cert = Path(values["cert"]).expanduser()
-    key = Path(values["key"]).expanduser() if values["key"] else cert
-    return TLSSettings(cert, key, client_ca, client_auth, profile, allow), None
+        pairs = [devcerts.server_paths(state_dir)]
+    (cert, key), *others = pairs
+    settings = TLSSettings(
+        cert,
+        key,
+        client_ca,
+        client_auth,
+        profile,
+        allow,
+        extra_certs=tuple(others),
+        crls=crls,
+        alpn=alpn,
+        test_certs=test_certs,
+        strict_sni=bool(values["strict-sni"]),
+    )
+    return settings, state_dir
 
 
 def validate(
@@ -468,10 +566,14 @@ def option_values(cfg: Settings) -> dict[str, object]:
     return {
         "listen": [listen.description for listen in cfg.listens],
         "backlog": cfg.backlog,
-        "cert": str(settings.cert),
-        "key": str(settings.key),
+        "cert": [str(settings.cert), *(str(cert) for cert, _ in settings.extra_certs)],
+        "key": [str(settings.key), *(str(key) for _, key in settings.extra_certs)],
+        "test-certs": str(settings.test_certs) if settings.test_certs else None,
+        "strict-sni": settings.strict_sni,
+        "alpn": [name.decode("utf-8", "backslashreplace") for name in settings.alpn],
         "client-ca": str(settings.client_ca) if settings.client_ca else None,
         "client-auth": str(settings.client_auth),
+        "crl": [str(crl) for crl in settings.crls],
         "tls-profile": str(settings.profile),
         "allow-cn": sorted(allow.cns),
         "allow-dns": sorted(allow.dns),

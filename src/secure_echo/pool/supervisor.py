@@ -250,6 +250,8 @@ def worker_values(options: config.Options) -> dict[str, Any]:
         value = options[name]
         if key.kind is Kind.PATH and value:
             value = str(Path(value).expanduser().absolute())
+        elif key.kind is Kind.PATHS and value:
+            value = [str(Path(item).expanduser().absolute()) if item else item for item in value]
         values[name] = list(value) if isinstance(value, tuple) else value
     if options.settings.dev_state_dir is not None:
         values["state-dir"] = str(options.settings.dev_state_dir)
