@@ -433,7 +433,11 @@ class TimeoutTests(SynchronousTestCase):
 
 
 class OverlongTests(SynchronousTestCase):
-    """An overlong line yields ``-ERR line-too-long`` in its slot and a log event."""
+    """An overlong line yields ``-ERR line-too-long`` in its slot and a log event.
+
+    The reply is due as soon as the line crosses the limit; the rest of the line
+    is dropped up to its LF.
+    """
 
     def setUp(self) -> None:
         self.observer = capture_log(self)
@@ -450,9 +454,8 @@ class OverlongTests(SynchronousTestCase):
         self.assertEqual(transport.value(), b"a\n" + TOO_LONG + b"\nb\n")
         [event] = events_named(self.observer, "line_too_long")
         self.assertEqual(event["log_level"], LogLevel.info)
-        self.assertEqual(
-            (event["conn_id"], event["line_no"], event["length"], event["limit"]), (7, 2, 20, 8)
-        )
+        self.assertEqual((event["conn_id"], event["line_no"], event["limit"]), (7, 2, 8))
+        self.assertNotIn("length", event)
         self.assertEqual(protocol.record.overlong_lines, 1)
 
     def test_overlong_sync(self) -> None:
@@ -461,28 +464,94 @@ class OverlongTests(SynchronousTestCase):
         protocol.dataReceived(b"a\n" + b"x" * 9 + b"\nb\n")
         self.assertEqual(transport.writes, [b"a\n" + TOO_LONG + b"\nb\n"])
 
-    def test_overlong_crlf(self) -> None:
-        """An overlong CRLF line gets a CRLF-terminated error reply."""
+    def test_reply_before_the_terminator(self) -> None:
+        """The reply goes out with the read that crosses the limit, not with the LF."""
+        protocol, transport, _ = connect(EchoHandler())
+        protocol.dataReceived(b"12345678")
+        self.assertEqual(transport.value(), b"")
+        protocol.dataReceived(b"9")
+        self.assertEqual(transport.value(), TOO_LONG + b"\n")
+        self.assertEqual(protocol.record.overlong_lines, 1)
+        protocol.dataReceived(b"y" * 100)
+        protocol.dataReceived(b"\r\nok\r\n")
+        self.assertEqual(transport.value(), TOO_LONG + b"\nok\r\n")
+        self.assertEqual(protocol.record.overlong_lines, 1)
+        self.assertEqual(protocol.record.lines_in, 2)
+
+    def test_reply_always_ends_with_lf(self) -> None:
+        """The error reply ends with LF even when the line ends with CRLF."""
         protocol, transport, _ = connect(EchoHandler())
         protocol.dataReceived(b"y" * 100)
         protocol.dataReceived(b"\r\nok\r\n")
-        self.assertEqual(transport.value(), TOO_LONG + b"\r\nok\r\n")
+        self.assertEqual(transport.value(), TOO_LONG + b"\nok\r\n")
+
+    def test_batch_read_ending_in_overlong_start(self) -> None:
+        """A read of short lines and then the start of an overlong line answers both."""
+        protocol, transport, _ = connect(EchoHandler())
+        protocol.dataReceived(b"a\n" + b"x" * 9)
+        self.assertEqual(transport.value(), b"a\n" + TOO_LONG + b"\n")
+        protocol.dataReceived(b"x\nb\n")
+        self.assertEqual(transport.value(), b"a\n" + TOO_LONG + b"\nb\n")
+        self.assertEqual(
+            (protocol.record.lines_in, protocol.record.lines_out, protocol.record.overlong_lines),
+            (3, 3, 1),
+        )
+
+    def test_waits_behind_a_pending_reply(self) -> None:
+        """Crossing the limit behind a pending asynchronous reply keeps the order."""
+        handler = DeferredHandler()
+        protocol, transport, _ = connect(handler)
+        protocol.dataReceived(b"a\n" + b"x" * 30)
+        self.assertEqual(transport.value(), b"")
+        handler.echo(0)
+        self.assertEqual(transport.value(), b"a\n" + TOO_LONG + b"\n")
+
+    def test_counted_when_the_terminator_never_comes(self) -> None:
+        """A line cut off by the connection's loss is counted and was answered."""
+        protocol, transport, _ = connect(EchoHandler())
+        protocol.dataReceived(b"x" * 30)
+        protocol.connectionLost(None)
+        self.assertEqual(transport.value(), TOO_LONG + b"\n")
+        self.assertEqual(protocol.record.overlong_lines, 1)
+        self.assertEqual(len(events_named(self.observer, "line_too_long")), 1)
+
+    def test_split_after_cr_at_the_limit(self) -> None:
+        """Limit bytes and a CR in one read, a non-LF byte in the next: one error reply."""
+        protocol, transport, _ = connect(EchoHandler())
+        protocol.dataReceived(b"12345678\r")
+        self.assertEqual(transport.value(), b"")
+        protocol.dataReceived(b"x\r")
+        self.assertEqual(transport.value(), TOO_LONG + b"\n")
+        protocol.dataReceived(b"\nok\n")
+        self.assertEqual(transport.value(), TOO_LONG + b"\nok\n")
 
     def test_limit_is_exact(self) -> None:
         """Content of exactly the limit is echoed; one byte more is refused."""
         protocol, transport, _ = connect(EchoHandler())
         protocol.dataReceived(b"12345678\r\n123456789\n")
         self.assertEqual(transport.value(), b"12345678\r\n" + TOO_LONG + b"\n")
+        protocol, transport, _ = connect(EchoHandler())
+        protocol.dataReceived(b"12345678\r")
+        protocol.dataReceived(b"\n")
+        self.assertEqual(transport.value(), b"12345678\r\n")
 
     def test_overlong_final_line(self) -> None:
         """An overlong unterminated final line is refused, then the connection closes."""
         protocol, transport, _ = connect(EchoHandler())
-        protocol.dataReceived(b"z" * 9)
+        protocol.dataReceived(b"12345678\r")
         protocol.readConnectionLost()
         self.assertEqual(transport.value(), TOO_LONG + b"\n")
         self.assertTrue(transport.disconnecting)
-        [event] = events_named(self.observer, "line_too_long")
-        self.assertEqual(event["length"], 9)
+        self.assertEqual(len(events_named(self.observer, "line_too_long")), 1)
+
+    def test_overlong_then_end_of_input(self) -> None:
+        """A line answered when it crossed the limit gets no second reply at the end."""
+        protocol, transport, _ = connect(EchoHandler())
+        protocol.dataReceived(b"z" * 20)
+        protocol.readConnectionLost()
+        self.assertEqual(transport.value(), TOO_LONG + b"\n")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(protocol.record.lines_in, 1)
 
 
 class BackpressureTests(SynchronousTestCase):

@@ -13,8 +13,9 @@ State rules (all of them live in this module):
 2. A handler that raises, fails, or does not answer within ``handler_timeout``
    seconds yields ``-ERR handler-failed``/``-ERR handler-timeout`` in its line's
    place, and a log event.  The connection goes on.
-3. An overlong line yields ``-ERR line-too-long`` in its place; see
-   :mod:`secure_echo.line.framing`.
+3. An overlong line yields ``-ERR line-too-long`` (ended with LF) in its place as
+   soon as the read that crosses the limit arrives, and is counted then; the rest
+   of it is dropped up to its LF (see :mod:`secure_echo.line.framing`).
 4. Memory is bounded: the framer holds at most ``max_line_length + 1`` bytes, and
    when ``max_pending`` replies are waiting, reading pauses until the FIFO drains
    to half of that.  The transport separately pauses reading while the client
@@ -41,12 +42,13 @@ from twisted.python.failure import Failure
 from typing_extensions import override
 from zope.interface import implementer
 
-from secure_echo.line.framing import LF, LineFramer, Overlong, terminator_of
+from secure_echo.line.framing import LF, LineFramer, terminator_of
 from secure_echo.line.handler import IBatchLineHandler
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
+    from secure_echo.line.framing import Event
     from secure_echo.line.handler import ILineHandler
 
 #: Stable reason tokens of ``-ERR`` replies (docs/protocol.md).
@@ -162,7 +164,10 @@ class LineProtocol(Protocol):
                 record.lines_out += count
                 self._write([batch(whole, count)])
                 if end < len(data):
-                    self._framer.feed(data[end:])
+                    # The tail may already prove its line too long.
+                    tail_events = self._framer.feed(data[end:])
+                    if tail_events:
+                        self._dispatch(tail_events)
                 return
         events = self._framer.feed(data)
         if events:
@@ -204,7 +209,7 @@ class LineProtocol(Protocol):
 
     # -- the per-line path ------------------------------------------------------
 
-    def _dispatch(self, events: list[bytes | Overlong]) -> None:
+    def _dispatch(self, events: list[Event]) -> None:
         """Turn events into replies; write the ready ones (state rule 1)."""
         fifo = self._fifo
         record = self.record
@@ -224,7 +229,7 @@ class LineProtocol(Protocol):
             self._paused = True
             cast("Any", self.transport).pauseProducing()
 
-    def _dispatch_events(self, events: list[bytes | Overlong], batch: list[bytes]) -> None:
+    def _dispatch_events(self, events: list[Event], batch: list[bytes]) -> None:
         """Call the handler for each event; ready replies go to ``batch`` or the FIFO."""
         handle = self._handler.handle_line
         info = self._settings.info_line
@@ -253,20 +258,17 @@ class LineProtocol(Protocol):
                             Failure(TypeError(f"handler returned {type(result).__name__}")),
                         )
             else:
-                overlong = cast("Overlong", event)
                 record.overlong_lines += 1
                 self.log.info(
                     "line {line_no} on connection {conn_id} exceeded {limit} bytes",
                     event="line_too_long",
                     conn_id=record.conn_id,
                     line_no=self._line_no,
-                    length=overlong.length,
                     limit=self._settings.max_line_length,
                 )
+                # Its terminator may not have come yet: the reply ends with LF.
                 reply = error_reply(
-                    LINE_TOO_LONG,
-                    f"line exceeds {self._settings.max_line_length} bytes",
-                    overlong.terminator,
+                    LINE_TOO_LONG, f"line exceeds {self._settings.max_line_length} bytes", LF
                 )
             if fifo:
                 fifo.append(_Slot(reply))
