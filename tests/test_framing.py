@@ -296,6 +296,24 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(framer.buffered, 0)
 
 
+class LazyEventsTests(SynchronousTestCase):
+    """``events()`` frames as its events are taken, so a consumer can stop part-way."""
+
+    def test_stop_and_go_on(self) -> None:
+        """Events not yet taken are not framed: the framer's state follows the taking."""
+        framer = LineFramer(5)
+        events = framer.events(b"a\nb\n" + b"x" * 9)
+        self.assertEqual(next(events), b"a\n")
+        self.assertFalse(framer.holding)
+        self.assertEqual(next(events), b"b\n")
+        self.assertFalse(framer.holding)
+        self.assertIs(next(events), OVERLONG)
+        self.assertTrue(framer.holding)
+        self.assertEqual(list(events), [])
+        self.assertEqual(framer.feed(b"\nc"), [])
+        self.assertEqual(framer.end(), [b"c"])
+
+
 class CostTests(SynchronousTestCase):
     """Memory stays bounded and work stays linear however the input is cut."""
 

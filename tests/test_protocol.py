@@ -20,6 +20,7 @@ from secure_echo.line.protocol import (
     HANDLER_FAILED,
     HANDLER_TIMEOUT,
     LINE_TOO_LONG,
+    OUTPUT_PER_STEP,
     LineFactory,
     LineProtocol,
     LineSettings,
@@ -110,11 +111,15 @@ def connect(
     max_line_length: int = 8,
     max_pending: int = 256,
     handler_timeout: float = 5.0,
+    info_line: bytes | None = None,
 ) -> tuple[LineProtocol, RecordingTransport, Clock]:
     """A LineProtocol connected to a recording transport, with a test clock."""
     clock = Clock()
     settings = LineSettings(
-        max_line_length=max_line_length, max_pending=max_pending, handler_timeout=handler_timeout
+        max_line_length=max_line_length,
+        max_pending=max_pending,
+        handler_timeout=handler_timeout,
+        info_line=info_line,
     )
     protocol = LineProtocol(handler, settings, clock, ConnectionRecord(7, "peer", "local", 0.0))
     transport = RecordingTransport()
@@ -552,6 +557,251 @@ class OverlongTests(SynchronousTestCase):
         self.assertEqual(transport.value(), TOO_LONG + b"\n")
         self.assertTrue(transport.disconnecting)
         self.assertEqual(protocol.record.lines_in, 1)
+
+
+def info_reply_size() -> int:
+    """The length of one info reply of :func:`connect`'s record (LF-terminated)."""
+    protocol, transport, _ = connect(EchoHandler(), info_line=b"I")
+    protocol.dataReceived(b"I\n")
+    return len(transport.value())
+
+
+class FillingTransport(RecordingTransport):
+    """A transport whose send buffer fills: it pauses its producer past ``size`` unsent.
+
+    ``drain()`` plays the client reading everything: the buffer empties and the
+    producer is resumed, as Twisted's stream transports do.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.unsent = 0
+        self.full = False
+
+    def write(self, data: bytes) -> None:
+        """Store the write; past ``size`` unsent bytes, pause the producer once."""
+        super().write(data)
+        self.unsent += len(data)
+        if self.unsent > self.size and not self.full and self.producer is not None:
+            self.full = True
+            self.producer.pauseProducing()
+
+    def drain(self) -> None:
+        """Everything written was sent: resume the producer if it was paused."""
+        self.unsent = 0
+        if self.full and self.producer is not None:
+            self.full = False
+            self.producer.resumeProducing()
+
+
+class OutputBoundTests(SynchronousTestCase):
+    """State rule 7: one read cannot make more than a step's worth of replies at once."""
+
+    def setUp(self) -> None:
+        self.reply = info_reply_size()
+        # Enough info lines for more than three steps.
+        self.count = 3 * OUTPUT_PER_STEP // self.reply + 10
+        self.protocol, self.transport, self.clock = connect(EchoHandler(), info_line=b"I")
+
+    def assert_steps(self, writes: list[bytes]) -> None:
+        """Every write but the last is one step: the budget plus less than one reply."""
+        for write in writes[:-1]:
+            self.assertGreaterEqual(len(write), OUTPUT_PER_STEP)
+            self.assertLess(len(write), OUTPUT_PER_STEP + self.reply)
+        self.assertLess(len(writes[-1]), OUTPUT_PER_STEP + self.reply)
+
+    def run_steps(self, clock: Clock | None = None) -> None:
+        """Run the reactor turns until no step is scheduled."""
+        clock = clock or self.clock
+        while clock.getDelayedCalls():
+            clock.advance(0)
+
+    def test_read_of_info_lines_is_answered_in_steps(self) -> None:
+        """A read asking for 3+ steps of output gets one step now, the rest on later turns."""
+        self.protocol.dataReceived(b"I\n" * self.count)
+        self.assertEqual(len(self.transport.writes), 1)
+        self.assert_steps([*self.transport.writes, b""])
+        self.assertEqual(self.transport.producerState, "paused")
+        self.assertEqual(self.protocol.pending, 1)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.run_steps()
+        self.assertEqual(len(self.transport.writes), 4)
+        self.assert_steps(self.transport.writes)
+        self.assertEqual(len(self.transport.value()), self.count * self.reply)
+        self.assertEqual(self.transport.producerState, "producing")
+        self.assertEqual(self.transport.producer_calls, ["pause", "resume"])
+        self.assertEqual(self.protocol.pending, 0)
+        record = self.protocol.record
+        self.assertEqual((record.lines_in, record.lines_out), (self.count, self.count))
+
+    def test_full_send_buffer_holds_the_next_step(self) -> None:
+        """While the transport's send buffer is full no step runs; one runs per drain."""
+        settings = LineSettings(max_line_length=8, info_line=b"I")
+        protocol = LineProtocol(
+            EchoHandler(), settings, self.clock, ConnectionRecord(7, "peer", "local", 0.0)
+        )
+        transport = FillingTransport(65536)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"I\n" * self.count)
+        for steps in range(1, 4):
+            self.assertEqual(len(transport.writes), steps)
+            self.run_steps()
+            self.assertEqual(len(transport.writes), steps)
+            self.assertEqual(transport.producerState, "paused")
+            transport.drain()
+            self.assertEqual(len(transport.writes), steps, "the step waits for a reactor turn")
+            self.run_steps()
+        self.assert_steps(transport.writes)
+        self.assertEqual(len(transport.value()), self.count * self.reply)
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_drain_signal_without_held_input(self) -> None:
+        """A send buffer that drains with nothing held schedules nothing."""
+        producer = self.transport.producer
+        assert producer is not None
+        producer.pauseProducing()
+        producer.resumeProducing()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.protocol.dataReceived(b"I\n" * self.count)
+        producer.resumeProducing()
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+
+    def test_full_send_buffer_after_scheduling(self) -> None:
+        """A buffer that fills after the next step was scheduled still holds it."""
+        producer = self.transport.producer
+        assert producer is not None
+        self.protocol.dataReceived(b"I\n" * self.count)
+        written = len(self.transport.value())
+        producer.pauseProducing()
+        self.clock.advance(0)
+        self.assertEqual(len(self.transport.value()), written)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        producer.resumeProducing()
+        self.run_steps()
+        self.assertEqual(len(self.transport.value()), self.count * self.reply)
+
+    def test_later_reads_wait_their_turn(self) -> None:
+        """A read that arrives while input is held is answered after it, in order."""
+        self.protocol.dataReceived(b"I\n" * self.count)
+        self.protocol.dataReceived(b"after\n")
+        self.protocol.dataReceived(b"I\nlast\n")
+        self.run_steps()
+        value = self.transport.value()
+        self.assertEqual(len(value), (self.count + 1) * self.reply + len(b"after\nlast\n"))
+        self.assertTrue(value.endswith(b"after\n" + value[: self.reply] + b"last\n"))
+        self.assertEqual(self.protocol.record.lines_in, self.count + 3)
+
+    def test_end_of_input_while_held(self) -> None:
+        """The final unterminated line is answered after the held lines, then it closes."""
+        self.protocol.dataReceived(b"I\n" * self.count)
+        self.protocol.dataReceived(b"tail")
+        self.protocol.readConnectionLost()
+        self.assertFalse(self.transport.disconnecting)
+        while self.clock.getDelayedCalls():
+            self.assertFalse(self.transport.disconnecting)
+            self.clock.advance(0)
+        self.assertTrue(self.transport.value().endswith(b"}\ntail"))
+        self.assertEqual(len(self.transport.value()), self.count * self.reply + 4)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_drain_while_held(self) -> None:
+        """A drain answers the held lines, not an unfinished one, then closes."""
+        self.protocol.dataReceived(b"I\n" * self.count + b"unfin")
+        self.protocol.drain()
+        self.assertFalse(self.transport.disconnecting)
+        self.run_steps()
+        self.assertEqual(len(self.transport.value()), self.count * self.reply)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_connection_lost_while_held(self) -> None:
+        """A lost connection drops held input and its next step."""
+        self.protocol.dataReceived(b"I\n" * self.count)
+        written = len(self.transport.value())
+        self.protocol.connectionLost(None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.protocol.pending, 0)
+        self.protocol.send_buffer_full(full=False)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.protocol.dataReceived(b"I\n")
+        self.assertEqual(len(self.transport.value()), written)
+
+    def test_reads_within_budget_take_no_step(self) -> None:
+        """A read whose replies fit the budget schedules nothing and never pauses."""
+        self.protocol.dataReceived(b"I\n" * 100 + b"x" * 7)
+        self.protocol.dataReceived(b"\n" + b"echo\n" * 1000)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.transport.producer_calls, [])
+        self.assertEqual(len(self.transport.writes), 2)
+
+    def test_budget_spans_reads_of_one_step(self) -> None:
+        """Held reads handled in one step share its budget: one write per step."""
+        half = OUTPUT_PER_STEP // 2 // self.reply + 1
+        self.protocol.dataReceived(b"I\n" * self.count)
+        self.protocol.dataReceived(b"I\n" * half)
+        self.protocol.dataReceived(b"I\n" * half)
+        self.run_steps()
+        total = self.count + 2 * half
+        per_step = -(-OUTPUT_PER_STEP // self.reply)
+        self.assertEqual(len(self.transport.value()), total * self.reply)
+        self.assertEqual(len(self.transport.writes), -(-total // per_step))
+        self.assert_steps(self.transport.writes)
+
+    def test_pending_async_reply_and_budget(self) -> None:
+        """Replies queued behind a pending asynchronous one count against the step too."""
+        handler = DeferredHandler()
+        protocol, transport, clock = connect(handler, info_line=b"I")
+        protocol.dataReceived(b"a\n" + b"I\n" * self.count)
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(protocol.pending, 2 + -(-OUTPUT_PER_STEP // self.reply))
+        handler.echo(0)
+        self.assertTrue(transport.value().startswith(b"a\n"))
+        self.assertLess(len(transport.value()), OUTPUT_PER_STEP + self.reply + 2)
+        self.run_steps(clock)
+        self.assertEqual(len(transport.value()), 2 + self.count * self.reply)
+
+    def test_producer_ignores_stop(self) -> None:
+        """``stopProducing`` changes nothing: ``connectionLost`` does the cleanup."""
+        producer = self.transport.producer
+        assert producer is not None
+        self.protocol.dataReceived(b"I\n" * self.count)
+        producer.stopProducing()
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+
+
+class InfoLineTests(SynchronousTestCase):
+    """The info line's reply, and what counts as the info line."""
+
+    def test_behind_a_pending_reply(self) -> None:
+        """An info reply waits behind a pending asynchronous reply, in line order."""
+        handler = DeferredHandler()
+        protocol, transport, _ = connect(handler, info_line=b"I")
+        protocol.dataReceived(b"a\nI\n")
+        self.assertEqual(transport.value(), b"")
+        handler.echo(0)
+        value = transport.value()
+        self.assertTrue(value.startswith(b"a\n{"), value)
+        self.assertTrue(value.endswith(b"}\n"), value)
+        self.assertEqual(value.count(b"\n"), 2)
+
+    def test_only_exact_content(self) -> None:
+        """Only the exact content with LF, CRLF or no terminator is the info line.
+
+        The reply ends with the line's terminator, LF for a final line without one.
+        """
+        protocol, transport, _ = connect(EchoHandler(), info_line=b"INFO")
+        protocol.dataReceived(b"INFOX\nINF\nXINFO\nINFO\rx\n")
+        self.assertEqual(transport.value(), b"INFOX\nINF\nXINFO\nINFO\rx\n")
+        protocol.dataReceived(b"INFO\r\n")
+        self.assertTrue(transport.value().endswith(b"}\r\n"))
+        protocol.dataReceived(b"INFO")
+        protocol.readConnectionLost()
+        replies = transport.value().split(b"INFO\rx\n", 1)[1]
+        first, second = replies.split(b"}\r\n")
+        self.assertTrue(first.startswith(b"{"), first)
+        self.assertTrue(second.startswith(b"{"), second)
+        self.assertTrue(second.endswith(b"}\n"), "LF ends the reply to a final line")
+        self.assertFalse(second.endswith(b"\r\n"))
 
 
 class BackpressureTests(SynchronousTestCase):

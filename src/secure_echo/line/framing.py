@@ -28,7 +28,10 @@ Contract of :class:`LineFramer`:
 
 from __future__ import annotations
 
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 LF: Final = b"\n"
 CRLF: Final = b"\r\n"
@@ -88,24 +91,33 @@ class LineFramer:
 
     def feed(self, data: bytes) -> list[Event]:
         """Consume ``data``; return the events it completes, in order."""
-        events: list[Event] = []
+        return list(self.events(data))
+
+    def events(self, data: bytes) -> Iterator[Event]:
+        """Consume ``data`` as the events are taken; yield them in order.
+
+        The lazy form of :meth:`feed`: a consumer may stop part-way and hold the
+        iterator (which holds ``data``) to go on later, instead of a list of every
+        line of the read.  Finish it before the next ``events``, ``feed`` or ``end``.
+        """
         if not data:
             # Holding b"" would hide a held CR that may begin a CRLF.
-            return events
+            return
         nl = data.find(LF)
         start = 0
         if self._discarding:
             if nl < 0:
-                return events
+                return
             self._discarding = False
             start = nl + 1
             nl = data.find(LF, start)
         elif self._size:
             if nl < 0:
-                self._hold(data, events)
-                return events
+                if self._hold(data):
+                    yield OVERLONG
+                return
             start = nl + 1
-            events.append(self._complete_held(data[:start]))
+            yield self._complete_held(data[:start])
             nl = data.find(LF, start)
         limit = self._limit
         # Lines wholly inside this chunk: one find and one slice each.  The content
@@ -114,14 +126,13 @@ class LineFramer:
         while nl >= 0:
             end = nl + 1
             if nl - start - (data[nl - 1] == _CR) > limit:
-                events.append(OVERLONG)
+                yield OVERLONG
             else:
-                events.append(data[start:end])
+                yield data[start:end]
             start = end
             nl = data.find(LF, start)
-        if start < len(data):
-            self._hold(data[start:], events)
-        return events
+        if start < len(data) and self._hold(data[start:]):
+            yield OVERLONG
 
     def end(self) -> list[Event]:
         """Signal end of stream; return the final unterminated line's event, if any."""
@@ -135,22 +146,22 @@ class LineFramer:
         # terminator coming, all of them are content.
         return [OVERLONG if len(line) > self._limit else line]
 
-    def _hold(self, piece: bytes, events: list[Event]) -> None:
-        """Keep a piece of an unterminated line (``piece`` has no LF and is not empty).
+    def _hold(self, piece: bytes) -> bool:
+        """Keep a piece of an unterminated line; True if the line is now overlong.
 
-        The line is known to be too long once its bytes, less a last CR that may
-        begin its CRLF, pass the limit: then :data:`OVERLONG` goes to ``events``
-        and the rest of the line is dropped.
+        ``piece`` has no LF and is not empty.  The line is known to be too long
+        once its bytes, less a last CR that may begin its CRLF, pass the limit;
+        the rest of it is then dropped.
         """
         size = self._size + len(piece)
         if size - (piece[-1] == _CR) > self._limit:
-            events.append(OVERLONG)
             self._discarding = True
             self._pending = []
             self._size = 0
-            return
+            return True
         self._pending.append(piece)
         self._size = size
+        return False
 
     def _complete_held(self, tail: bytes) -> Event:
         """Finish the held line with ``tail`` (which ends with its LF)."""
