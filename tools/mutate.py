@@ -11,8 +11,9 @@ mutmut 3.8 (``pip install -e '.[dev]'`` brings it) mutates the module, runs the
 tests against each mutant through pytest (trial's TestCases are unittest cases,
 which pytest runs) and reports which mutants no test noticed.  The run happens in a
 scratch copy of the project under ``.mutate/<module>/`` so the work tree stays
-clean and several modules can run at once; mutmut's ``mutants/`` directory and its
-cache stay there, so a second run of the same module only retests what changed.
+clean and several modules can run at once.  Each run starts afresh (mutmut's cache
+would keep a survivor's verdict after a test that kills it was added); ``--keep``
+reuses it.
 
 Settings that make mutmut work on this project (written into the scratch copy's
 ``pyproject.toml``):
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="show the known modules and exit")
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
     parser.add_argument("-v", "--verbose", action="store_true", help="show mutmut's progress")
+    parser.add_argument("--keep", action="store_true", help="reuse the last run's verdicts")
     args = parser.parse_args(argv)
     if args.list or not args.module:
         for module, tests in TESTS.items():
@@ -137,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mutate: name the tests for {module} (none known)", file=sys.stderr)
         return 1
     work = ROOT / ".mutate" / Path(module).with_suffix("").as_posix().replace("/", ".")
+    if not args.keep:
+        shutil.rmtree(work / "mutants", ignore_errors=True)
     scratch_copy(work)
     with (work / "pyproject.toml").open("a") as config:
         config.write(mutmut_settings(module, tests))
