@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from typing import TYPE_CHECKING, cast
 
 from hypothesis import given, settings
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, StringTransport
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -802,6 +803,64 @@ class InfoLineTests(SynchronousTestCase):
         self.assertTrue(second.startswith(b"{"), second)
         self.assertTrue(second.endswith(b"}\n"), "LF ends the reply to a final line")
         self.assertFalse(second.endswith(b"\r\n"))
+
+
+class MessageTests(SynchronousTestCase):
+    """What the log says and counts in words, and the info reply's exact form."""
+
+    def setUp(self) -> None:
+        self.observer = capture_log(self)
+
+    def rendered(self, name: str) -> list[str]:
+        """The text-log rendering of each captured event called ``name``."""
+        return [formatEvent(event) for event in events_named(self.observer, name)]
+
+    def test_overlong_lines_counted_and_told(self) -> None:
+        """Each overlong line adds one to the count and one readable log line."""
+        protocol, _, _ = connect(EchoHandler())
+        protocol.dataReceived(b"x" * 20 + b"\nok\n" + b"y" * 20 + b"\n")
+        self.assertEqual(protocol.record.overlong_lines, 2)
+        self.assertEqual(
+            self.rendered("line_too_long"),
+            [
+                "line 1 on connection 7 exceeded 8 bytes",
+                "line 3 on connection 7 exceeded 8 bytes",
+            ],
+        )
+
+    def test_handler_messages(self) -> None:
+        """A timeout and a failure each read as a sentence naming line and connection."""
+        handler = DeferredHandler()
+        protocol, _, clock = connect(handler, handler_timeout=2.0)
+        protocol.dataReceived(b"a\nb\n")
+        handler.deferreds[1].callback(42)  # type: ignore[arg-type]
+        clock.advance(2)
+        self.assertEqual(
+            self.rendered("handler_timeout"),
+            ["handler for line 1 on connection 7 timed out after 2.0 s"],
+        )
+        self.assertEqual(
+            self.rendered("handler_failed")[0].splitlines()[0],
+            "handler failed for line 2 on connection 7",
+        )
+        [failed] = events_named(self.observer, "handler_failed")
+        self.assertEqual(failed["error"], "handler returned int")
+        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
+
+    def test_info_reply_is_compact_with_sorted_keys(self) -> None:
+        """The info reply is one compact JSON object whose keys are in sorted order."""
+        protocol, transport, _ = connect(EchoHandler(), info_line=b"I")
+        protocol.dataReceived(b"I\n")
+        reply = transport.value()
+        self.assertNotIn(b", ", reply)
+        self.assertNotIn(b": ", reply)
+        keys = list(json.loads(reply))
+        self.assertEqual(keys, sorted(keys))
+        self.assertEqual(len(keys), len(protocol.record.info()))
+
+    def test_step_budget_is_256_kib(self) -> None:
+        """The budget docs/protocol.md states."""
+        self.assertEqual(OUTPUT_PER_STEP, 262144)
 
 
 class BackpressureTests(SynchronousTestCase):

@@ -77,7 +77,7 @@ _ENDINGS: Final = (b"\n", b"\r\n", b"")
 
 def error_reply(token: str, text: str, terminator: bytes) -> bytes:
     """Format an error reply: ``-ERR <token> <text>`` and the line's terminator."""
-    return b"-ERR %s %s%s" % (token.encode("ascii"), text.encode("ascii"), terminator or LF)
+    return f"-ERR {token} {text}".encode() + (terminator or LF)
 
 
 class LineRecord(TypingProtocol):
@@ -297,7 +297,6 @@ class LineProtocol(Protocol):
         left over stays held, reading pauses, and the next step comes on a later
         reactor turn once the transport's send buffer is not full.
         """
-        fifo = self._fifo
         batch: list[bytes] = []
         self._budget = OUTPUT_PER_STEP
         self._dispatching = True
@@ -306,11 +305,7 @@ class LineProtocol(Protocol):
         finally:
             self._dispatching = False
         # Slots whose Deferred fired during the loop follow the batch in line order.
-        while fifo and fifo[0].reply is not None:
-            batch.append(cast("bytes", fifo.popleft().reply))
-        if batch:
-            self.record.lines_out += len(batch)
-            self._write(batch)
+        self._write_ready(batch)
         if held:
             self._schedule_step()
         self._update_reading()
@@ -423,16 +418,20 @@ class LineProtocol(Protocol):
         return text.encode() + (terminator_of(line) or LF)
 
     def _flush_ready(self) -> None:
-        """Write every reply at the head of the FIFO that is ready (state rule 1)."""
+        """A Deferred fired outside a step: write what became ready (state rule 1)."""
+        self._write_ready([])
+        self._update_reading()
+        self._close_if_done()
+
+    def _write_ready(self, batch: list[bytes]) -> None:
+        """Write ``batch`` and then every ready reply at the head of the FIFO."""
         fifo = self._fifo
-        batch: list[bytes] = []
-        while fifo and fifo[0].reply is not None:
-            batch.append(cast("bytes", fifo.popleft().reply))
+        while fifo and (reply := fifo[0].reply) is not None:
+            fifo.popleft()
+            batch.append(reply)
         if batch:
             self.record.lines_out += len(batch)
             self._write(batch)
-        self._update_reading()
-        self._close_if_done()
 
     def _update_reading(self) -> None:
         """Pause reading while input is held or the FIFO is full (rules 4 and 7).
