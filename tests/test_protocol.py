@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from secure_echo.line.handler import EchoHandler, ILineHandler
+from secure_echo.line.handler import EchoHandler, IBatchLineHandler, ILineHandler
 from secure_echo.line.protocol import (
     HANDLER_FAILED,
     HANDLER_TIMEOUT,
@@ -761,6 +761,21 @@ class OutputBoundTests(SynchronousTestCase):
         self.run_steps(clock)
         self.assertEqual(len(transport.value()), 2 + self.count * self.reply)
 
+    def replies_per_step(self, size: int) -> list[int]:
+        """How many replies of ``size`` bytes each step writes, for 12 short lines."""
+        protocol, transport, clock = connect(CallHandler(lambda _: b"r" * size))
+        protocol.dataReceived(b"x\n" * 12)
+        self.run_steps(clock)
+        return [len(write) // size for write in transport.writes]
+
+    def test_step_ends_when_the_budget_is_spent_exactly(self) -> None:
+        """Replies that spend the budget exactly end the step; the next line waits."""
+        self.assertEqual(self.replies_per_step(OUTPUT_PER_STEP // 4), [4, 4, 4])
+
+    def test_step_goes_on_while_a_byte_is_left(self) -> None:
+        """A budget with one byte left still takes the next reply."""
+        self.assertEqual(self.replies_per_step(OUTPUT_PER_STEP - 1), [2, 2, 2, 2, 2, 2])
+
     def test_producer_ignores_stop(self) -> None:
         """``stopProducing`` changes nothing: ``connectionLost`` does the cleanup."""
         producer = self.transport.producer
@@ -1170,6 +1185,24 @@ class PropertyTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
 
+@implementer(IBatchLineHandler)
+class RecordingBatchHandler(EchoHandler):
+    """An echo handler that records which of its methods answered what."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bytes]] = []
+
+    def handle_line(self, line: bytes) -> bytes:
+        """Record and echo one line."""
+        self.calls.append(("line", line))
+        return line
+
+    def handle_batch(self, lines: bytes, count: int) -> bytes:
+        """Record (with its line count) and echo a batch."""
+        self.calls.append((f"batch {count}", lines))
+        return lines
+
+
 class BatchPathTests(SynchronousTestCase):
     """The batch path of a batch-capable handler changes nothing on the wire."""
 
@@ -1193,6 +1226,28 @@ class BatchPathTests(SynchronousTestCase):
         protocol.dataReceived(b"a\nbb\r\nccc\n")
         self.assertEqual(transport.value(), b"a\nbb\r\nccc\n")
         self.assertEqual((protocol.record.lines_in, protocol.record.lines_out), (3, 3))
+
+    def test_batch_handler_is_used(self) -> None:
+        """A batch-capable handler answers a read of whole lines in one call.
+
+        With an info line configured the per-line path is taken instead, since
+        each line must be looked at.
+        """
+        handler = RecordingBatchHandler()
+        protocol, transport = self.make(handler=handler)
+        protocol.dataReceived(b"a\nb\n")
+        self.assertEqual(handler.calls, [("batch 2", b"a\nb\n")])
+        self.assertEqual(transport.value(), b"a\nb\n")
+        handler = RecordingBatchHandler()
+        protocol = LineProtocol(
+            handler,
+            LineSettings(info_line=b"I"),
+            Clock(),
+            ConnectionRecord(1, "peer", "local", 0.0),
+        )
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(b"a\nb\n")
+        self.assertEqual(handler.calls, [("line", b"a\n"), ("line", b"b\n")])
 
     def test_tail_is_held(self) -> None:
         """An unfinished line after the last LF waits for its end, as on the line path."""

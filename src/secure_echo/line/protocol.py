@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred, TimeoutError
@@ -186,7 +186,6 @@ class LineProtocol(Protocol):
         # and the reads that came after it.
         self._events: Iterator[Event] | None = None
         self._unread: deque[bytes] = deque()
-        self._budget = OUTPUT_PER_STEP
         self._step_call: IDelayedCall | None = None
         self._send_full = False
         self._paused = False
@@ -298,7 +297,6 @@ class LineProtocol(Protocol):
         reactor turn once the transport's send buffer is not full.
         """
         batch: list[bytes] = []
-        self._budget = OUTPUT_PER_STEP
         self._dispatching = True
         try:
             held = self._handle_input(batch)
@@ -313,31 +311,32 @@ class LineProtocol(Protocol):
 
     def _handle_input(self, batch: list[bytes]) -> bool:
         """Handle held events and reads in order; True if the budget ran out first."""
+        budget = OUTPUT_PER_STEP
         while True:
             events = self._events
             if events is None:
                 if not self._unread:
                     break
                 events = self._events = self._framer.events(self._unread.popleft())
-            if self._dispatch_events(events, batch):
+            budget = self._dispatch_events(events, batch, budget)
+            if budget <= 0:
                 return True
             self._events = None
         if self._eof:
             # Every read is handled: the final unterminated line's turn.
-            self._dispatch_events(iter(self._framer.end()), batch)
+            self._dispatch_events(iter(self._framer.end()), batch, budget)
         return False
 
-    def _dispatch_events(self, events: Iterator[Event], batch: list[bytes]) -> bool:
+    def _dispatch_events(self, events: Iterator[Event], batch: list[bytes], budget: int) -> int:
         """Call the handler for each event; ready replies go to ``batch`` or the FIFO.
 
-        Returns True, with events left, once the replies made ready pass the
-        step's budget.
+        Stops, with events left, once the replies made ready have spent
+        ``budget`` bytes; returns what is left of it (<= 0: spent).
         """
         handle = self._handler.handle_line
         info = self._settings.info_line
         fifo = self._fifo
         record = self.record
-        budget = self._budget
         for event in events:
             self._line_no += 1
             record.lines_in += 1
@@ -367,9 +366,8 @@ class LineProtocol(Protocol):
                 batch.append(reply)
             budget -= len(reply)
             if budget <= 0:
-                return True
-        self._budget = budget
-        return False
+                break
+        return budget
 
     def _line_too_long(self) -> bytes:
         """Count and log an overlong line; return its error reply (state rule 3)."""
@@ -442,7 +440,7 @@ class LineProtocol(Protocol):
         held = self._events is not None
         pending = len(self._fifo)
         max_pending = self._settings.max_pending
-        transport = cast("Any", self.transport)
+        transport: Any = self.transport
         if self._paused:
             if not held and pending <= max_pending // 2:
                 self._paused = False
