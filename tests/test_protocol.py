@@ -776,6 +776,14 @@ class OutputBoundTests(SynchronousTestCase):
         """A budget with one byte left still takes the next reply."""
         self.assertEqual(self.replies_per_step(OUTPUT_PER_STEP - 1), [2, 2, 2, 2, 2, 2])
 
+    def test_read_answered_with_a_byte_left_holds_nothing(self) -> None:
+        """A read whose replies leave one byte of the budget needs no further step."""
+        protocol, transport, clock = connect(CallHandler(lambda _: b"r" * (OUTPUT_PER_STEP - 1)))
+        protocol.dataReceived(b"x\n")
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual(transport.producer_calls, [])
+        self.assertEqual(protocol.pending, 0)
+
     def test_producer_ignores_stop(self) -> None:
         """``stopProducing`` changes nothing: ``connectionLost`` does the cleanup."""
         producer = self.transport.producer
@@ -1094,10 +1102,10 @@ class FactoryTests(SynchronousTestCase):
         )
 
     def test_error_reply(self) -> None:
-        """``-ERR <token> <text>`` plus the terminator, LF when the line had none."""
+        """``-ERR <token> <text>`` plus the terminator it is given."""
         self.assertEqual(error_reply(LINE_TOO_LONG, "t", b"\r\n"), b"-ERR line-too-long t\r\n")
         self.assertEqual(error_reply(HANDLER_FAILED, "t", b"\n"), b"-ERR handler-failed t\n")
-        self.assertEqual(error_reply(HANDLER_TIMEOUT, "t", b""), b"-ERR handler-timeout t\n")
+        self.assertEqual(error_reply(HANDLER_TIMEOUT, "t", b""), b"-ERR handler-timeout t")
 
 
 @st.composite

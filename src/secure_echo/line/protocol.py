@@ -76,8 +76,8 @@ _ENDINGS: Final = (b"\n", b"\r\n", b"")
 
 
 def error_reply(token: str, text: str, terminator: bytes) -> bytes:
-    """Format an error reply: ``-ERR <token> <text>`` and the line's terminator."""
-    return f"-ERR {token} {text}".encode() + (terminator or LF)
+    """Format an error reply: ``-ERR <token> <text>`` and ``terminator``."""
+    return f"-ERR {token} {text}".encode() + terminator
 
 
 class LineRecord(TypingProtocol):
@@ -442,7 +442,7 @@ class LineProtocol(Protocol):
         max_pending = self._settings.max_pending
         transport: Any = self.transport
         if self._paused:
-            if not held and pending <= max_pending // 2:
+            if not held and 2 * pending <= max_pending:
                 self._paused = False
                 transport.resumeProducing()
         elif held or pending >= max_pending:
@@ -453,7 +453,8 @@ class LineProtocol(Protocol):
         """Log a handler failure and return the error reply for its line."""
         record = self.record
         record.handler_errors += 1
-        terminator = terminator_of(line)
+        # Ended like its line; LF for a final line without a terminator.
+        terminator = terminator_of(line) or LF
         number = self._line_no if line_no is None else line_no
         if failure.check(TimeoutError):
             self.log.warn(
@@ -476,7 +477,7 @@ class LineProtocol(Protocol):
             conn_id=record.conn_id,
             line_no=number,
             error=failure.getErrorMessage(),
-            error_type=failure.type.__name__ if failure.type else None,
+            error_type=getattr(failure.type, "__name__", None),
         )
         return error_reply(HANDLER_FAILED, "the line handler failed", terminator)
 
