@@ -54,11 +54,13 @@ TESTS: Final[dict[str, tuple[str, ...]]] = {
     "src/secure_echo/line/handler.py": ("tests/test_handler.py", "tests/test_protocol.py"),
     "src/secure_echo/wire/proxy.py": (
         "tests/test_proxyproto.py",
+        "tests/test_proxyreader.py",
         "tests/test_proxy_wire_mutants.py",
     ),
     "src/secure_echo/tls/allowlist.py": (
         "tests/test_allowlist.py",
         "tests/test_allowlist_mutants.py",
+        "tests/test_mtls_allowlist.py",
     ),
     "src/secure_echo/tls/recordio.py": (
         "tests/test_recordio.py",
