@@ -477,7 +477,7 @@ class LineProtocol(Protocol):
             conn_id=record.conn_id,
             line_no=number,
             error=failure.getErrorMessage(),
-            error_type=getattr(failure.type, "__name__", None),
+            error_type=type(failure.value).__name__,
         )
         return error_reply(HANDLER_FAILED, "the line handler failed", terminator)
 
