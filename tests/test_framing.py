@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from secure_echo.line.framing import CRLF, LF, LineFramer, Overlong, terminator_of
+from secure_echo.line.framing import CRLF, LF, OVERLONG, LineFramer, terminator_of
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -47,12 +47,21 @@ def reference(data: bytes, limit: int) -> list[Event]:
     *lines, tail = data.split(LF)
     events: list[Event] = []
     for body in lines:
-        terminator = CRLF if body.endswith(b"\r") else LF
-        content = len(body) - (len(terminator) - 1)
-        events.append(Overlong(content, terminator) if content > limit else body + LF)
+        content = len(body) - body.endswith(b"\r")
+        events.append(OVERLONG if content > limit else body + LF)
     if tail:
-        events.append(Overlong(len(tail), b"") if len(tail) > limit else tail)
+        events.append(OVERLONG if len(tail) > limit else tail)
     return events
+
+
+def reported_by(prefix: bytes, limit: int) -> int:
+    """How many events the framer must have returned once ``prefix`` was fed.
+
+    One per LF, and one for the unfinished line if its bytes, less a last CR
+    (which may begin a CRLF), are already over the limit.
+    """
+    tail = prefix.rsplit(LF, 1)[-1]
+    return prefix.count(LF) + (len(tail) - tail.endswith(b"\r") > limit)
 
 
 @st.composite
@@ -185,52 +194,94 @@ class LimitTests(SynchronousTestCase):
         self.assert_framed(b"12345\r\n", [b"12345\r\n"])
 
     def test_content_over_limit_lf(self) -> None:
-        """One byte more than the limit is Overlong, with its length and LF terminator."""
-        self.assert_framed(b"123456\n", [Overlong(6, LF)])
+        """One byte more than the limit is OVERLONG (LF)."""
+        self.assert_framed(b"123456\n", [OVERLONG])
 
     def test_content_over_limit_crlf(self) -> None:
-        """One byte more than the limit is Overlong, with its length and CRLF terminator."""
-        self.assert_framed(b"123456\r\n", [Overlong(6, CRLF)])
+        """One byte more than the limit is OVERLONG (CRLF)."""
+        self.assert_framed(b"123456\r\n", [OVERLONG])
 
     def test_content_ending_in_cr_over_limit(self) -> None:
         """Limit bytes then a lone CR then LF: CRLF terminator, content within the limit."""
         self.assert_framed(b"1234\r\r\n", [b"1234\r\r\n"])
-        self.assert_framed(b"12345\r\r\n", [Overlong(6, CRLF)])
+        self.assert_framed(b"12345\r\r\n", [OVERLONG])
 
     def test_far_over_limit(self) -> None:
-        """A much longer line is one Overlong carrying its full content length."""
-        self.assert_framed(b"x" * 50 + b"\r\n", [Overlong(50, CRLF)])
-        self.assert_framed(b"x" * 50 + b"\n", [Overlong(50, LF)])
+        """A much longer line is one OVERLONG, whatever its terminator."""
+        self.assert_framed(b"x" * 50 + b"\r\n", [OVERLONG])
+        self.assert_framed(b"x" * 50 + b"\n", [OVERLONG])
 
     def test_overlong_then_next_line(self) -> None:
         """An overlong line is dropped and the lines around it still come out."""
         data = b"ok\n" + b"y" * 20 + b"\nnext\r\n"
-        self.assert_framed(data, [b"ok\n", Overlong(20, LF), b"next\r\n"])
+        self.assert_framed(data, [b"ok\n", OVERLONG, b"next\r\n"])
+
+    def test_overlong_reported_when_the_limit_is_crossed(self) -> None:
+        """OVERLONG comes with the byte that crosses the limit, not with the LF."""
+        framer = LineFramer(self.LIMIT)
+        self.assertEqual(framer.feed(b"12345"), [])
+        self.assertEqual(framer.feed(b"6"), [OVERLONG])
+        self.assertEqual(framer.feed(b"x" * 100), [])
+        self.assertTrue(framer.holding)
+        self.assertEqual(framer.feed(b"\nnext\n"), [b"next\n"])
+        self.assertFalse(framer.holding)
+
+    def test_overlong_in_one_read_without_its_lf(self) -> None:
+        """Lines, then the start of an overlong line, in one read: both reported."""
+        framer = LineFramer(self.LIMIT)
+        self.assertEqual(framer.feed(b"a\nb\n" + b"z" * 6), [b"a\n", b"b\n", OVERLONG])
+        self.assertEqual(framer.feed(b"\r\nc\n"), [b"c\n"])
+
+    def test_held_cr_at_the_limit_waits_for_the_next_byte(self) -> None:
+        """Limit bytes and a CR may still be a line with CRLF: the next byte decides."""
+        framer = LineFramer(self.LIMIT)
+        self.assertEqual(framer.feed(b"12345\r"), [])
+        self.assertEqual(framer.feed(b"\n"), [b"12345\r\n"])
+        self.assertEqual(framer.feed(b"12345\r"), [])
+        self.assertEqual(framer.feed(b"\r"), [OVERLONG])
+        self.assertEqual(framer.feed(b"\n"), [])
+        self.assertEqual(framer.feed(b"123\r"), [])
+        self.assertEqual(framer.feed(b"x"), [])
+        self.assertEqual(framer.feed(b"\n"), [b"123\rx\n"])
 
     def test_overlong_cr_and_lf_in_separate_feeds(self) -> None:
-        """While discarding, a CR that ends one feed makes the later LF a CRLF."""
+        """While discarding, a read that ends in CR and a read of LF end the line once."""
         framer = LineFramer(self.LIMIT)
-        self.assertEqual(framer.feed(b"x" * 10), [])
+        self.assertEqual(framer.feed(b"x" * 10), [OVERLONG])
         self.assertEqual(framer.feed(b"\r"), [])
         self.assertEqual(framer.feed(b""), [])
-        self.assertEqual(framer.feed(b"\nnext\n"), [Overlong(10, CRLF), b"next\n"])
+        self.assertEqual(framer.feed(b"\nnext\n"), [b"next\n"])
+        self.assertEqual(framer.end(), [])
+
+    def test_overlong_split_after_cr_across_reads(self) -> None:
+        """A held line of limit bytes and CR, then more bytes: OVERLONG once, then lines."""
+        for rest in (b"x\r\n", b"\r\n", b"xx\n"):
+            framer = LineFramer(self.LIMIT)
+            self.assertEqual(framer.feed(b"ab\n12345\r"), [b"ab\n"])
+            self.assertEqual(framer.feed(rest + b"ok\n"), [OVERLONG, b"ok\n"], rest)
 
     def test_final_line_at_limit(self) -> None:
         """An unterminated final line of exactly the limit is returned by ``end()``."""
         self.assert_framed(b"a\n12345", [b"a\n", b"12345"])
 
     def test_final_line_one_over_limit(self) -> None:
-        """An unterminated final line of limit + 1 is Overlong with no terminator.
+        """An unterminated final line of limit + 1 is OVERLONG.
 
-        The framer holds limit + 1 bytes in case the last is a CR, so this case
-        reaches ``end()`` with the bytes still held.
+        Limit bytes and a CR are held in case the CR begins a CRLF, so that case
+        is only decided by ``end()``.
         """
-        self.assert_framed(b"a\n123456", [b"a\n", Overlong(6, b"")])
-        self.assert_framed(b"12345\r", [Overlong(6, b"")])
+        self.assert_framed(b"a\n123456", [b"a\n", OVERLONG])
+        framer = LineFramer(self.LIMIT)
+        self.assertEqual(framer.feed(b"12345\r"), [])
+        self.assertEqual(framer.end(), [OVERLONG])
 
     def test_final_line_far_over_limit(self) -> None:
-        """An unterminated final line already being discarded is Overlong at ``end()``."""
-        self.assert_framed(b"a\n" + b"z" * 30, [b"a\n", Overlong(30, b"")])
+        """An unterminated line already reported gets no second event at ``end()``."""
+        self.assert_framed(b"a\n" + b"z" * 30, [b"a\n", OVERLONG])
+        framer = LineFramer(self.LIMIT)
+        self.assertEqual(framer.feed(b"z" * 30), [OVERLONG])
+        self.assertEqual(framer.end(), [])
+        self.assertFalse(framer.holding)
 
     def test_buffered_counts_held_bytes(self) -> None:
         """``buffered`` is the held length, up to limit + 1, and 0 once discarding."""
@@ -239,10 +290,28 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(framer.buffered, 5)
         framer.feed(b"\r")
         self.assertEqual(framer.buffered, 6)
-        framer.feed(b"x")
+        self.assertEqual(framer.feed(b"x"), [OVERLONG])
         self.assertEqual(framer.buffered, 0)
         framer.feed(b"\n")
         self.assertEqual(framer.buffered, 0)
+
+
+class LazyEventsTests(SynchronousTestCase):
+    """``events()`` frames as its events are taken, so a consumer can stop part-way."""
+
+    def test_stop_and_go_on(self) -> None:
+        """Events not yet taken are not framed: the framer's state follows the taking."""
+        framer = LineFramer(5)
+        events = framer.events(b"a\nb\n" + b"x" * 9)
+        self.assertEqual(next(events), b"a\n")
+        self.assertFalse(framer.holding)
+        self.assertEqual(next(events), b"b\n")
+        self.assertFalse(framer.holding)
+        self.assertIs(next(events), OVERLONG)
+        self.assertTrue(framer.holding)
+        self.assertEqual(list(events), [])
+        self.assertEqual(framer.feed(b"\nc"), [])
+        self.assertEqual(framer.end(), [b"c"])
 
 
 class CostTests(SynchronousTestCase):
@@ -253,15 +322,19 @@ class CostTests(SynchronousTestCase):
         limit = 1000
         framer = LineFramer(limit)
         piece = b"x" * 4096
-        for _ in range(10 * 1024 * 1024 // len(piece)):
+        self.assertEqual(framer.feed(piece), [OVERLONG])
+        for _ in range(10 * 1024 * 1024 // len(piece) - 1):
             self.assertEqual(framer.feed(piece), [])
             self.assertLessEqual(framer.buffered, limit + 1)
             self.assertLessEqual(sum(map(len, framer._pending)), limit + 1)
-        self.assertEqual(framer.feed(b"\r\n"), [Overlong(10 * 1024 * 1024, CRLF)])
+        self.assertEqual(framer.feed(b"\r\nok\n"), [b"ok\n"])
         self.assertEqual(framer.buffered, 0)
 
     def test_bounded_memory_byte_at_a_time(self) -> None:
-        """Fed a byte at a time, held bytes grow to limit + 1 and then drop to 0."""
+        """Fed a byte at a time, held bytes grow to the limit and then drop to 0.
+
+        Only a last CR may take the held bytes to limit + 1 (see LimitTests).
+        """
         limit = 64
         framer = LineFramer(limit)
         peak = 0
@@ -269,7 +342,7 @@ class CostTests(SynchronousTestCase):
             framer.feed(b"a")
             peak = max(peak, framer.buffered)
             self.assertEqual(framer.buffered, sum(map(len, framer._pending)))
-        self.assertEqual(peak, limit + 1)
+        self.assertEqual(peak, limit)
         self.assertEqual(framer.buffered, 0)
 
     def test_held_pieces_are_never_copied(self) -> None:
@@ -311,7 +384,7 @@ class CostTests(SynchronousTestCase):
 
 
 class TerminatorTests(SynchronousTestCase):
-    """``terminator_of`` and ``Overlong`` as values."""
+    """``terminator_of`` and ``OVERLONG``."""
 
     def test_terminator_of(self) -> None:
         """CRLF, LF or nothing, judged only from the end of the line."""
@@ -323,13 +396,8 @@ class TerminatorTests(SynchronousTestCase):
         self.assertEqual(terminator_of(b""), b"")
 
     def test_overlong_value(self) -> None:
-        """Overlongs compare and hash by length and terminator, and repr readably."""
-        self.assertEqual(Overlong(3, LF), Overlong(3, LF))
-        self.assertNotEqual(Overlong(3, LF), Overlong(3, CRLF))
-        self.assertNotEqual(Overlong(3, LF), Overlong(4, LF))
-        self.assertNotEqual(Overlong(3, LF), (3, LF))
-        self.assertEqual(len({Overlong(3, LF), Overlong(3, LF)}), 1)
-        self.assertEqual(repr(Overlong(3, CRLF)), "Overlong(length=3, terminator=b'\\r\\n')")
+        """OVERLONG is one object that reads as its name."""
+        self.assertEqual(repr(OVERLONG), "OVERLONG")
 
 
 class PropertyTests(SynchronousTestCase):
@@ -361,6 +429,21 @@ class PropertyTests(SynchronousTestCase):
             self.assertLessEqual(framer.buffered, limit + 1)
         events.extend(framer.end())
         self.assertEqual(events, reference(data, limit))
+
+    @PROPERTY
+    @given(split_streams(), st.integers(min_value=1, max_value=12))
+    def test_overlong_as_soon_as_known(
+        self, stream: tuple[bytes, list[bytes]], limit: int
+    ) -> None:
+        """After each feed, every line ended or proven too long has its event, no more."""
+        _, pieces = stream
+        framer = LineFramer(limit)
+        count = 0
+        fed = b""
+        for piece in pieces:
+            count += len(framer.feed(piece))
+            fed += piece
+            self.assertEqual(count, reported_by(fed, limit), fed)
 
     @PROPERTY
     @given(split_streams(), st.integers(min_value=1, max_value=12))

@@ -825,7 +825,7 @@ class MisbehavingClientTests(IntegrationCase):
         self.assertTrue(lines[0].startswith(b"-ERR line-too-long "), lines)
         self.assertEqual(lines[1] + b"\n", exact)
         self.assertTrue(lines[2].startswith(b"-ERR line-too-long "), lines)
-        self.assertTrue(lines[2].endswith(b"\r"), "the error reply keeps the CRLF terminator")
+        self.assertFalse(lines[2].endswith(b"\r"), "the error reply ends with LF, not CRLF")
         self.assertEqual(lines[3:], [b"next", b""])
         event = self.assert_closed_as(daemon, since, client.peer, "eof")
         self.assertEqual(event["overlong_lines"], 2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from typing import TYPE_CHECKING, cast
 
 from hypothesis import given, settings
@@ -10,16 +11,17 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, StringTransport
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from secure_echo.line.handler import EchoHandler, ILineHandler
+from secure_echo.line.handler import EchoHandler, IBatchLineHandler, ILineHandler
 from secure_echo.line.protocol import (
     HANDLER_FAILED,
     HANDLER_TIMEOUT,
     LINE_TOO_LONG,
+    OUTPUT_PER_STEP,
     LineFactory,
     LineProtocol,
     LineSettings,
@@ -110,11 +112,15 @@ def connect(
     max_line_length: int = 8,
     max_pending: int = 256,
     handler_timeout: float = 5.0,
+    info_line: bytes | None = None,
 ) -> tuple[LineProtocol, RecordingTransport, Clock]:
     """A LineProtocol connected to a recording transport, with a test clock."""
     clock = Clock()
     settings = LineSettings(
-        max_line_length=max_line_length, max_pending=max_pending, handler_timeout=handler_timeout
+        max_line_length=max_line_length,
+        max_pending=max_pending,
+        handler_timeout=handler_timeout,
+        info_line=info_line,
     )
     protocol = LineProtocol(handler, settings, clock, ConnectionRecord(7, "peer", "local", 0.0))
     transport = RecordingTransport()
@@ -433,7 +439,11 @@ class TimeoutTests(SynchronousTestCase):
 
 
 class OverlongTests(SynchronousTestCase):
-    """An overlong line yields ``-ERR line-too-long`` in its slot and a log event."""
+    """An overlong line yields ``-ERR line-too-long`` in its slot and a log event.
+
+    The reply is due as soon as the line crosses the limit; the rest of the line
+    is dropped up to its LF.
+    """
 
     def setUp(self) -> None:
         self.observer = capture_log(self)
@@ -450,9 +460,8 @@ class OverlongTests(SynchronousTestCase):
         self.assertEqual(transport.value(), b"a\n" + TOO_LONG + b"\nb\n")
         [event] = events_named(self.observer, "line_too_long")
         self.assertEqual(event["log_level"], LogLevel.info)
-        self.assertEqual(
-            (event["conn_id"], event["line_no"], event["length"], event["limit"]), (7, 2, 20, 8)
-        )
+        self.assertEqual((event["conn_id"], event["line_no"], event["limit"]), (7, 2, 8))
+        self.assertNotIn("length", event)
         self.assertEqual(protocol.record.overlong_lines, 1)
 
     def test_overlong_sync(self) -> None:
@@ -461,28 +470,420 @@ class OverlongTests(SynchronousTestCase):
         protocol.dataReceived(b"a\n" + b"x" * 9 + b"\nb\n")
         self.assertEqual(transport.writes, [b"a\n" + TOO_LONG + b"\nb\n"])
 
-    def test_overlong_crlf(self) -> None:
-        """An overlong CRLF line gets a CRLF-terminated error reply."""
+    def test_reply_before_the_terminator(self) -> None:
+        """The reply goes out with the read that crosses the limit, not with the LF."""
+        protocol, transport, _ = connect(EchoHandler())
+        protocol.dataReceived(b"12345678")
+        self.assertEqual(transport.value(), b"")
+        protocol.dataReceived(b"9")
+        self.assertEqual(transport.value(), TOO_LONG + b"\n")
+        self.assertEqual(protocol.record.overlong_lines, 1)
+        protocol.dataReceived(b"y" * 100)
+        protocol.dataReceived(b"\r\nok\r\n")
+        self.assertEqual(transport.value(), TOO_LONG + b"\nok\r\n")
+        self.assertEqual(protocol.record.overlong_lines, 1)
+        self.assertEqual(protocol.record.lines_in, 2)
+
+    def test_reply_always_ends_with_lf(self) -> None:
+        """The error reply ends with LF even when the line ends with CRLF."""
         protocol, transport, _ = connect(EchoHandler())
         protocol.dataReceived(b"y" * 100)
         protocol.dataReceived(b"\r\nok\r\n")
-        self.assertEqual(transport.value(), TOO_LONG + b"\r\nok\r\n")
+        self.assertEqual(transport.value(), TOO_LONG + b"\nok\r\n")
+
+    def test_batch_read_ending_in_overlong_start(self) -> None:
+        """A read of short lines and then the start of an overlong line answers both."""
+        protocol, transport, _ = connect(EchoHandler())
+        protocol.dataReceived(b"a\n" + b"x" * 9)
+        self.assertEqual(transport.value(), b"a\n" + TOO_LONG + b"\n")
+        protocol.dataReceived(b"x\nb\n")
+        self.assertEqual(transport.value(), b"a\n" + TOO_LONG + b"\nb\n")
+        self.assertEqual(
+            (protocol.record.lines_in, protocol.record.lines_out, protocol.record.overlong_lines),
+            (3, 3, 1),
+        )
+
+    def test_waits_behind_a_pending_reply(self) -> None:
+        """Crossing the limit behind a pending asynchronous reply keeps the order."""
+        handler = DeferredHandler()
+        protocol, transport, _ = connect(handler)
+        protocol.dataReceived(b"a\n" + b"x" * 30)
+        self.assertEqual(transport.value(), b"")
+        handler.echo(0)
+        self.assertEqual(transport.value(), b"a\n" + TOO_LONG + b"\n")
+
+    def test_counted_when_the_terminator_never_comes(self) -> None:
+        """A line cut off by the connection's loss is counted and was answered."""
+        protocol, transport, _ = connect(EchoHandler())
+        protocol.dataReceived(b"x" * 30)
+        protocol.connectionLost(None)
+        self.assertEqual(transport.value(), TOO_LONG + b"\n")
+        self.assertEqual(protocol.record.overlong_lines, 1)
+        self.assertEqual(len(events_named(self.observer, "line_too_long")), 1)
+
+    def test_split_after_cr_at_the_limit(self) -> None:
+        """Limit bytes and a CR in one read, a non-LF byte in the next: one error reply."""
+        protocol, transport, _ = connect(EchoHandler())
+        protocol.dataReceived(b"12345678\r")
+        self.assertEqual(transport.value(), b"")
+        protocol.dataReceived(b"x\r")
+        self.assertEqual(transport.value(), TOO_LONG + b"\n")
+        protocol.dataReceived(b"\nok\n")
+        self.assertEqual(transport.value(), TOO_LONG + b"\nok\n")
 
     def test_limit_is_exact(self) -> None:
         """Content of exactly the limit is echoed; one byte more is refused."""
         protocol, transport, _ = connect(EchoHandler())
         protocol.dataReceived(b"12345678\r\n123456789\n")
         self.assertEqual(transport.value(), b"12345678\r\n" + TOO_LONG + b"\n")
+        protocol, transport, _ = connect(EchoHandler())
+        protocol.dataReceived(b"12345678\r")
+        protocol.dataReceived(b"\n")
+        self.assertEqual(transport.value(), b"12345678\r\n")
 
     def test_overlong_final_line(self) -> None:
         """An overlong unterminated final line is refused, then the connection closes."""
         protocol, transport, _ = connect(EchoHandler())
-        protocol.dataReceived(b"z" * 9)
+        protocol.dataReceived(b"12345678\r")
         protocol.readConnectionLost()
         self.assertEqual(transport.value(), TOO_LONG + b"\n")
         self.assertTrue(transport.disconnecting)
-        [event] = events_named(self.observer, "line_too_long")
-        self.assertEqual(event["length"], 9)
+        self.assertEqual(len(events_named(self.observer, "line_too_long")), 1)
+
+    def test_overlong_then_end_of_input(self) -> None:
+        """A line answered when it crossed the limit gets no second reply at the end."""
+        protocol, transport, _ = connect(EchoHandler())
+        protocol.dataReceived(b"z" * 20)
+        protocol.readConnectionLost()
+        self.assertEqual(transport.value(), TOO_LONG + b"\n")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(protocol.record.lines_in, 1)
+
+
+def info_reply_size() -> int:
+    """The length of one info reply of :func:`connect`'s record (LF-terminated)."""
+    protocol, transport, _ = connect(EchoHandler(), info_line=b"I")
+    protocol.dataReceived(b"I\n")
+    return len(transport.value())
+
+
+class FillingTransport(RecordingTransport):
+    """A transport whose send buffer fills: it pauses its producer past ``size`` unsent.
+
+    ``drain()`` plays the client reading everything: the buffer empties and the
+    producer is resumed, as Twisted's stream transports do.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.unsent = 0
+        self.full = False
+
+    def write(self, data: bytes) -> None:
+        """Store the write; past ``size`` unsent bytes, pause the producer once."""
+        super().write(data)
+        self.unsent += len(data)
+        if self.unsent > self.size and not self.full and self.producer is not None:
+            self.full = True
+            self.producer.pauseProducing()
+
+    def drain(self) -> None:
+        """Everything written was sent: resume the producer if it was paused."""
+        self.unsent = 0
+        if self.full and self.producer is not None:
+            self.full = False
+            self.producer.resumeProducing()
+
+
+class OutputBoundTests(SynchronousTestCase):
+    """State rule 7: one read cannot make more than a step's worth of replies at once."""
+
+    def setUp(self) -> None:
+        self.reply = info_reply_size()
+        # Enough info lines for more than three steps.
+        self.count = 3 * OUTPUT_PER_STEP // self.reply + 10
+        self.protocol, self.transport, self.clock = connect(EchoHandler(), info_line=b"I")
+
+    def assert_steps(self, writes: list[bytes]) -> None:
+        """Every write but the last is one step: the budget plus less than one reply."""
+        for write in writes[:-1]:
+            self.assertGreaterEqual(len(write), OUTPUT_PER_STEP)
+            self.assertLess(len(write), OUTPUT_PER_STEP + self.reply)
+        self.assertLess(len(writes[-1]), OUTPUT_PER_STEP + self.reply)
+
+    def run_steps(self, clock: Clock | None = None) -> None:
+        """Run the reactor turns until no step is scheduled."""
+        clock = clock or self.clock
+        while clock.getDelayedCalls():
+            clock.advance(0)
+
+    def test_read_of_info_lines_is_answered_in_steps(self) -> None:
+        """A read asking for 3+ steps of output gets one step now, the rest on later turns."""
+        self.protocol.dataReceived(b"I\n" * self.count)
+        self.assertEqual(len(self.transport.writes), 1)
+        self.assert_steps([*self.transport.writes, b""])
+        self.assertEqual(self.transport.producerState, "paused")
+        self.assertEqual(self.protocol.pending, 1)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.run_steps()
+        self.assertEqual(len(self.transport.writes), 4)
+        self.assert_steps(self.transport.writes)
+        self.assertEqual(len(self.transport.value()), self.count * self.reply)
+        self.assertEqual(self.transport.producerState, "producing")
+        self.assertEqual(self.transport.producer_calls, ["pause", "resume"])
+        self.assertEqual(self.protocol.pending, 0)
+        record = self.protocol.record
+        self.assertEqual((record.lines_in, record.lines_out), (self.count, self.count))
+
+    def test_full_send_buffer_holds_the_next_step(self) -> None:
+        """While the transport's send buffer is full no step runs; one runs per drain."""
+        settings = LineSettings(max_line_length=8, info_line=b"I")
+        protocol = LineProtocol(
+            EchoHandler(), settings, self.clock, ConnectionRecord(7, "peer", "local", 0.0)
+        )
+        transport = FillingTransport(65536)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"I\n" * self.count)
+        for steps in range(1, 4):
+            self.assertEqual(len(transport.writes), steps)
+            self.run_steps()
+            self.assertEqual(len(transport.writes), steps)
+            self.assertEqual(transport.producerState, "paused")
+            transport.drain()
+            self.assertEqual(len(transport.writes), steps, "the step waits for a reactor turn")
+            self.run_steps()
+        self.assert_steps(transport.writes)
+        self.assertEqual(len(transport.value()), self.count * self.reply)
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_drain_signal_without_held_input(self) -> None:
+        """A send buffer that drains with nothing held schedules nothing."""
+        producer = self.transport.producer
+        assert producer is not None
+        producer.pauseProducing()
+        producer.resumeProducing()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.protocol.dataReceived(b"I\n" * self.count)
+        producer.resumeProducing()
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+
+    def test_full_send_buffer_after_scheduling(self) -> None:
+        """A buffer that fills after the next step was scheduled still holds it."""
+        producer = self.transport.producer
+        assert producer is not None
+        self.protocol.dataReceived(b"I\n" * self.count)
+        written = len(self.transport.value())
+        producer.pauseProducing()
+        self.clock.advance(0)
+        self.assertEqual(len(self.transport.value()), written)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        producer.resumeProducing()
+        self.run_steps()
+        self.assertEqual(len(self.transport.value()), self.count * self.reply)
+
+    def test_later_reads_wait_their_turn(self) -> None:
+        """A read that arrives while input is held is answered after it, in order."""
+        self.protocol.dataReceived(b"I\n" * self.count)
+        self.protocol.dataReceived(b"after\n")
+        self.protocol.dataReceived(b"I\nlast\n")
+        self.run_steps()
+        value = self.transport.value()
+        self.assertEqual(len(value), (self.count + 1) * self.reply + len(b"after\nlast\n"))
+        self.assertTrue(value.endswith(b"after\n" + value[: self.reply] + b"last\n"))
+        self.assertEqual(self.protocol.record.lines_in, self.count + 3)
+
+    def test_end_of_input_while_held(self) -> None:
+        """The final unterminated line is answered after the held lines, then it closes."""
+        self.protocol.dataReceived(b"I\n" * self.count)
+        self.protocol.dataReceived(b"tail")
+        self.protocol.readConnectionLost()
+        self.assertFalse(self.transport.disconnecting)
+        while self.clock.getDelayedCalls():
+            self.assertFalse(self.transport.disconnecting)
+            self.clock.advance(0)
+        self.assertTrue(self.transport.value().endswith(b"}\ntail"))
+        self.assertEqual(len(self.transport.value()), self.count * self.reply + 4)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_drain_while_held(self) -> None:
+        """A drain answers the held lines, not an unfinished one, then closes."""
+        self.protocol.dataReceived(b"I\n" * self.count + b"unfin")
+        self.protocol.drain()
+        self.assertFalse(self.transport.disconnecting)
+        self.run_steps()
+        self.assertEqual(len(self.transport.value()), self.count * self.reply)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_connection_lost_while_held(self) -> None:
+        """A lost connection drops held input and its next step."""
+        self.protocol.dataReceived(b"I\n" * self.count)
+        written = len(self.transport.value())
+        self.protocol.connectionLost(None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.protocol.pending, 0)
+        self.protocol.send_buffer_full(full=False)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.protocol.dataReceived(b"I\n")
+        self.assertEqual(len(self.transport.value()), written)
+
+    def test_reads_within_budget_take_no_step(self) -> None:
+        """A read whose replies fit the budget schedules nothing and never pauses."""
+        self.protocol.dataReceived(b"I\n" * 100 + b"x" * 7)
+        self.protocol.dataReceived(b"\n" + b"echo\n" * 1000)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.transport.producer_calls, [])
+        self.assertEqual(len(self.transport.writes), 2)
+
+    def test_budget_spans_reads_of_one_step(self) -> None:
+        """Held reads handled in one step share its budget: one write per step."""
+        half = OUTPUT_PER_STEP // 2 // self.reply + 1
+        self.protocol.dataReceived(b"I\n" * self.count)
+        self.protocol.dataReceived(b"I\n" * half)
+        self.protocol.dataReceived(b"I\n" * half)
+        self.run_steps()
+        total = self.count + 2 * half
+        per_step = -(-OUTPUT_PER_STEP // self.reply)
+        self.assertEqual(len(self.transport.value()), total * self.reply)
+        self.assertEqual(len(self.transport.writes), -(-total // per_step))
+        self.assert_steps(self.transport.writes)
+
+    def test_pending_async_reply_and_budget(self) -> None:
+        """Replies queued behind a pending asynchronous one count against the step too."""
+        handler = DeferredHandler()
+        protocol, transport, clock = connect(handler, info_line=b"I")
+        protocol.dataReceived(b"a\n" + b"I\n" * self.count)
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(protocol.pending, 2 + -(-OUTPUT_PER_STEP // self.reply))
+        handler.echo(0)
+        self.assertTrue(transport.value().startswith(b"a\n"))
+        self.assertLess(len(transport.value()), OUTPUT_PER_STEP + self.reply + 2)
+        self.run_steps(clock)
+        self.assertEqual(len(transport.value()), 2 + self.count * self.reply)
+
+    def replies_per_step(self, size: int) -> list[int]:
+        """How many replies of ``size`` bytes each step writes, for 12 short lines."""
+        protocol, transport, clock = connect(CallHandler(lambda _: b"r" * size))
+        protocol.dataReceived(b"x\n" * 12)
+        self.run_steps(clock)
+        return [len(write) // size for write in transport.writes]
+
+    def test_step_ends_when_the_budget_is_spent_exactly(self) -> None:
+        """Replies that spend the budget exactly end the step; the next line waits."""
+        self.assertEqual(self.replies_per_step(OUTPUT_PER_STEP // 4), [4, 4, 4])
+
+    def test_step_goes_on_while_a_byte_is_left(self) -> None:
+        """A budget with one byte left still takes the next reply."""
+        self.assertEqual(self.replies_per_step(OUTPUT_PER_STEP - 1), [2, 2, 2, 2, 2, 2])
+
+    def test_read_answered_with_a_byte_left_holds_nothing(self) -> None:
+        """A read whose replies leave one byte of the budget needs no further step."""
+        protocol, transport, clock = connect(CallHandler(lambda _: b"r" * (OUTPUT_PER_STEP - 1)))
+        protocol.dataReceived(b"x\n")
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual(transport.producer_calls, [])
+        self.assertEqual(protocol.pending, 0)
+
+    def test_producer_ignores_stop(self) -> None:
+        """``stopProducing`` changes nothing: ``connectionLost`` does the cleanup."""
+        producer = self.transport.producer
+        assert producer is not None
+        self.protocol.dataReceived(b"I\n" * self.count)
+        producer.stopProducing()
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+
+
+class InfoLineTests(SynchronousTestCase):
+    """The info line's reply, and what counts as the info line."""
+
+    def test_behind_a_pending_reply(self) -> None:
+        """An info reply waits behind a pending asynchronous reply, in line order."""
+        handler = DeferredHandler()
+        protocol, transport, _ = connect(handler, info_line=b"I")
+        protocol.dataReceived(b"a\nI\n")
+        self.assertEqual(transport.value(), b"")
+        handler.echo(0)
+        value = transport.value()
+        self.assertTrue(value.startswith(b"a\n{"), value)
+        self.assertTrue(value.endswith(b"}\n"), value)
+        self.assertEqual(value.count(b"\n"), 2)
+
+    def test_only_exact_content(self) -> None:
+        """Only the exact content with LF, CRLF or no terminator is the info line.
+
+        The reply ends with the line's terminator, LF for a final line without one.
+        """
+        protocol, transport, _ = connect(EchoHandler(), info_line=b"INFO")
+        protocol.dataReceived(b"INFOX\nINF\nXINFO\nINFO\rx\n")
+        self.assertEqual(transport.value(), b"INFOX\nINF\nXINFO\nINFO\rx\n")
+        protocol.dataReceived(b"INFO\r\n")
+        self.assertTrue(transport.value().endswith(b"}\r\n"))
+        protocol.dataReceived(b"INFO")
+        protocol.readConnectionLost()
+        replies = transport.value().split(b"INFO\rx\n", 1)[1]
+        first, second = replies.split(b"}\r\n")
+        self.assertTrue(first.startswith(b"{"), first)
+        self.assertTrue(second.startswith(b"{"), second)
+        self.assertTrue(second.endswith(b"}\n"), "LF ends the reply to a final line")
+        self.assertFalse(second.endswith(b"\r\n"))
+
+
+class MessageTests(SynchronousTestCase):
+    """What the log says and counts in words, and the info reply's exact form."""
+
+    def setUp(self) -> None:
+        self.observer = capture_log(self)
+
+    def rendered(self, name: str) -> list[str]:
+        """The text-log rendering of each captured event called ``name``."""
+        return [formatEvent(event) for event in events_named(self.observer, name)]
+
+    def test_overlong_lines_counted_and_told(self) -> None:
+        """Each overlong line adds one to the count and one readable log line."""
+        protocol, _, _ = connect(EchoHandler())
+        protocol.dataReceived(b"x" * 20 + b"\nok\n" + b"y" * 20 + b"\n")
+        self.assertEqual(protocol.record.overlong_lines, 2)
+        self.assertEqual(
+            self.rendered("line_too_long"),
+            [
+                "line 1 on connection 7 exceeded 8 bytes",
+                "line 3 on connection 7 exceeded 8 bytes",
+            ],
+        )
+
+    def test_handler_messages(self) -> None:
+        """A timeout and a failure each read as a sentence naming line and connection."""
+        handler = DeferredHandler()
+        protocol, _, clock = connect(handler, handler_timeout=2.0)
+        protocol.dataReceived(b"a\nb\n")
+        handler.deferreds[1].callback(42)  # type: ignore[arg-type]
+        clock.advance(2)
+        self.assertEqual(
+            self.rendered("handler_timeout"),
+            ["handler for line 1 on connection 7 timed out after 2.0 s"],
+        )
+        self.assertEqual(
+            self.rendered("handler_failed")[0].splitlines()[0],
+            "handler failed for line 2 on connection 7",
+        )
+        [failed] = events_named(self.observer, "handler_failed")
+        self.assertEqual(failed["error"], "handler returned int")
+        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
+
+    def test_info_reply_is_compact_with_sorted_keys(self) -> None:
+        """The info reply is one compact JSON object whose keys are in sorted order."""
+        protocol, transport, _ = connect(EchoHandler(), info_line=b"I")
+        protocol.dataReceived(b"I\n")
+        reply = transport.value()
+        self.assertNotIn(b", ", reply)
+        self.assertNotIn(b": ", reply)
+        keys = list(json.loads(reply))
+        self.assertEqual(keys, sorted(keys))
+        self.assertEqual(len(keys), len(protocol.record.info()))
+
+    def test_step_budget_is_256_kib(self) -> None:
+        """The budget docs/protocol.md states."""
+        self.assertEqual(OUTPUT_PER_STEP, 262144)
 
 
 class BackpressureTests(SynchronousTestCase):
@@ -701,10 +1102,10 @@ class FactoryTests(SynchronousTestCase):
         )
 
     def test_error_reply(self) -> None:
-        """``-ERR <token> <text>`` plus the terminator, LF when the line had none."""
+        """``-ERR <token> <text>`` plus the terminator it is given."""
         self.assertEqual(error_reply(LINE_TOO_LONG, "t", b"\r\n"), b"-ERR line-too-long t\r\n")
         self.assertEqual(error_reply(HANDLER_FAILED, "t", b"\n"), b"-ERR handler-failed t\n")
-        self.assertEqual(error_reply(HANDLER_TIMEOUT, "t", b""), b"-ERR handler-timeout t\n")
+        self.assertEqual(error_reply(HANDLER_TIMEOUT, "t", b""), b"-ERR handler-timeout t")
 
 
 @st.composite
@@ -792,6 +1193,24 @@ class PropertyTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
 
+@implementer(IBatchLineHandler)
+class RecordingBatchHandler(EchoHandler):
+    """An echo handler that records which of its methods answered what."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bytes]] = []
+
+    def handle_line(self, line: bytes) -> bytes:
+        """Record and echo one line."""
+        self.calls.append(("line", line))
+        return line
+
+    def handle_batch(self, lines: bytes, count: int) -> bytes:
+        """Record (with its line count) and echo a batch."""
+        self.calls.append((f"batch {count}", lines))
+        return lines
+
+
 class BatchPathTests(SynchronousTestCase):
     """The batch path of a batch-capable handler changes nothing on the wire."""
 
@@ -815,6 +1234,28 @@ class BatchPathTests(SynchronousTestCase):
         protocol.dataReceived(b"a\nbb\r\nccc\n")
         self.assertEqual(transport.value(), b"a\nbb\r\nccc\n")
         self.assertEqual((protocol.record.lines_in, protocol.record.lines_out), (3, 3))
+
+    def test_batch_handler_is_used(self) -> None:
+        """A batch-capable handler answers a read of whole lines in one call.
+
+        With an info line configured the per-line path is taken instead, since
+        each line must be looked at.
+        """
+        handler = RecordingBatchHandler()
+        protocol, transport = self.make(handler=handler)
+        protocol.dataReceived(b"a\nb\n")
+        self.assertEqual(handler.calls, [("batch 2", b"a\nb\n")])
+        self.assertEqual(transport.value(), b"a\nb\n")
+        handler = RecordingBatchHandler()
+        protocol = LineProtocol(
+            handler,
+            LineSettings(info_line=b"I"),
+            Clock(),
+            ConnectionRecord(1, "peer", "local", 0.0),
+        )
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(b"a\nb\n")
+        self.assertEqual(handler.calls, [("line", b"a\n"), ("line", b"b\n")])
 
     def test_tail_is_held(self) -> None:
         """An unfinished line after the last LF waits for its end, as on the line path."""

@@ -8,14 +8,18 @@ The wire grammar (see docs/protocol.md)::
 
 Contract of :class:`LineFramer`:
 
-* ``feed(data)`` returns, in order, every line completed by ``data``.  A line is
+* ``feed(data)`` returns, in order, every event that ``data`` completes.  A line is
   returned *with* its terminator (``b"\\n"`` or ``b"\\r\\n"``) so that an echo is the
   line itself, byte for byte.
 * A line whose content (the bytes before its terminator) is longer than
-  ``max_line_length`` is not returned; an :class:`Overlong` event stands in its place,
-  emitted when its terminator arrives (or at end of stream), so replies keep their
-  order.
-* ``end()`` returns the final unterminated line, if any (or its :class:`Overlong`).
+  ``max_line_length`` is not returned; :data:`OVERLONG` stands in its place, emitted
+  by the ``feed`` whose bytes prove the line too long: its content so far, not
+  counting a last CR (which may be half of a CRLF), passes the limit.  The rest of
+  the line, up to and including its LF, is then dropped unseen and yields nothing;
+  so a line that never ends still got its event, in its place in the order.
+* ``end()`` returns the final unterminated line, if any (or :data:`OVERLONG`, when
+  it is over the limit and was not reported yet).
+* The events do not depend on how the stream was cut, only when they come out.
 * Cost is linear in the bytes fed, however the stream is split: every byte is
   searched for LF once.  Memory is bounded: the framer holds at most
   ``max_line_length + 1`` bytes of an unterminated line (the ``+ 1`` is a possible CR
@@ -24,39 +28,31 @@ Contract of :class:`LineFramer`:
 
 from __future__ import annotations
 
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 LF: Final = b"\n"
 CRLF: Final = b"\r\n"
+#: A held piece's last byte, when it may be the first half of a CRLF.
+_CR: Final = 13
 
 
 class Overlong:
-    """Stands in for a line longer than the limit; its bytes were discarded.
+    """The type of :data:`OVERLONG`: a line longer than the limit, dropped unseen."""
 
-    ``terminator`` is the discarded line's terminator (``b"\\n"``, ``b"\\r\\n"``, or
-    ``b""`` when the stream ended inside it) and ``length`` its content length.
-    """
-
-    __slots__ = ("length", "terminator")
-
-    def __init__(self, length: int, terminator: bytes) -> None:
-        self.length = length
-        self.terminator = terminator
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Overlong):
-            return NotImplemented
-        return (self.length, self.terminator) == (other.length, other.terminator)
-
-    def __hash__(self) -> int:
-        return hash((self.length, self.terminator))
+    __slots__ = ()
 
     def __repr__(self) -> str:
-        return f"Overlong(length={self.length}, terminator={self.terminator!r})"
+        return "OVERLONG"
 
 
-#: What :meth:`LineFramer.feed` yields: a whole line (terminator included) or an
-#: :class:`Overlong` in its place.
+#: Stands in for a line longer than the limit (one object; compare with ``is``).
+OVERLONG: Final = Overlong()
+
+#: What :meth:`LineFramer.feed` yields: a whole line (terminator included) or
+#: :data:`OVERLONG` in its place.
 Event = bytes | Overlong
 
 
@@ -70,7 +66,7 @@ def terminator_of(line: bytes) -> bytes:
 class LineFramer:
     """Split a byte stream into lines; see the module docstring for the contract."""
 
-    __slots__ = ("_discard_last", "_discarded", "_discarding", "_limit", "_pending", "_size")
+    __slots__ = ("_discarding", "_limit", "_pending", "_size")
 
     def __init__(self, max_line_length: int) -> None:
         if max_line_length < 1:
@@ -80,11 +76,8 @@ class LineFramer:
         # Pieces of the current unterminated line; none of them contains LF.
         self._pending: list[bytes] = []
         self._size = 0
-        # While discarding an overlong line: how many bytes went, and the last one
-        # (to tell a CRLF terminator from an LF one when the LF finally comes).
+        # True from the OVERLONG of a line until its LF: its bytes are dropped.
         self._discarding = False
-        self._discarded = 0
-        self._discard_last = b""
 
     @property
     def holding(self) -> bool:
@@ -96,99 +89,86 @@ class LineFramer:
         """Bytes of an unterminated line currently held (never above limit + 1)."""
         return self._size
 
-    def _content_length(self, line_length: int, line: bytes) -> int:
-        """Length of a terminated line without its terminator."""
-        if line_length >= 2 and line[-2:-1] == b"\r":  # noqa: PLR2004 - CRLF is 2 bytes
-            return line_length - 2
-        return line_length - 1
-
     def feed(self, data: bytes) -> list[Event]:
         """Consume ``data``; return the events it completes, in order."""
-        events: list[Event] = []
+        return list(self.events(data))
+
+    def events(self, data: bytes) -> Iterator[Event]:
+        """Consume ``data`` as the events are taken; yield them in order.
+
+        The lazy form of :meth:`feed`: a consumer may stop part-way and hold the
+        iterator (which holds ``data``) to go on later, instead of a list of every
+        line of the read.  Finish it before the next ``events``, ``feed`` or ``end``.
+        """
+        if not data:
+            # Holding b"" would hide a held CR that may begin a CRLF.
+            return
         nl = data.find(LF)
-        if nl < 0:
-            self._hold(data)
-            return events
         start = 0
-        if self._pending or self._discarding:
+        if self._discarding:
+            if nl < 0:
+                return
+            self._discarding = False
             start = nl + 1
-            events.append(self._complete_held(data[:start]))
+            nl = data.find(LF, start)
+        elif self._size:
+            if nl < 0:
+                if self._hold(data):
+                    yield OVERLONG
+                return
+            start = nl + 1
+            yield self._complete_held(data[:start])
             nl = data.find(LF, start)
         limit = self._limit
-        # Lines wholly inside this chunk: one find and one slice each.
+        # Lines wholly inside this chunk: one find and one slice each.  The content
+        # is the bytes before the LF, less a CR just before it (an empty line's
+        # "CR" is the previous line's last byte: its content, -1, is within limit).
         while nl >= 0:
             end = nl + 1
-            line = data[start:end]
-            # A content of up to limit bytes plus "\r\n" is at most limit + 2 long.
-            if end - start > limit + 1 and self._content_length(end - start, line) > limit:
-                events.append(
-                    Overlong(self._content_length(end - start, line), terminator_of(line))
-                )
+            if nl - start - (data[nl - 1] == _CR) > limit:
+                yield OVERLONG
             else:
-                events.append(line)
+                yield data[start:end]
             start = end
             nl = data.find(LF, start)
-        if start < len(data):
-            self._hold(data[start:])
-        return events
+        if start < len(data) and self._hold(data[start:]):
+            yield OVERLONG
 
     def end(self) -> list[Event]:
         """Signal end of stream; return the final unterminated line's event, if any."""
-        if self._discarding:
-            event: Event = Overlong(self._discarded, b"")
-            self._reset()
-            return [event]
-        if self._pending:
-            line = b"".join(self._pending)
-            self._reset()
-            # Up to limit + 1 bytes are held in case the last is a CR; with no
-            # terminator coming, all of them are content.
-            if len(line) > self._limit:
-                return [Overlong(len(line), b"")]
-            return [line]
-        return []
-
-    def _reset(self) -> None:
+        line = b"".join(self._pending)
         self._pending = []
         self._size = 0
         self._discarding = False
-        self._discarded = 0
-        self._discard_last = b""
+        if not line:
+            return []
+        # Up to limit + 1 bytes are held in case the last is a CR; with no
+        # terminator coming, all of them are content.
+        return [OVERLONG if len(line) > self._limit else line]
 
-    def _hold(self, piece: bytes) -> None:
-        """Keep (or discard) a piece of an unterminated line; ``piece`` has no LF."""
-        if not piece:
-            # feed(b""): holding it would make end() report an empty final line,
-            # and while discarding it would forget a trailing CR.
-            return
-        if self._discarding:
-            self._discarded += len(piece)
-            self._discard_last = piece[-1:]
-            return
+    def _hold(self, piece: bytes) -> bool:
+        """Keep a piece of an unterminated line; True if the line is now overlong.
+
+        ``piece`` has no LF and is not empty.  The line is known to be too long
+        once its bytes, less a last CR that may begin its CRLF, pass the limit;
+        the rest of it is then dropped.
+        """
         size = self._size + len(piece)
-        # limit + 1: the last held byte may turn out to be the CR of a CRLF.
-        if size > self._limit + 1:
+        if size - (piece[-1] == _CR) > self._limit:
             self._discarding = True
-            self._discarded = size
-            self._discard_last = piece[-1:]
             self._pending = []
             self._size = 0
-            return
+            return True
         self._pending.append(piece)
         self._size = size
+        return False
 
     def _complete_held(self, tail: bytes) -> Event:
         """Finish the held line with ``tail`` (which ends with its LF)."""
-        if self._discarding:
-            body = tail[:-1]
-            crlf = body.endswith(b"\r") or (not body and self._discard_last == b"\r")
-            length = self._discarded + len(body) - (1 if crlf else 0)
-            self._reset()
-            return Overlong(length, CRLF if crlf else LF)
         self._pending.append(tail)
         line = b"".join(self._pending)
         self._pending = []
         self._size = 0
-        if len(line) > self._limit + 1 and self._content_length(len(line), line) > self._limit:
-            return Overlong(self._content_length(len(line), line), terminator_of(line))
+        if len(line) - len(terminator_of(line)) > self._limit:
+            return OVERLONG
         return line

@@ -13,8 +13,9 @@ State rules (all of them live in this module):
 2. A handler that raises, fails, or does not answer within ``handler_timeout``
    seconds yields ``-ERR handler-failed``/``-ERR handler-timeout`` in its line's
    place, and a log event.  The connection goes on.
-3. An overlong line yields ``-ERR line-too-long`` in its place; see
-   :mod:`secure_echo.line.framing`.
+3. An overlong line yields ``-ERR line-too-long`` (ended with LF) in its place as
+   soon as the read that crosses the limit arrives, and is counted then; the rest
+   of it is dropped up to its LF (see :mod:`secure_echo.line.framing`).
 4. Memory is bounded: the framer holds at most ``max_line_length + 1`` bytes, and
    when ``max_pending`` replies are waiting, reading pauses until the FIFO drains
    to half of that.  The transport separately pauses reading while the client
@@ -23,30 +24,43 @@ State rules (all of them live in this module):
    like any other; once every reply is written the protocol closes the connection.
    Nothing read is left unanswered while the client can still read.
 6. After ``connectionLost`` nothing is written; pending handler Deferreds are
-   cancelled.
+   cancelled and held input is dropped.
+7. Output is bounded per step, not only per reply: one read of short lines can
+   ask for far more output than it holds (an ``--info-line`` reply is ~65 times
+   its line).  A step handles lines until the replies it made ready pass
+   :data:`OUTPUT_PER_STEP`; the rest of the read (and any read that follows) is
+   held, reading pauses, and the next step runs on a later reactor turn, only
+   while the transport's send buffer is not full.  The transport says so by
+   pausing and resuming the producer the protocol registers with it
+   (``IConsumer.registerProducer``), as Twisted's stream transports do; with a
+   transport that cannot, the steps still take turns, but nothing stops them
+   filling its buffer.  Held input is at most one read.
 """
 
 from __future__ import annotations
 
 import json
 from collections import deque
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred, TimeoutError
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IConsumer, IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from typing_extensions import override
 from zope.interface import implementer
 
-from secure_echo.line.framing import LF, LineFramer, Overlong, terminator_of
+from secure_echo.line.framing import LF, LineFramer, terminator_of
 from secure_echo.line.handler import IBatchLineHandler
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IReactorTime
+    from collections.abc import Iterator
 
+    from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+    from secure_echo.line.framing import Event
     from secure_echo.line.handler import ILineHandler
 
 #: Stable reason tokens of ``-ERR`` replies (docs/protocol.md).
@@ -54,10 +68,16 @@ LINE_TOO_LONG: Final = "line-too-long"
 HANDLER_FAILED: Final = "handler-failed"
 HANDLER_TIMEOUT: Final = "handler-timeout"
 
+#: Replies one step may make ready before the rest of the input waits (state
+#: rule 7): four times the largest socket read, so an echo never waits for it.
+OUTPUT_PER_STEP: Final = 256 * 1024
+#: What may follow the info line's content in a line that asks for it.
+_ENDINGS: Final = (b"\n", b"\r\n", b"")
+
 
 def error_reply(token: str, text: str, terminator: bytes) -> bytes:
-    """Format an error reply: ``-ERR <token> <text>`` and the line's terminator."""
-    return b"-ERR %s %s%s" % (token.encode("ascii"), text.encode("ascii"), terminator or LF)
+    """Format an error reply: ``-ERR <token> <text>`` and ``terminator``."""
+    return f"-ERR {token} {text}".encode() + terminator
 
 
 class LineRecord(TypingProtocol):
@@ -110,6 +130,32 @@ class LineSettings:
         self.info_line = info_line
 
 
+@implementer(IPushProducer)
+class _SendBuffer:
+    """Hears from the transport when its send buffer fills and drains (state rule 7).
+
+    Registered as the transport's streaming producer, as Twisted's own stream
+    transports expect: ``pauseProducing`` when what we wrote piles up unsent,
+    ``resumeProducing`` when it has drained.
+    """
+
+    __slots__ = ("_protocol",)
+
+    def __init__(self, protocol: LineProtocol) -> None:
+        self._protocol = protocol
+
+    def pauseProducing(self) -> None:
+        """The client is not taking what we send: handle no more input for now."""
+        self._protocol.send_buffer_full(full=True)
+
+    def resumeProducing(self) -> None:
+        """What we sent has drained: go on with the input held back."""
+        self._protocol.send_buffer_full(full=False)
+
+    def stopProducing(self) -> None:
+        """The transport is going away; ``connectionLost`` follows."""
+
+
 @implementer(IHalfCloseableProtocol)
 class LineProtocol(Protocol):
     """Echo (or whatever the handler says) every line, in order; see module rules."""
@@ -136,21 +182,40 @@ class LineProtocol(Protocol):
             else None
         )
         self._fifo: deque[_Slot] = deque()
+        # Input held back by state rule 7: the events of a read not handled yet,
+        # and the reads that came after it.
+        self._events: Iterator[Event] | None = None
+        self._unread: deque[bytes] = deque()
+        self._step_call: IDelayedCall | None = None
+        self._send_full = False
         self._paused = False
         self._input_ended = False
+        self._eof = False
         self._lost = False
         self._line_no = 0
-        # True while _dispatch runs: a Deferred that fires meanwhile (one returned
+        # True while _step runs: a Deferred that fires meanwhile (one returned
         # already fired, or fired by a later handler call) only marks its slot
-        # ready, and _dispatch writes it after the batch that precedes it.
+        # ready, and _step writes it after the batch that precedes it.
         self._dispatching = False
 
     @override
+    def connectionMade(self) -> None:
+        # Only a transport that takes a producer can say when its buffer is full.
+        transport: Any = self.transport
+        if IConsumer.providedBy(transport):
+            transport.registerProducer(_SendBuffer(self), True)
+
+    @override
     def dataReceived(self, data: bytes) -> None:
+        if self._events is not None:
+            # Earlier input is still held back (it arrived before reading paused).
+            self._unread.append(data)
+            return
         batch = self._batch
         if batch is not None and not self._fifo and not self._framer.holding:
             # Fast path (see IBatchLineHandler): every complete line of this read
             # is at most as long as the limit when the last LF lies within it.
+            # Its replies are its lines, as long as the read: no budget needed.
             last = data.rfind(LF)
             if 0 <= last < self._settings.max_line_length:
                 end = last + 1
@@ -161,28 +226,27 @@ class LineProtocol(Protocol):
                 record.lines_in += count
                 record.lines_out += count
                 self._write([batch(whole, count)])
-                if end < len(data):
-                    self._framer.feed(data[end:])
-                return
-        events = self._framer.feed(data)
-        if events:
-            self._dispatch(events)
+                if end == len(data):
+                    return
+                # The tail may already prove its line too long.
+                data = data[end:]
+        self._events = self._framer.events(data)
+        self._step()
 
     def readConnectionLost(self) -> None:
         """The client sent all it will send: answer the rest, then close."""
         self._input_ended = True
-        events = self._framer.end()
-        if events:
-            self._dispatch(events)
-        self._close_if_done()
+        self._eof = True
+        if self._events is None:
+            self._step()
 
     def writeConnectionLost(self) -> None:
         """Not used: the transport never half-closes our side."""
 
     @property
     def pending(self) -> int:
-        """Lines whose replies are not written yet."""
-        return len(self._fifo)
+        """Lines whose replies are not written yet (held input counts as one)."""
+        return len(self._fifo) + (self._events is not None)
 
     def drain(self) -> None:
         """The server is stopping: answer the lines already read, then close.
@@ -196,36 +260,79 @@ class LineProtocol(Protocol):
     @override
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._lost = True
+        if self._step_call is not None:
+            self._step_call.cancel()
+            self._step_call = None
+        self._events = None
+        self._unread.clear()
         fifo = self._fifo
         self._fifo = deque()
         for slot in fifo:
             if slot.deferred is not None:
                 slot.deferred.cancel()
 
+    def send_buffer_full(self, *, full: bool) -> None:
+        """The transport's send buffer filled or drained (from :class:`_SendBuffer`)."""
+        self._send_full = full
+        if not full and self._events is not None:
+            self._schedule_step()
+
     # -- the per-line path ------------------------------------------------------
 
-    def _dispatch(self, events: list[bytes | Overlong]) -> None:
-        """Turn events into replies; write the ready ones (state rule 1)."""
-        fifo = self._fifo
-        record = self.record
+    def _schedule_step(self) -> None:
+        """Go on with held input on the next reactor turn (state rule 7)."""
+        if self._step_call is None and not self._lost:
+            self._step_call = self._clock.callLater(0, self._next_step)
+
+    def _next_step(self) -> None:
+        self._step_call = None
+        if not self._send_full:
+            self._step()
+
+    def _step(self) -> None:
+        """Handle input until its replies pass the budget; write the ready ones.
+
+        State rules 1 and 7: replies ready in order go out as one write; input
+        left over stays held, reading pauses, and the next step comes on a later
+        reactor turn once the transport's send buffer is not full.
+        """
         batch: list[bytes] = []
         self._dispatching = True
         try:
-            self._dispatch_events(events, batch)
+            held = self._handle_input(batch)
         finally:
             self._dispatching = False
         # Slots whose Deferred fired during the loop follow the batch in line order.
-        while fifo and fifo[0].reply is not None:
-            batch.append(cast("bytes", fifo.popleft().reply))
-        if batch:
-            record.lines_out += len(batch)
-            self._write(batch)
-        if len(fifo) >= self._settings.max_pending and not self._paused:
-            self._paused = True
-            cast("Any", self.transport).pauseProducing()
+        self._write_ready(batch)
+        if held:
+            self._schedule_step()
+        self._update_reading()
+        self._close_if_done()
 
-    def _dispatch_events(self, events: list[bytes | Overlong], batch: list[bytes]) -> None:
-        """Call the handler for each event; ready replies go to ``batch`` or the FIFO."""
+    def _handle_input(self, batch: list[bytes]) -> bool:
+        """Handle held events and reads in order; True if the budget ran out first."""
+        budget = OUTPUT_PER_STEP
+        while True:
+            events = self._events
+            if events is None:
+                if not self._unread:
+                    break
+                events = self._events = self._framer.events(self._unread.popleft())
+            budget = self._dispatch_events(events, batch, budget)
+            if budget <= 0:
+                return True
+            self._events = None
+        if self._eof:
+            # Every read is handled: the final unterminated line's turn.
+            self._dispatch_events(iter(self._framer.end()), batch, budget)
+        return False
+
+    def _dispatch_events(self, events: Iterator[Event], batch: list[bytes], budget: int) -> int:
+        """Call the handler for each event; ready replies go to ``batch`` or the FIFO.
+
+        Stops, with events left, once the replies made ready have spent
+        ``budget`` bytes; returns what is left of it (<= 0: spent).
+        """
         handle = self._handler.handle_line
         info = self._settings.info_line
         fifo = self._fifo
@@ -233,14 +340,15 @@ class LineProtocol(Protocol):
         for event in events:
             self._line_no += 1
             record.lines_in += 1
-            if type(event) is bytes:
-                if info is not None and len(event) <= len(info) + 2 and self._is_info(event):
-                    self._queue_reply(self._info_reply(event), batch)
-                    continue
+            if type(event) is not bytes:
+                reply = self._line_too_long()
+            elif info is not None and event.startswith(info) and event[len(info) :] in _ENDINGS:
+                reply = self._info_reply(event)
+            else:
                 try:
                     result = handle(event)
                 except Exception:
-                    reply: bytes = self._handler_failed(event, Failure())
+                    reply = self._handler_failed(event, Failure())
                 else:
                     if type(result) is bytes:
                         reply = result
@@ -252,26 +360,29 @@ class LineProtocol(Protocol):
                             event,
                             Failure(TypeError(f"handler returned {type(result).__name__}")),
                         )
-            else:
-                overlong = cast("Overlong", event)
-                record.overlong_lines += 1
-                self.log.info(
-                    "line {line_no} on connection {conn_id} exceeded {limit} bytes",
-                    event="line_too_long",
-                    conn_id=record.conn_id,
-                    line_no=self._line_no,
-                    length=overlong.length,
-                    limit=self._settings.max_line_length,
-                )
-                reply = error_reply(
-                    LINE_TOO_LONG,
-                    f"line exceeds {self._settings.max_line_length} bytes",
-                    overlong.terminator,
-                )
             if fifo:
                 fifo.append(_Slot(reply))
             else:
                 batch.append(reply)
+            budget -= len(reply)
+            if budget <= 0:
+                break
+        return budget
+
+    def _line_too_long(self) -> bytes:
+        """Count and log an overlong line; return its error reply (state rule 3)."""
+        record = self.record
+        record.overlong_lines += 1
+        limit = self._settings.max_line_length
+        self.log.info(
+            "line {line_no} on connection {conn_id} exceeded {limit} bytes",
+            event="line_too_long",
+            conn_id=record.conn_id,
+            line_no=self._line_no,
+            limit=limit,
+        )
+        # Its terminator may not have come yet: the reply ends with LF.
+        return error_reply(LINE_TOO_LONG, f"line exceeds {limit} bytes", LF)
 
     def _await(self, line: bytes, deferred: Deferred[bytes]) -> _Slot:
         """Put a Deferred reply in the FIFO, with its timeout and error handling."""
@@ -299,41 +410,51 @@ class LineProtocol(Protocol):
         deferred.addBoth(done)
         return slot
 
-    def _is_info(self, line: bytes) -> bool:
-        """True if ``line``'s content is exactly the configured info line."""
-        return line[: len(line) - len(terminator_of(line))] == self._settings.info_line
-
-    def _queue_reply(self, reply: bytes, batch: list[bytes]) -> None:
-        """A ready reply: into the batch, or behind the waiting ones (state rule 1)."""
-        if self._fifo:
-            self._fifo.append(_Slot(reply))
-        else:
-            batch.append(reply)
-
     def _info_reply(self, line: bytes) -> bytes:
         """One JSON line describing the connection, ended like ``line``."""
         text = json.dumps(self.record.info(), separators=(",", ":"), sort_keys=True)
         return text.encode() + (terminator_of(line) or LF)
 
     def _flush_ready(self) -> None:
-        """Write every reply at the head of the FIFO that is ready (state rule 1)."""
+        """A Deferred fired outside a step: write what became ready (state rule 1)."""
+        self._write_ready([])
+        self._update_reading()
+        self._close_if_done()
+
+    def _write_ready(self, batch: list[bytes]) -> None:
+        """Write ``batch`` and then every ready reply at the head of the FIFO."""
         fifo = self._fifo
-        batch: list[bytes] = []
-        while fifo and fifo[0].reply is not None:
-            batch.append(cast("bytes", fifo.popleft().reply))
+        while fifo and (reply := fifo[0].reply) is not None:
+            fifo.popleft()
+            batch.append(reply)
         if batch:
             self.record.lines_out += len(batch)
             self._write(batch)
-        if self._paused and len(fifo) <= self._settings.max_pending // 2:
-            self._paused = False
-            cast("Any", self.transport).resumeProducing()
-        self._close_if_done()
+
+    def _update_reading(self) -> None:
+        """Pause reading while input is held or the FIFO is full (rules 4 and 7).
+
+        Once paused by a full FIFO, reading resumes only when it is down to half,
+        so that a client is not paused and resumed on every reply.
+        """
+        held = self._events is not None
+        pending = len(self._fifo)
+        max_pending = self._settings.max_pending
+        transport: Any = self.transport
+        if self._paused:
+            if not held and 2 * pending <= max_pending:
+                self._paused = False
+                transport.resumeProducing()
+        elif held or pending >= max_pending:
+            self._paused = True
+            transport.pauseProducing()
 
     def _handler_failed(self, line: bytes, failure: Failure, line_no: int | None = None) -> bytes:
         """Log a handler failure and return the error reply for its line."""
         record = self.record
         record.handler_errors += 1
-        terminator = terminator_of(line)
+        # Ended like its line; LF for a final line without a terminator.
+        terminator = terminator_of(line) or LF
         number = self._line_no if line_no is None else line_no
         if failure.check(TimeoutError):
             self.log.warn(
@@ -356,7 +477,7 @@ class LineProtocol(Protocol):
             conn_id=record.conn_id,
             line_no=number,
             error=failure.getErrorMessage(),
-            error_type=failure.type.__name__ if failure.type else None,
+            error_type=type(failure.value).__name__,
         )
         return error_reply(HANDLER_FAILED, "the line handler failed", terminator)
 
@@ -371,7 +492,7 @@ class LineProtocol(Protocol):
 
     def _close_if_done(self) -> None:
         """State rule 5: close once input ended and every reply went out."""
-        if self._input_ended and not self._fifo and not self._lost:
+        if self._input_ended and self._events is None and not self._fifo and not self._lost:
             transport = self.transport
             if transport is not None:
                 transport.loseConnection()
