@@ -103,13 +103,3 @@ class InfoFloodTests(HostileCase):
                 "rss_bound_mib": RSS_BOUND // MIB,
             },
         )
-
-    # The line protocol bounds its output per step and waits while the send
-    # buffer is full, but only a transport that is an IConsumer tells it so
-    # (state rule 7 of secure_echo.line.protocol).  Remove this once
-    # TLSServerConnection passes its send-buffer state to the application's
-    # registered producer: the test then passes (4.8 MiB measured with that
-    # change) and trial reports an unexpected success until it is removed.
-    test_info_lines_without_reading.todo = (  # type: ignore[attr-defined]
-        "the TLS transport does not yet tell the application when its send buffer fills"
-    )

@@ -31,7 +31,13 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from OpenSSL import SSL
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ITransport
+from twisted.internet.interfaces import (
+    IConsumer,
+    IHalfCloseableProtocol,
+    IProducer,
+    IPushProducer,
+    ITransport,
+)
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from typing_extensions import override
 from zope.interface import implementer
@@ -117,7 +123,7 @@ def ssl_error_text(error: SSL.Error) -> str:
     return "; ".join(reasons) or repr(error)
 
 
-@implementer(IHalfCloseableProtocol, ITransport, IPushProducer)
+@implementer(IHalfCloseableProtocol, ITransport, IPushProducer, IConsumer)
 class TLSServerConnection(TwistedProtocol):
     """One TLS connection: protocol of the stream, transport of the application."""
 
@@ -144,6 +150,9 @@ class TLSServerConnection(TwistedProtocol):
         self._out: list[bytes] = []
         #: What the handshake learns (:mod:`secure_echo.tls.notes`); kept while it lasts.
         self._notes: HandshakeNotes | None = None
+        #: The application's producer, told when the stream's send buffer fills and
+        #: drains (``IConsumer``), so it can bound what it makes per read.
+        self._app_producer: IPushProducer | None = None
         self._lost_reason: Failure | None = None
         #: A plaintext client's first read, kept to answer it in its own terms.
         self._first_bytes = b""
@@ -231,10 +240,12 @@ class TLSServerConnection(TwistedProtocol):
         if self._phase is Phase.CLOSED:  # pragma: no cover - the stream calls this once
             return
         writer = self._writer
-        # Lingering or aborted, the last look (taken while the socket was there; a
-        # reset purges its queue) says what the client had not acknowledged.
-        looked = self._phase is Phase.LINGERING or self._phase is Phase.ABORTING
-        held = writer.unacked_replies if looked else writer.held()
+        # The last look, taken while the socket was there (a reset purges its
+        # queue), says what the client had not acknowledged.  A close without
+        # linger unregistered the writer, once every reply was acknowledged: then
+        # only what Twisted still held can be missing.
+        final = writer.final
+        held = writer.held() if final is None or self._phase is Phase.CLOSING else final
         self.record.unsent_bytes = held
         clean = reason is None or reason.check(ConnectionDone) is not None
         self._lost_reason = reason
@@ -439,6 +450,14 @@ class TLSServerConnection(TwistedProtocol):
         """The application gives up on the connection."""
         self.abortConnection()
 
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
+        """The application's (streaming) producer hears when the send buffer fills and drains."""
+        self._app_producer = cast("IPushProducer", producer) if streaming else None
+
+    def unregisterProducer(self) -> None:
+        """Forget the application's producer."""
+        self._app_producer = None
+
     @property
     def disconnecting(self) -> bool:
         """True once a close was asked for."""
@@ -454,6 +473,12 @@ class TLSServerConnection(TwistedProtocol):
             self._deadlines.stop_stall_watch()
         self._gate.stream_full = full
         self._reading_changed()
+        producer = self._app_producer
+        if producer is not None:
+            if full:
+                producer.pauseProducing()
+            else:
+                producer.resumeProducing()
 
     def _reading_changed(self) -> None:
         """Apply the read gate, unless the stream is closing (it no longer reads for us)."""
@@ -543,8 +568,6 @@ def _watch_close(c: TLSServerConnection) -> None:
 
 def _abort_stream(c: TLSServerConnection) -> None:
     c._deadlines.cancel_all()
-    # The last look at what the client has not received, while the socket is there.
-    c._writer.replies_unacknowledged()
     c._writer.abort()
 
 

@@ -105,6 +105,7 @@ class StreamWriter:
         "_socket",
         "_transport",
         "_unsent_before",
+        "final",
         "full",
         "trailer",
         "unacked_replies",
@@ -126,6 +127,9 @@ class StreamWriter:
         self.unacked_replies = 0
         #: Every byte handed to the transport (sent, queued or held).
         self.written = 0
+        #: Reply bytes not acknowledged at the last look before the socket went
+        #: (taken as the transport stops, and at an abort); None if never taken.
+        self.final: int | None = None
         # Twisted's stream transports are IConsumers too; ITransport does not say so.
         cast("Any", transport).registerProducer(self, True)
 
@@ -144,10 +148,11 @@ class StreamWriter:
     def stopProducing(self) -> None:
         """The transport is going away; take a last look while the socket is there.
 
-        Only a lingering close is registered here then (:meth:`linger`); the
-        connection reads :attr:`unacked_replies` in its ``connectionLost``.
+        Twisted calls this before it closes the socket (so TCP's count of
+        acknowledged bytes can still be read); the connection reads :attr:`final`
+        in its ``connectionLost``.
         """
-        self.replies_unacknowledged()
+        self.final = self.replies_unacknowledged()
 
     # -- sending --------------------------------------------------------------------
 
@@ -281,7 +286,8 @@ class StreamWriter:
         self._transport.loseConnection()
 
     def abort(self) -> None:
-        """Drop the stream at once, unsent output included."""
+        """Drop the stream at once, unsent output included (looked at first)."""
+        self.final = self.replies_unacknowledged()
         transport = self._transport
         transport.unregisterProducer()
         transport.abortConnection()
