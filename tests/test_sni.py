@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import dsa
+from cryptography.x509.oid import NameOID
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -170,6 +172,45 @@ class TestCertificateTests(SynchronousTestCase):
         settings = TLSSettings(self.pki.server_cert, self.pki.server_key, test_certs=directory)
         error = self.assertRaises(TLSConfigError, load_tls, settings)
         self.assertIn("x.key", str(error))
+
+    def test_not_a_certificate_refused(self) -> None:
+        """A NAME.pem without a certificate is a one-line config error, not a crash."""
+        directory = self.pki.directory / "notcert"
+        directory.mkdir()
+        (directory / "x.pem").write_bytes(b"not a certificate\n")
+        (directory / "x.key").write_bytes(self.pki.server_key.read_bytes())
+        settings = TLSSettings(self.pki.server_cert, self.pki.server_key, test_certs=directory)
+        error = self.assertRaises(TLSConfigError, load_tls, settings)
+        self.assertIn("holds no PEM certificate", str(error))
+
+    def test_unsupported_key_refused(self) -> None:
+        """A NAME.key of a kind OpenSSL cannot serve with (DSA) is a one-line config error."""
+        directory = self.pki.directory / "dsa"
+        directory.mkdir()
+        key = dsa.generate_private_key(2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dsa.test")])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(1)
+            .not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256())
+        )
+        (directory / "dsa.test.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (directory / "dsa.test.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        settings = TLSSettings(self.pki.server_cert, self.pki.server_key, test_certs=directory)
+        error = self.assertRaises(TLSConfigError, load_tls, settings)
+        self.assertIn("DSAPrivateKey", str(error))
 
 
 class ALPNTests(SynchronousTestCase):

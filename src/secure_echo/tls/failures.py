@@ -19,6 +19,8 @@ HANDSHAKE_FAILURE_REASONS: Final = (
     "certificate_required",
     "certificate_unknown",
     "allow_list",
+    "revoked",
+    "unrecognized_name",
     "client_rejected_certificate",
     "timeout",
     "closed",
@@ -32,6 +34,8 @@ HANDSHAKE_FAILURE_REASONS: Final = (
 _REASON_PATTERNS: Final = (
     # tls.verify's allow-list refusal, inside "certificate verify failed: ...".
     ("allow_list", ("is not on the allow-list",)),
+    ("revoked", ("certificate revoked",)),
+    ("unrecognized_name", ("no certificate for the server name",)),
     ("certificate_required", ("peer did not return a certificate", "certificate required")),
     ("certificate_unknown", ("certificate verify failed",)),
     # Alerts the client sent because it refused our certificate.

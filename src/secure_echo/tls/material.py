@@ -20,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from secure_echo.tls.policy import (
+    SUPPORTED_KEYS,
     LoadedTLS,
     TestCert,
     TLSConfigError,
@@ -91,7 +92,14 @@ def load_test_certs(directory: Path) -> tuple[TestCert, ...]:
         key_path = pem.with_suffix(".key")
         if not key_path.is_file():
             continue  # a CA certificate, say: nothing to serve
-        chain = tuple(x509.load_pem_x509_certificates(read_file(pem, "--test-certs", "PEM file")))
+        try:
+            chain = tuple(
+                x509.load_pem_x509_certificates(read_file(pem, "--test-certs", "PEM file"))
+            )
+        except ValueError:
+            chain = ()
+        if not chain:
+            raise TLSConfigError("--test-certs", f"{pem} holds no PEM certificate", fix)
         key_pem = read_file(key_path, "--test-certs", "PEM key file")
         try:
             key = serialization.load_pem_private_key(key_pem, None)
@@ -99,6 +107,12 @@ def load_test_certs(directory: Path) -> tuple[TestCert, ...]:
             raise TLSConfigError(
                 "--test-certs", f"{key_path} holds no unencrypted PEM private key", fix
             ) from None
+        if not isinstance(key, SUPPORTED_KEYS):
+            raise TLSConfigError(
+                "--test-certs",
+                f"{key_path} holds a {type(key).__name__}, not an RSA, EC or EdDSA key",
+                "use an ECDSA P-256 or RSA key",
+            )
         if key.public_key() != chain[0].public_key():
             raise TLSConfigError(
                 "--test-certs", f"{key_path} is not the key of {pem}", "give each its own key"

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from cryptography import x509
 
+from secure_echo.edge.text import printable_bytes
 from secure_echo.tls.diagnosis import Failure, Presented, ServerPolicy, diagnose
 from secure_echo.tls.offered import summarise
 from secure_echo.tls.verify import describe
@@ -67,6 +68,9 @@ class HandshakeNotes:
         self.collector = None
         if isinstance(result, ClientHello):
             self.hello = result
+            if result.server_name is not None and record.sni is None:
+                # Known now, though OpenSSL may never say it (a failed handshake).
+                record.sni = printable_bytes(result.server_name)
         record.client_hello, record.ja4, record.ja4_r = summarise(result)
 
     def explain(self, record: ConnectionRecord, policy: ServerPolicy) -> Failure:

@@ -46,7 +46,8 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 
-_SUPPORTED_KEYS = (
+#: The private key types a server certificate may have (checked before building).
+SUPPORTED_KEYS = (
     rsa.RSAPrivateKey,
     ec.EllipticCurvePrivateKey,
     ed25519.Ed25519PrivateKey,
@@ -103,7 +104,7 @@ class TLSSettings:
     """What the operator asked for.
 
     ``cert``/``key`` are the default certificate; ``extra_certs`` more (cert, key)
-    pairs, chosen by the client's SNI (:mod:`secure_echo.tls.contexts`).
+    pairs, chosen by the client's SNI (:mod:`secure_echo.tls.sni`).
     """
 
     cert: Path
@@ -302,7 +303,7 @@ def load_and_validate(settings: TLSSettings, now: datetime.datetime | None = Non
             f"{settings.key} holds no usable PEM private key",
             "point --key at the PEM private key of the --cert certificate",
         ) from None
-    if not isinstance(key, _SUPPORTED_KEYS):
+    if not isinstance(key, SUPPORTED_KEYS):
         raise TLSConfigError(
             "--key",
             f"{settings.key} holds a {type(key).__name__}, not an RSA, EC or EdDSA key",
@@ -368,7 +369,7 @@ def build_context(
     for extra in chain[1:]:
         context.add_extra_chain_cert(extra)
     private_key = serialization.load_pem_private_key(key_pem, None)
-    assert isinstance(private_key, _SUPPORTED_KEYS)  # checked by the loader
+    assert isinstance(private_key, SUPPORTED_KEYS)  # checked by the loader
     context.use_privatekey(private_key)
     context.check_privatekey()
     if settings.alpn:
