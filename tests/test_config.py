@@ -458,6 +458,12 @@ class NewOptionTests(ConfigTestCase):
             words=("longer than --max-line-length",),
         )
 
+    def test_client_hello(self) -> None:
+        """--client-hello is on by default; off turns it off; anything else is refused."""
+        self.assertTrue(self.parse().client_hello)
+        self.assertFalse(self.parse("--client-hello", "off").client_hello)
+        self.assert_usage_error("--client-hello", "--client-hello", "maybe", words=("on or off",))
+
 
 class SeveralCertificatesTests(SynchronousTestCase):
     """--cert/--key repeatable: paired by position, the first is the default."""

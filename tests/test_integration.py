@@ -27,8 +27,17 @@ from typing import TYPE_CHECKING, Final
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+import secure_echo
 from secure_echo.tools import certgen
-from tests.daemon import Daemon, Event, run_twistd, shared_daemon, start_daemon
+from tests.daemon import (
+    Daemon,
+    Event,
+    child_env,
+    run_twistd,
+    shared_daemon,
+    start_daemon,
+    twistd_command,
+)
 from tests.helpers import PKI, make_pki, write_expired_server, write_server_with
 
 if TYPE_CHECKING:
@@ -844,6 +853,34 @@ class MisbehavingClientTests(IntegrationCase):
         self.assertLess(elapsed, 3.0)
         event = self.assert_closed_as(daemon, since, peer, "handshake_timeout")
         self.assertTrue(event["tls_error"], event)
+
+
+class VersionTests(SynchronousTestCase):
+    """``twistd secure-echo --version``."""
+
+    def test_prints_secure_echo_version(self) -> None:
+        """It prints secure-echo's version and its TLS stack's, exits 0, writes no pid file."""
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        command = twistd_command("--version")
+        command.remove("--pidfile=")  # twistd's default would write twistd.pid here
+        result = subprocess.run(
+            command,
+            cwd=directory,
+            env=child_env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertTrue(
+            result.stdout.startswith(f"secure-echo {secure_echo.__version__} (Twisted "),
+            result.stdout,
+        )
+        self.assertIn("OpenSSL", result.stdout)
+        self.assertEqual(list(directory.iterdir()), [], "nothing is left behind")
 
 
 class ConfigErrorTests(SynchronousTestCase):

@@ -106,6 +106,25 @@ class EchoOverTLSTests(TransportTestsMixin, SynchronousTestCase):
         assert session is not None
         self.assertTrue(session.has_ticket)
 
+    def test_client_hello_recorded(self) -> None:
+        """The record carries what the client offered and its JA4; off, neither."""
+        self.pair.handshake()
+        self.pair.server.loseConnection()
+        self.pair.finish_stream()
+        (closed,) = self.named("connection_closed")
+        hello = closed["client_hello"].value()
+        self.assertEqual(hello["sni"], "localhost")
+        self.assertIn("TLS 1.3", hello["supported_versions"])
+        self.assertRegex(closed["ja4"], r"^t13d\d{4}00_[0-9a-f]{12}_[0-9a-f]{12}$")
+        self.factory.read_client_hello = False
+        other = TLSPair(self.factory, client_context(self.pki))
+        other.handshake()
+        other.server.loseConnection()
+        other.finish_stream()
+        (_, closed) = self.named("connection_closed")
+        self.assertIsNone(closed["client_hello"])
+        self.assertIsNone(closed["ja4"])
+
     def test_tls_facts_recorded(self) -> None:
         """The handshake's version, cipher and group reach connection_closed."""
         self.pair.handshake()

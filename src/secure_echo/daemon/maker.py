@@ -227,6 +227,7 @@ def build_factory(cfg: Config, reactor: Any) -> tuple[TLSServerFactory, tuple[in
         limiter=limiter,
         refusals=RefusalLog(reactor),
         proxy=proxy_settings(cfg),
+        read_client_hello=cfg.client_hello,
     )
     return factory, fd_limits
 

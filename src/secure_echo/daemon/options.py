@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from twisted.python import usage
 from typing_extensions import override
 
+import secure_echo
 from secure_echo.daemon import configfile
 from secure_echo.daemon.configfile import Key, Kind, OptionValue
 from secure_echo.daemon.load import Config, load
@@ -157,6 +158,12 @@ class Options(usage.Options):
             "A line with this content gets connection info as JSON, not an echo (default: off).",
         ],
         [
+            "client-hello",
+            None,
+            "on",
+            "on|off: read each client's ClientHello into its record (client_hello, ja4).",
+        ],
+        [
             "workers",
             None,
             "1",
@@ -211,6 +218,12 @@ class Options(usage.Options):
     def opt_proxy_trusted(self, value: str) -> None:
         """Proxy address or CIDR allowed to send PROXY headers (repeatable)."""
         self["proxy-trusted"].append(value)
+
+    def opt_version(self) -> None:
+        """Print secure-echo's version and those of its TLS stack, then exit."""
+        sys.stdout.write(version_line() + "\n")
+        sys.stdout.flush()
+        raise SystemExit(0)
 
     @override
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
@@ -314,6 +327,21 @@ class Options(usage.Options):
             else:
                 captured[name] = value
         return captured
+
+
+def version_line() -> str:
+    """``secure-echo 0.1.0 (Twisted ..., pyOpenSSL ..., OpenSSL ..., Python ...)``."""
+    import platform  # noqa: PLC0415 - only for --version
+
+    import OpenSSL  # noqa: PLC0415
+    import twisted  # noqa: PLC0415
+    from OpenSSL import SSL  # noqa: PLC0415
+
+    openssl = SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode("ascii", "replace")
+    return (
+        f"secure-echo {secure_echo.__version__} (Twisted {twisted.__version__}, "
+        f"pyOpenSSL {OpenSSL.__version__}, {openssl}, Python {platform.python_version()})"
+    )
 
 
 def one_line_exit(error: usage.UsageError, prog: str = "twistd secure-echo") -> None:

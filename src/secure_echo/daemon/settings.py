@@ -40,6 +40,7 @@ REPEATABLE: Final = ("listen", "cert", "key", "crl", "alpn", *ALLOW_OPTIONS, "pr
 MAX_ALPN_BYTES: Final = 255
 PROXY_PROTOCOL_MODES: Final = ("off", "optional", "required")
 LOG_STDOUT_FORMATS: Final = ("json", "text")
+ON_OFF: Final = ("on", "off")
 #: ``--workers``: processes that accept on the shared listening sockets.
 MAX_WORKERS: Final = 64
 
@@ -86,6 +87,7 @@ FILE_KEYS: Final[Mapping[str, Key]] = MappingProxyType(
         "proxy-trusted": Key(Kind.STRINGS, '["10.0.0.0/8"]'),
         "proxy-timeout": Key(Kind.NUMBER, "5"),
         "info-line": Key(Kind.STRING, '"INFO"'),
+        "client-hello": Key(Kind.STRING, '"on"'),
         "workers": Key(Kind.INTEGER, "1"),
     }
 )
@@ -145,6 +147,9 @@ class Settings:
     #: ``--info-line``: a line with exactly this content gets a JSON description of
     #: its connection instead of an echo; None: every line is echoed.
     info_line: bytes | None = None
+    #: ``--client-hello``: read each client's ClientHello into its record
+    #: (``client_hello``, ``ja4``, and the failure hints that compare offers).
+    client_hello: bool = True
     backlog: int = DEFAULT_BACKLOG
     #: The ``--config`` file (absolute) and the SHA-256 of its bytes at start.
     config_file: Path | None = None
@@ -489,6 +494,7 @@ def validate(
         proxy_timeout=_positive_float("proxy-timeout", values["proxy-timeout"]),
         log_stdout=(_choice("log-stdout", log_stdout, LOG_STDOUT_FORMATS) if log_stdout else None),
         info_line=_info_line(values["info-line"], max_line_length),
+        client_hello=_choice("client-hello", values["client-hello"], ON_OFF) == "on",
         backlog=backlog,
         config_file=config_file,
         config_sha256=config_sha256,
@@ -603,5 +609,6 @@ def option_values(cfg: Settings) -> dict[str, object]:
         "info-line": (
             cfg.info_line.decode("utf-8", "backslashreplace") if cfg.info_line else None
         ),
+        "client-hello": "on" if cfg.client_hello else "off",
         "workers": cfg.workers,
     }
