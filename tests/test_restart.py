@@ -23,7 +23,7 @@ from secure_echo.daemon import options as config
 from secure_echo.daemon.reload import TLSReloader
 from secure_echo.daemon.restart import RELOADED_KEYS, RestartCheck, restart_changes
 from secure_echo.daemon.settings import FILE_KEYS, option_values
-from secure_echo.pool.supervisor import RestartWatch
+from secure_echo.pool.reload import RestartWatch
 from secure_echo.tls.policy import ContextHolder, load_and_validate
 from tests.daemon import Daemon, start_daemon, wait_workers_ready
 from tests.helpers import make_pki

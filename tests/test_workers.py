@@ -10,6 +10,7 @@ TLS clients; which worker served a connection is read from the ``worker`` field 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import json
@@ -27,14 +28,12 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Final, cast
 
-from hypothesis import given
-from hypothesis import strategies as st
 from twisted.internet import defer, protocol
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python import usage
@@ -45,33 +44,31 @@ from secure_echo import tap
 from secure_echo.daemon import maker
 from secure_echo.daemon import options as config
 from secure_echo.daemon.load import load
-from secure_echo.daemon.logs import event_as_record
 from secure_echo.daemon.printconfig import effective_settings
 from secure_echo.daemon.sdnotify import Notifier
 from secure_echo.daemon.settings import FILE_KEYS
 from secure_echo.pool import supervisor as workers
-from secure_echo.pool.supervisor import (
+from secure_echo.pool.contract import (
+    MAX_RECORD_BYTES,
     SPEC_ENV,
-    RecordReader,
-    ReloadOutcome,
-    ReloadRound,
-    RestartPolicy,
+    SUPERVISOR_ONLY_ENV,
     SharedSocket,
-    WorkerProcess,
     WorkerSpec,
-    WorkerStats,
+)
+from secure_echo.pool.ports import SharedPortsService, adopt_port
+from secure_echo.pool.reload import RELOAD_TIMEOUT
+from secure_echo.pool.restarts import GIVE_UP_EXIT_STATUS, GIVE_UP_FAILURES
+from secure_echo.pool.supervisor import (
     WorkerSupervisor,
-    parse_record,
-    record_as_event,
+    code_root,
+    connection_share,
     worker_environment,
     worker_values,
 )
+from secure_echo.pool.watchdog import HUNG_GRACE
 from secure_echo.pool.worker import (
     ParentWatch,
-    PipeLogObserver,
-    SharedPortsService,
     WorkerLifecycle,
-    adopt_port,
     build_worker_service,
     worker_settings,
 )
@@ -86,241 +83,17 @@ if TYPE_CHECKING:
 
     from twisted.logger import LogEvent
 
+    from secure_echo.pool.processes import WorkerProcess
+
 #: Seconds any wait on the real daemon may take.
 WAIT: Final = 15.0
 
 
-# -- the record pipe -------------------------------------------------------------------
+# -- the environment -------------------------------------------------------------------
 
 
-class RecordReaderTests(SynchronousTestCase):
-    """Splitting a worker's stdout into lines."""
-
-    STREAM: Final = b'{"a": 1}\n{"b": "x\\ny"}\n\n{"c": [1, 2]}\n'
-    LINES: Final = [b'{"a": 1}', b'{"b": "x\\ny"}', b"", b'{"c": [1, 2]}']
-
-    def test_every_split_point(self) -> None:
-        """Fed in pieces of any size, the stream gives the same lines."""
-        for size in range(1, len(self.STREAM) + 1):
-            reader = RecordReader()
-            lines: list[bytes] = []
-            for start in range(0, len(self.STREAM), size):
-                lines += [line for line, cut in reader.feed(self.STREAM[start : start + size])]
-            self.assertEqual(lines, self.LINES, size)
-            self.assertEqual(reader.finish(), [])
-
-    @given(st.lists(st.binary().map(lambda b: b.replace(b"\n", b""))), st.data())
-    def test_any_lines_split_anywhere(self, lines: list[bytes], data: st.DataObject) -> None:
-        """Any lines, cut at any points, come out whole and in order."""
-        stream = b"".join(line + b"\n" for line in lines)
-        cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)))))
-        reader = RecordReader()
-        out: list[bytes] = []
-        for start, end in itertools.pairwise([0, *cuts, len(stream)]):
-            out += [line for line, _ in reader.feed(stream[start:end])]
-        self.assertEqual(out, lines)
-
-    def test_unterminated_last_line(self) -> None:
-        """At end of file an unterminated last line is still delivered."""
-        reader = RecordReader()
-        self.assertEqual(reader.feed(b'{"a": 1}\n{"b"'), [(b'{"a": 1}', False)])
-        self.assertEqual(reader.finish(), [(b'{"b"', False)])
-        self.assertEqual(reader.finish(), [])
-
-    def test_overlong_line_is_cut_once(self) -> None:
-        """A line over the limit comes out once, cut, and the rest of it is dropped."""
-        reader = RecordReader(limit=10)
-        self.assertEqual(reader.feed(b"0123456789"), [])  # exactly the limit: waits
-        self.assertEqual(reader.feed(b"ABC"), [(b"0123456789", True)])
-        self.assertEqual(reader.feed(b"DEFGHIJKLMNOPQRSTUVWXYZ"), [])
-        self.assertEqual(reader.feed(b"end\nok\n"), [(b"ok", False)])
-        self.assertEqual(
-            reader.feed(b"0123456789ABC\n0123456789\n"),
-            [
-                (b"0123456789", True),
-                (b"0123456789", False),
-            ],
-        )
-        reader.feed(b"0123456789ABC")
-        self.assertEqual(reader.finish(), [])
-
-    def test_parse_record(self) -> None:
-        """Only a JSON object is a record."""
-        self.assertEqual(parse_record(b'{"event": "x"}'), {"event": "x"})
-        for line in (b"", b"[1]", b'"text"', b"{broken", b"\xff\xfe"):
-            self.assertIsNone(parse_record(line), line)
-
-
-class RecordAsEventTests(SynchronousTestCase):
-    """A worker's record goes back into the supervisor's log with ``worker`` added."""
-
-    RECORD: Final = {
-        "time": "2026-01-02T03:04:05.123456+00:00",
-        "level": "warn",
-        "event": "connection_closed",
-        "namespace": "secure_echo.tls.connection.TLSServerFactory",
-        "message": "connection 7 closed: {not a format}",
-        "conn_id": 7,
-        "peer": "127.0.0.1:5000",
-        "nested": {"a": [1, 2]},
-        "traceback": "Traceback ...",
-    }
-
-    def test_round_trip(self) -> None:
-        """Written by the supervisor, the record is the worker's plus ``worker``, in order."""
-        event = record_as_event(self.RECORD, 2, now=0.0)
-        written = json.loads(json.dumps(event_as_record(event)))
-        expected = dict(self.RECORD)
-        self.assertEqual(written, {**expected, "worker": 2})
-        self.assertEqual(
-            list(written)[:8],
-            ["time", "level", "event", "namespace", "message", "worker", "conn_id", "peer"],
-        )
-        self.assertEqual(event["log_level"], LogLevel.warn)
-
-    def test_missing_head_fields(self) -> None:
-        """No time, level or message: now, info and an empty message stand in."""
-        event = record_as_event({"x": 1, "worker": 9, "log_format": "{x}"}, 1, now=1000.0)
-        self.assertEqual(event["log_time"], 1000.0)
-        self.assertEqual(event["log_level"], LogLevel.info)
-        written = event_as_record(event)
-        self.assertEqual(written["event"], "twisted")
-        self.assertEqual(written["message"], "")
-        self.assertEqual(written["worker"], 1)
-        self.assertEqual(written["x"], 1)
-        bad = record_as_event({"level": "loud", "time": "yesterday"}, 1, now=5.0)
-        self.assertEqual((bad["log_level"], bad["log_time"]), (LogLevel.info, 5.0))
-
-
-class WorkerStatsTests(SynchronousTestCase):
-    """The active-connection gauge sums each worker's latest count."""
-
-    def test_sum_of_latest(self) -> None:
-        """Each worker's last report counts; a worker that exited counts no more."""
-        stats = WorkerStats()
-        stats.update(1, 5)
-        stats.update(2, 3)
-        stats.update(1, 7)
-        self.assertEqual(stats.total(), 10)
-        stats.forget(1)
-        self.assertEqual(stats.total(), 3)
-        for bad in (None, "9", True, -4, 2.5):
-            stats.update(3, bad)
-            self.assertEqual(stats.by_worker()[3], 0, bad)
-
-
-class RestartPolicyTests(SynchronousTestCase):
-    """Restart delays: doubling from 0.5 s, at most 5 starts in any 60 s."""
-
-    def test_backoff_and_limit(self) -> None:
-        """Crashes at once after each start: 0.5, 1, 2, 4, 8 s, then the window's end."""
-        clock = Clock()
-        policy = RestartPolicy(clock)
-        delays = []
-        for _ in range(6):
-            delay = policy.next_delay()
-            delays.append(delay)
-            clock.advance(delay)
-        self.assertEqual(delays[:5], [0.5, 1.0, 2.0, 4.0, 8.0])
-        # The first start was at 0.5 s: the sixth may come at 60.5 s, not before.
-        self.assertAlmostEqual(clock.seconds(), 60.5)
-        # Never more than 5 starts in a 60 s window, however it is placed.
-        for _ in range(10):
-            clock.advance(policy.next_delay())
-        starts = policy._starts
-        for first in starts:
-            self.assertLessEqual(sum(first <= t < first + 60 for t in starts), 5)
-
-    def test_quiet_worker_starts_fresh(self) -> None:
-        """A worker that ran for more than the window is restarted after 0.5 s again."""
-        clock = Clock()
-        policy = RestartPolicy(clock)
-        for _ in range(4):
-            clock.advance(policy.next_delay())
-        clock.advance(61)
-        self.assertEqual(policy.next_delay(), 0.5)
-
-
-class ReloadRoundTests(SynchronousTestCase):
-    """Waiting for every worker's reload outcome."""
-
-    def test_all_answer(self) -> None:
-        """Done once every worker answered; duplicates and strangers are ignored."""
-        clock = Clock()
-        done: list[ReloadOutcome] = []
-        reload = ReloadRound([1, 2, 3], clock, 10.0, done.append)
-        reload.record(1, ok=True)
-        reload.record(1, ok=False)
-        reload.record(9, ok=True)
-        reload.forget(3)
-        self.assertEqual(done, [])
-        reload.record(2, ok=False)
-        self.assertEqual(done, [ReloadOutcome(reloaded=[1], failed=[2], missing=[3])])
-        clock.advance(20)
-        self.assertEqual(len(done), 1)
-        self.assertFalse(clock.getDelayedCalls())
-
-    def test_timeout(self) -> None:
-        """Workers silent for the timeout are missing; done is called once."""
-        clock = Clock()
-        done: list[ReloadOutcome] = []
-        reload = ReloadRound([1, 2], clock, 10.0, done.append)
-        reload.record(2, ok=True)
-        clock.advance(10)
-        self.assertEqual(done, [ReloadOutcome(reloaded=[2], missing=[1])])
-        reload.record(1, ok=True)
-        self.assertEqual(len(done), 1)
-
-    def test_empty_and_cancelled(self) -> None:
-        """No worker: done at check(); a cancelled round never calls done."""
-        clock = Clock()
-        done: list[ReloadOutcome] = []
-        ReloadRound([], clock, 10.0, done.append).check()
-        self.assertEqual(done, [ReloadOutcome()])
-        cancelled = ReloadRound([1], clock, 10.0, done.append)
-        cancelled.cancel()
-        clock.advance(20)
-        self.assertEqual(len(done), 1)
-        self.assertTrue(cancelled.finished)
-
-
-# -- the spec --------------------------------------------------------------------------
-
-
-class SpecTests(SynchronousTestCase):
-    """What a worker is told, and the environment it is told it in."""
-
-    def test_round_trip(self) -> None:
-        """A spec survives JSON, repeatable command-line values as tuples."""
-        spec = WorkerSpec(
-            3,
-            {"max-pending": "8", "allow-cn": ["a", "b"], "cert": None},
-            (SharedSocket(7, "INET", "127.0.0.1:1"), SharedSocket(8, "UNIX", "/x.sock")),
-            "/etc/se.toml",
-            {"allow-cn": ("a", "b"), "max-pending": "8"},
-        )
-        again = WorkerSpec.from_json(spec.to_json())
-        self.assertEqual(again.index, 3)
-        self.assertEqual(dict(again.values), dict(spec.values))
-        self.assertEqual(again.sockets, spec.sockets)
-        self.assertEqual(again.config_file, "/etc/se.toml")
-        self.assertEqual(dict(again.command_line), dict(spec.command_line))
-        self.assertEqual(again.sockets[1].address_family, socket.AF_UNIX)
-
-    def test_bad_specs(self) -> None:
-        """A spec that is not one is a ValueError naming the variable."""
-        good = json.loads(WorkerSpec(1, {}).to_json())
-        for bad in (
-            "",
-            "[]",
-            json.dumps({**good, "index": 0}),
-            json.dumps({**good, "index": True}),
-            json.dumps({**good, "values": []}),
-            json.dumps({**good, "sockets": [[3, "BLUETOOTH", "x"]]}),
-            json.dumps({**good, "sockets": [[3]]}),
-        ):
-            error = self.assertRaises(ValueError, WorkerSpec.from_json, bad)
-            self.assertIn(SPEC_ENV, str(error))
+class EnvironmentTests(SynchronousTestCase):
+    """The environment a worker is started in."""
 
     def test_environment(self) -> None:
         """Workers never see systemd's variables; they get the spec and our code's path."""
@@ -335,9 +108,9 @@ class SpecTests(SynchronousTestCase):
             "LISTEN_FDNAMES": "secure-echo",
             "PYTHONPATH": "elsewhere",
         }
-        env = worker_environment(environ, spec)
+        env = worker_environment(environ, spec, code_root())
         self.assertEqual(env["PATH"], "/bin")
-        for name in workers.SUPERVISOR_ONLY_ENV:
+        for name in SUPERVISOR_ONLY_ENV:
             self.assertNotIn(name, env)
         self.assertEqual(WorkerSpec.from_json(env[SPEC_ENV]).values, {"x": 1})
         paths = env["PYTHONPATH"].split(os.pathsep)
@@ -350,6 +123,7 @@ class SpecTests(SynchronousTestCase):
         else:
             # From a source tree: that tree comes first, so workers run this code.
             self.assertEqual(Path(paths[0]), root)
+        self.assertEqual(worker_environment({}, spec, None).get("PYTHONPATH"), None)
 
 
 class ConfigTests(SynchronousTestCase):
@@ -496,15 +270,50 @@ class ConfigTests(SynchronousTestCase):
         kinds = [type(child) for child in top]
         self.assertIn(WorkerSupervisor, kinds)
         self.assertNotIn(maker.TLSService, kinds)
-        spec = WorkerSpec(1, worker_values(options))
-        tree, ports, factory = build_worker_service(spec, MemoryReactorClock())
+        spec = WorkerSpec(2, worker_values(options))
+        cfg = worker_settings(spec)
+        tree, ports = build_worker_service(spec, cfg, MemoryReactorClock())
         children = list(tree)
         self.assertIs(children[-1], ports)
-        self.assertTrue(any(isinstance(child, maker.TLSService) for child in children))
+        (tls,) = [child for child in children if isinstance(child, maker.TLSService)]
         self.assertFalse(
             any(type(child).__name__ == "ListeningService" for child in children), children
         )
+        # The worker's factory: ids <worker>-<n>, worker in the info reply.
+        factory = ports.factory
+        self.assertIs(factory, tls._factory)
         self.assertEqual(factory.connections, set())
+        self.assertEqual(factory._next_id(), "2-1")
+        self.assertEqual(cast("Any", factory.app_factory).settings.info_fields, {"worker": 2})
+
+    def test_connection_limit_split(self) -> None:
+        """--max-connections is the pool's: each worker is started with its share."""
+        self.assertEqual([connection_share(10, 3, i) for i in (1, 2, 3)], [4, 3, 3])
+        self.assertEqual([connection_share(0, 3, i) for i in (1, 2, 3)], [0, 0, 0])
+        options = config.Options()
+        options.parseOptions([*self.tls, "--workers", "3", "--max-connections", "10"])
+        supervisor = WorkerSupervisor(
+            MemoryReactorClock(), 3, worker_values(options), handle_sighup=False
+        )
+        shares = [supervisor.spec(i).values["max-connections"] for i in (1, 2, 3)]
+        self.assertEqual(shares, ["4", "3", "3"])
+        cfg = worker_settings(supervisor.spec(2))
+        self.assertEqual(cfg.max_connections, 3)
+        error = self.assertRaises(
+            usage.UsageError,
+            config.parse,
+            [*self.tls, "--workers", "4", "--max-connections", "3"],
+        )
+        self.assertIn("cannot be split across 4 workers", str(error))
+
+    def test_watchdog_option(self) -> None:
+        """--worker-watchdog: 10 s by default; 0 or off switch it off."""
+        self.assertEqual(config.parse(self.tls).worker_watchdog, 10.0)
+        self.assertEqual(
+            config.parse([*self.tls, "--worker-watchdog", "2.5"]).worker_watchdog, 2.5
+        )
+        self.assertEqual(config.parse([*self.tls, "--worker-watchdog", "0"]).worker_watchdog, 0.0)
+        self.assertRaises(usage.UsageError, config.parse, [*self.tls, "--worker-watchdog", "-1"])
 
 
 # -- the supervisor in memory ------------------------------------------------------------
@@ -568,6 +377,7 @@ class SupervisorCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = ProcessReactor()
         self.published: list[LogEvent] = []
+        self.exits: list[int] = []
         self.logged = EventLoggingObserver.createWithCleanup(
             cast("TestCase", self), globalLogPublisher
         )
@@ -581,14 +391,18 @@ class SupervisorCase(SynchronousTestCase):
             2,
             {"max-pending": "8"},
             drain_timeout=3.0,
+            watchdog=4.0,
             certificate=("CN=test", "2030-01-01T00:00:00+00:00"),
             notifier=notifier,
             publisher=self.published.append,
             environ={"PATH": "/bin", "NOTIFY_SOCKET": "/run/x", "WATCHDOG_USEC": "1"},
             executable="/usr/bin/python3",
             handle_sighup=False,
+            exit=lambda _reactor, status: self.exits.append(status),
         )
         self.supervisor.sockets = (SharedSocket(7, "INET", "127.0.0.1:8443"),)
+        self.supervisor.state.addresses = ["127.0.0.1:8443"]
+        self.addCleanup(self.supervisor.hung.stop)
 
     def start(self) -> list[WorkerProcess]:
         """Start the supervisor; its two worker processes."""
@@ -600,6 +414,11 @@ class SupervisorCase(SynchronousTestCase):
         for process in processes:
             process.childDataReceived(1, line("worker_ready", pid=process.pid))
 
+    def beat(self, *processes: WorkerProcess, state: str = "serving") -> None:
+        """Each of ``processes`` sends a heartbeat."""
+        for process in processes:
+            process.childDataReceived(1, line("worker_heartbeat", state=state, connections=0))
+
     def events(self, name: str) -> list[LogEvent]:
         """The supervisor's own log events called ``name``."""
         return [e for e in self.logged if e.get("event") == name]
@@ -608,6 +427,14 @@ class SupervisorCase(SynchronousTestCase):
         """Every assignment sent to the notify socket so far."""
         self.listener.drain()
         return [a for m in self.listener.messages for a in assignments(m)]
+
+    def statuses(self) -> list[str]:
+        """Every STATUS= text sent so far."""
+        return [a[7:] for a in self.notifications() if a.startswith("STATUS=")]
+
+    def latest(self, slot: int) -> WorkerProcess:
+        """The process last spawned for ``slot``."""
+        return [p for p, *_ in self.reactor.spawned if p.index == slot][-1]
 
 
 class SupervisorTests(SupervisorCase):
@@ -627,24 +454,57 @@ class SupervisorTests(SupervisorCase):
             spec = WorkerSpec.from_json(env[SPEC_ENV])
             self.assertEqual((spec.index, spec.sockets), (index, self.supervisor.sockets))
             self.assertEqual(spec.values, {"max-pending": "8"})
+            self.assertEqual(spec.tls_files, ())
             self.assertEqual(process.pid, 999 + index)
         started = self.events("worker_started")
         self.assertEqual([(e["worker"], e["pid"]) for e in started], [(1, 1000), (2, 1001)])
 
+    def test_tls_file_copies(self) -> None:
+        """Each worker gets a sealed copy of each TLS file; the supervisor keeps none open."""
+        supervisor = WorkerSupervisor(
+            self.reactor,
+            1,
+            {},
+            executable="/usr/bin/python3",
+            handle_sighup=False,
+            tls_files={"/etc/se/key.pem": b"KEY BYTES", "/etc/se/cert.pem": b"CERT"},
+        )
+        kept: list[bytes] = []
+
+        def spawn(*args: Any, **kwargs: Any) -> FakeProcess:
+            spec = WorkerSpec.from_json(kwargs["env"][SPEC_ENV])
+            for copy in spec.tls_files:
+                self.assertEqual(kwargs["childFDs"][copy.fd], copy.fd)
+                kept.append(Path(f"/proc/self/fd/{copy.fd}").read_bytes())
+                self.assertRaises(OSError, os.write, copy.fd, b"x")  # sealed
+            self.fds = [c.fd for c in spec.tls_files]
+            return ProcessReactor.spawnProcess(self.reactor, *args, **kwargs)
+
+        self.patch(self.reactor, "spawnProcess", spawn)
+        supervisor.startService()
+        self.addCleanup(supervisor.hung.stop)
+        self.assertEqual(sorted(kept), [b"CERT", b"KEY BYTES"])
+        for fd in self.fds:
+            self.assertRaises(OSError, os.fstat, fd)
+
     def test_records_reemitted_with_worker(self) -> None:
-        """Records in any pieces come out whole, tagged; stats are summed, not logged."""
+        """Records in any pieces come out whole, tagged; heartbeats are summed, not logged."""
         first, second = self.start()
-        data = line("connection_closed", conn_id=1) + line("worker_stats", connections=4)
+        data = line("connection_closed", conn_id="1-1") + line(
+            "worker_heartbeat", state="serving", connections=4
+        )
         for byte in data:
             first.childDataReceived(1, bytes([byte]))
-        second.childDataReceived(1, line("worker_stats", connections=3) + b'{"event": "cut')
+        second.childDataReceived(
+            1, line("worker_heartbeat", state="serving", connections=3) + b'{"event": "cut'
+        )
         second.childConnectionLost(1)
-        self.assertEqual(self.supervisor.stats.total(), 7)
+        self.assertEqual(self.supervisor.state.connections(), 7)
         self.assertEqual(
             [(e["event"], e["worker"]) for e in self.published],
             [("connection_closed", 1)],
         )
-        self.assertEqual(self.published[0]["conn_id"], 1)
+        self.assertEqual(self.published[0]["conn_id"], "1-1")
         invalid = self.events("worker_output_invalid")
         self.assertEqual([(e["worker"], e["text"]) for e in invalid], [(2, '{"event": "cut')])
 
@@ -656,60 +516,184 @@ class SupervisorTests(SupervisorCase):
             [e["text"] for e in self.events("worker_stderr")],
             ["Traceback (most recent call last):", "  boom"],
         )
-        first.childDataReceived(1, b"x" * (workers.MAX_RECORD_BYTES + 1) + b"\n")
+        first.childDataReceived(1, b"x" * (MAX_RECORD_BYTES + 1) + b"\n")
         (invalid,) = self.events("worker_output_invalid")
         self.assertEqual(invalid["reason"], "too long")
         self.assertEqual(self.published, [])
 
-    def test_ready_once_all_workers_are(self) -> None:
-        """READY=1 goes out once, when the last worker reports ready."""
+    def test_ready_when_the_first_worker_serves(self) -> None:
+        """READY=1 once, with the first serving worker; STATUS= follows every change."""
         first, second = self.start()
+        self.assertFalse(self.supervisor.state.readiness(0)[0])
         self.ready(first)
-        self.assertNotIn("READY=1", self.notifications())
+        self.assertEqual(self.notifications().count("READY=1"), 1)
+        self.assertEqual(self.supervisor.state.readiness(0), (True, "ready: 1/2 workers serving"))
         self.ready(second)
-        self.assertEqual(self.notifications().count("READY=1"), 1)
-        self.assertEqual(len(self.events("workers_ready")), 1)
         end(first, sig=9)
-        self.reactor.advance(0.5)
-        self.ready(self.reactor.spawned[-1][0])
+        self.reactor.advance(0.1)
+        self.ready(self.latest(1))
         self.assertEqual(self.notifications().count("READY=1"), 1)
-        status = [a for a in self.notifications() if a.startswith("STATUS=")]
-        self.assertIn("2 of 2 workers ready", status[0])
-        self.assertIn("certificate CN=test valid until 2030-01-01", status[0])
+        self.assertEqual(
+            [s.split(";")[0] for s in self.statuses()],
+            [
+                "1/2 workers serving",
+                "2/2 workers serving",
+                "1/2 workers serving",  # worker 1 ended
+                "1/2 workers serving",  # ... and is restarted in 0.1 s
+                "2/2 workers serving",
+            ],
+        )
+        self.assertIn("certificate CN=test valid until 2030-01-01", self.statuses()[0])
+        serving = self.events("workers_serving")
+        self.assertEqual(
+            [(e["serving"], e["ready"]) for e in serving],
+            [(1, True), (2, True), (1, True), (2, True)],
+        )
+
+    def test_a_drain_does_not_stick(self) -> None:
+        """One worker drains and exits: still ready; ready at full strength once restarted."""
+        first, second = self.start()
+        self.ready(first, second)
+        first.childDataReceived(1, line("worker_stopping", signal="SIGTERM"))
+        self.assertEqual(self.supervisor.state.readiness(0), (True, "ready: 1/2 workers serving"))
+        end(first)
+        self.reactor.advance(0.1)
+        self.ready(self.latest(1))
+        self.assertEqual(self.supervisor.state.readiness(0), (True, "ready: 2/2 workers serving"))
 
     def test_crashed_worker_restarted_with_backoff(self) -> None:
-        """A worker that dies is started again after 0.5 s, then 1 s, in its own slot."""
+        """A worker that dies starts again after 0.1 s, then 0.2 s, in its own slot."""
         first, second = self.start()
         end(first, sig=signal.SIGKILL)
         (exited,) = self.events("worker_exited")
         self.assertEqual((exited["worker"], exited["signal"]), (1, signal.SIGKILL))
-        self.assertEqual((exited["expected"], exited["restart_in"]), (False, 0.5))
+        self.assertEqual((exited["expected"], exited["restart_in"]), (False, 0.1))
         self.assertEqual(exited["log_level"], LogLevel.warn)
-        self.assertEqual(set(self.supervisor.workers), {2})
-        self.reactor.advance(0.49)
+        self.assertEqual(set(self.supervisor.pool.workers), {2})
+        self.reactor.advance(0.099)
         self.assertEqual(len(self.reactor.spawned), 2)
-        self.reactor.advance(0.01)
+        self.reactor.advance(0.002)
         self.assertEqual(len(self.reactor.spawned), 3)
-        again = self.reactor.spawned[2][0]
-        self.assertEqual(again.index, 1)
-        self.assertIs(self.supervisor.workers[1], again)
+        again = self.latest(1)
+        self.assertIs(self.supervisor.pool.workers[1], again)
         end(again, code=1)
-        self.assertEqual(self.events("worker_exited")[-1]["restart_in"], 1.0)
+        self.assertEqual(self.events("worker_exited")[-1]["restart_in"], 0.2)
         self.assertEqual(self.events("worker_exited")[-1]["exit_code"], 1)
-        self.assertIs(self.supervisor.workers[2], second)
+        self.assertIs(self.supervisor.pool.workers[2], second)
+
+    def test_backoff_resets_after_serving(self) -> None:
+        """A restarted worker that served 30 s or more restarts after 0.1 s again."""
+        first, _ = self.start()
+        for delay in (0.1, 0.2, 0.4):
+            end(self.latest(1), code=1)
+            self.assertEqual(self.events("worker_exited")[-1]["restart_in"], delay)
+            self.reactor.advance(delay)
+        self.ready(self.latest(1))
+        self.reactor.advance(30)
+        end(self.latest(1), sig=signal.SIGSEGV)
+        exited = self.events("worker_exited")[-1]
+        self.assertEqual((exited["restart_in"], exited["served_s"]), (0.1, 30.0))
+        self.assertIsNot(first, self.latest(1))
 
     def test_spawn_failure_retried(self) -> None:
         """If a worker cannot be started, starting it is tried again after the backoff."""
         self.reactor.refuse = 1
         self.start()
         (failed,) = self.events("worker_spawn_failed")
-        self.assertEqual((failed["worker"], failed["restart_in"]), (1, 0.5))
-        self.assertEqual(set(self.supervisor.workers), {2})
-        self.reactor.advance(0.5)
-        self.assertEqual(set(self.supervisor.workers), {1, 2})
+        self.assertEqual((failed["worker"], failed["restart_in"]), (1, 0.1))
+        self.assertEqual(set(self.supervisor.pool.workers), {2})
+        self.reactor.advance(0.1)
+        self.assertEqual(set(self.supervisor.pool.workers), {1, 2})
 
-    def test_reload_forwarded_to_ready_workers(self) -> None:
-        """SIGHUP goes to ready workers; READY=1 after both outcomes, failure in STATUS."""
+    def test_start_error_reported(self) -> None:
+        """A worker that cannot start says why: in worker_exited and in STATUS=."""
+        first, second = self.start()
+        self.ready(first)
+        second.childDataReceived(1, line("worker_failed", error="--cert: /x does not exist"))
+        end(second, code=2)
+        exited = self.events("worker_exited")[-1]
+        self.assertEqual(exited["error"], "--cert: /x does not exist")
+        self.assertIn("worker 2 cannot start: --cert: /x does not exist", self.statuses()[-1])
+        ok, reason = self.supervisor.state.readiness(0)
+        self.assertEqual((ok, reason), (True, "ready: 1/2 workers serving"))
+
+    def test_crash_loop_gives_up(self) -> None:
+        """Five failures with nothing serving: pool_gave_up, exit status 3, reactor stopped."""
+        first, second = self.start()
+        self.ready(first, second)
+        end(first, sig=signal.SIGKILL)  # worker 2 still serves: not counted
+        end(second, sig=signal.SIGKILL)
+        failures = 1
+        while not self.supervisor.gave_up and failures < 2 * GIVE_UP_FAILURES:
+            self.assertEqual(self.exits, [])
+            self.reactor.advance(1)
+            slot = min(self.supervisor.pool.workers)
+            process = self.supervisor.pool.workers[slot]
+            process.childDataReceived(1, line("worker_failed", error="--key: denied"))
+            end(process, code=2)
+            failures += 1
+        self.assertEqual(failures, GIVE_UP_FAILURES)
+        self.assertTrue(self.supervisor.gave_up)
+        self.assertEqual(self.exits, [GIVE_UP_EXIT_STATUS])
+        self.assertTrue(self.reactor.hasStopped)
+        (gave_up,) = self.events("pool_gave_up")
+        self.assertEqual(gave_up["count"], GIVE_UP_FAILURES)
+        self.assertEqual(gave_up["failures"][0]["how"], "was killed by signal 9")
+        self.assertEqual(gave_up["failures"][-1]["error"], "--key: denied")
+        self.assertEqual(gave_up["log_level"], LogLevel.critical)
+        self.assertTrue(self.statuses()[-1].startswith("gave up after 5 worker failures"))
+        self.assertFalse(self.supervisor.state.readiness(0)[0])
+
+    def test_no_give_up_while_one_serves(self) -> None:
+        """One slot crash-looping beside a serving worker never ends the pool."""
+        first, _ = self.start()
+        self.ready(first)
+        for _ in range(3 * GIVE_UP_FAILURES):
+            process = self.latest(2)
+            process.childDataReceived(1, line("worker_failed", error="boom"))
+            end(process, code=2)
+            self.reactor.advance(30)
+            self.beat(first)
+        self.assertFalse(self.supervisor.gave_up)
+        self.assertEqual(self.exits, [])
+
+    def test_hung_worker_replaced(self) -> None:
+        """Heartbeats stop: worker_hung, SIGTERM, SIGKILL after the grace, then a restart."""
+        first, second = self.start()
+        self.ready(first, second)
+        for _ in range(8):
+            self.reactor.advance(0.5)
+            self.beat(first)
+        self.assertEqual(second.transport.signals, ["TERM"])  # type: ignore[union-attr]
+        (hung,) = self.events("worker_hung")
+        self.assertEqual((hung["worker"], hung["pid"]), (2, second.pid))
+        for _ in range(int(HUNG_GRACE * 2)):
+            self.reactor.advance(0.5)
+            self.beat(first)
+        self.assertEqual(second.transport.signals, ["TERM", "KILL"])  # type: ignore[union-attr]
+        (killed,) = self.events("worker_killed")
+        self.assertEqual(killed["worker"], 2)
+        end(second, sig=signal.SIGKILL)
+        self.reactor.advance(0.1)
+        replacement = self.latest(2)
+        self.assertIsNot(replacement, second)
+        self.ready(replacement)
+        self.assertEqual(self.supervisor.state.serving, 2)
+        self.assertEqual(first.transport.signals, [])  # type: ignore[union-attr]
+
+    def test_health(self) -> None:
+        """/healthz fails when no worker has reported within the deadline."""
+        first, _ = self.start()
+        self.assertEqual(self.supervisor.state.health(), (True, "ok"))
+        self.reactor.advance(3.9)
+        self.beat(first)
+        self.assertEqual(self.supervisor.state.health(), (True, "ok"))
+        self.supervisor.hung.stop()  # so that nobody is killed meanwhile
+        self.reactor.advance(4.0)
+        self.assertEqual(self.supervisor.state.health(), (False, "no worker has reported for 4 s"))
+
+    def test_reload_forwarded_to_serving_workers(self) -> None:
+        """SIGHUP goes to serving workers; READY=1 after both outcomes, failure in STATUS."""
         first, second = self.start()
         self.ready(first, second)
         before = len(self.notifications())
@@ -726,7 +710,6 @@ class SupervisorTests(SupervisorCase):
                 not_after="2031-05-06T00:00:00+00:00",
             ),
         )
-        first.childDataReceived(1, line("tls_reloaded", trigger="file-change"))
         self.assertNotIn("READY=1", self.notifications()[before:])
         second.childDataReceived(1, line("tls_reload_failed", trigger="SIGHUP"))
         after = self.notifications()[before:]
@@ -736,23 +719,27 @@ class SupervisorTests(SupervisorCase):
         self.assertIn("CN=new valid until 2031-05-06", status)
         (done,) = self.events("workers_reloaded")
         self.assertEqual((done["reloaded"], done["failed"], done["missing"]), ([1], [2], []))
-        self.assertEqual(done["log_level"], LogLevel.warn)
 
     def test_reload_skips_starting_workers_and_times_out(self) -> None:
-        """A worker not ready yet gets no SIGHUP; a silent one is missing after the timeout."""
+        """A worker not serving yet gets no SIGHUP; a silent one is missing after the timeout."""
         first, second = self.start()
         self.ready(first)
         self.supervisor.reload()
         self.assertEqual(second.transport.signals, [])  # type: ignore[union-attr]
-        self.reactor.advance(workers.RELOAD_TIMEOUT)
+        self.reactor.advance(RELOAD_TIMEOUT)
         (done,) = self.events("workers_reloaded")
         self.assertEqual(done["missing"], [1])
-        self.assertEqual(self.notifications().count("READY=1"), 1)
+        self.assertEqual(self.notifications().count("READY=1"), 2)
 
     def test_stop_terms_then_kills(self) -> None:
         """Stopping sends SIGTERM; a worker still there after drain + grace gets SIGKILL."""
         first, second = self.start()
+        self.ready(first, second)
         stopped = self.supervisor.stopService()
+        self.assertEqual(
+            self.supervisor.state.readiness(0), (False, "draining: the daemon is shutting down")
+        )
+        self.supervisor.reload()  # ignored while stopping
         self.assertEqual(first.transport.signals, ["TERM"])  # type: ignore[union-attr]
         self.assertEqual(second.transport.signals, ["TERM"])  # type: ignore[union-attr]
         end(first)
@@ -767,9 +754,11 @@ class SupervisorTests(SupervisorCase):
         exits = self.events("worker_exited")
         self.assertEqual([e["expected"] for e in exits], [True, True])
         self.assertEqual(exits[0]["log_level"], LogLevel.info)
-        # Nothing is restarted while stopping.
+        # Nothing is restarted while stopping, and nobody is called hung.
         self.reactor.advance(100)
         self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertEqual(self.events("worker_hung"), [])
+        self.assertEqual(len(self.events("workers_serving")), 2)
 
     def test_ports_kept_for_workers(self) -> None:
         """Bound ports stop reading at once, are not shut down at close, and are shared."""
@@ -808,6 +797,7 @@ class SupervisorTests(SupervisorCase):
             ),
         )
         self.assertFalse(any(p.reading or p._shouldShutdown for p in ports))
+        self.assertIn("listening on 127.0.0.1:8443, [::1]:8443", supervisor.state.status())
 
     def test_stop_cancels_pending_restart(self) -> None:
         """A restart scheduled before the stop never happens; the stop does not wait on it."""
@@ -819,27 +809,27 @@ class SupervisorTests(SupervisorCase):
         self.reactor.advance(100)
         self.assertEqual(len(self.reactor.spawned), 2)
 
+    def test_exit_after_shutdown(self) -> None:
+        """The exit status is set by a handler registered after the reactor's shutdown."""
+        reactor = MemoryReactorClock()
+        registered: list[Any] = []
+        self.patch(atexit, "register", registered.append)
+        workers.exit_after_shutdown(reactor, 3)
+        self.assertEqual(registered, [])
+        ((trigger, args, _),) = reactor.triggers["after"]["shutdown"]
+        trigger(*args)
+        (leave,) = registered
+        exited: list[int] = []
+        self.patch(os, "_exit", exited.append)
+        leave()
+        self.assertEqual(exited, [3])
+
 
 # -- the worker's own pieces -------------------------------------------------------------
 
 
 class WorkerPiecesTests(SynchronousTestCase):
-    """The worker's log pipe and its watch on the supervisor."""
-
-    def test_pipe_observer(self) -> None:
-        """One JSON line per event; once the pipe breaks, nothing more, no error."""
-        read_fd, write_fd = os.pipe()
-        stream = os.fdopen(write_fd, "w", encoding="utf-8")
-        observer = PipeLogObserver(stream)
-        observer({"event": "x", "log_format": "hello {n}", "n": 1, "log_level": LogLevel.info})
-        record = json.loads(os.read(read_fd, 65536))
-        self.assertEqual((record["event"], record["message"], record["n"]), ("x", "hello 1", 1))
-        os.close(read_fd)
-        observer({"event": "y", "log_format": "bye"})
-        self.assertTrue(observer.broken)
-        observer({"event": "z", "log_format": "still quiet"})
-        with contextlib.suppress(OSError):
-            stream.close()
+    """The worker's watch on the supervisor, its stop and its heartbeat."""
 
     def test_parent_watch(self) -> None:
         """End of file on the pipe from the supervisor means it is gone; a reactor stop not."""
@@ -870,13 +860,24 @@ class WorkerPiecesTests(SynchronousTestCase):
 
         logged = EventLoggingObserver.createWithCleanup(cast("TestCase", self), globalLogPublisher)
         fake = Reactor()
-        lifecycle = WorkerLifecycle(fake, cast("Any", None), cast("Any", None), cast("Any", None))
+        ports = SimpleNamespace(factory=SimpleNamespace(connections={1, 2, 3}))
+        lifecycle = WorkerLifecycle(fake, cast("Any", None), cast("Any", ports))
+        lifecycle.heartbeat()
         lifecycle.signalled("SIGTERM")
         lifecycle.signalled("SIGTERM")
         lifecycle.supervisor_gone()
+        lifecycle.heartbeat()
         self.assertEqual(fake.stops, 1)
         self.assertEqual(lifecycle.stopping, "SIGTERM")
-        self.assertEqual([e.get("event") for e in logged], ["worker_stopping"])
+        self.assertEqual(
+            [(e.get("event"), e.get("state")) for e in logged],
+            [
+                ("worker_heartbeat", "serving"),
+                ("worker_stopping", None),
+                ("worker_heartbeat", "draining"),
+            ],
+        )
+        self.assertEqual(logged[0]["connections"], 3)
 
     def test_parent_watch_hang_up(self) -> None:
         """A hang-up reported without a read (epoll's EPOLLHUP) also means it is gone."""
@@ -923,7 +924,8 @@ class SharedUNIXPortTests(TestCase):
         from twisted.internet import reactor  # noqa: PLC0415 - trial's running reactor
 
         shared = SharedSocket(os.dup(self.sock.fileno()), "UNIX", str(self.path))
-        service = SharedPortsService(reactor, [shared], protocol.Factory.forProtocol(_Recording))
+        factory = protocol.Factory.forProtocol(_Recording)
+        service = SharedPortsService(reactor, [shared], cast("Any", factory))
         service.privilegedStartService()
         self.assertRaises(OSError, os.fstat, shared.fd)  # the inherited fd was closed
         received = yield deferToThreadRead(self.connect)
@@ -1369,11 +1371,18 @@ class WorkersSystemdTests(SocketActivationCase):
         return daemon
 
     def test_ready_reload_stopping(self) -> None:
-        """READY=1 after both workers are ready; RELOADING/READY around SIGHUP; STOPPING."""
+        """READY=1 with the first worker, STATUS= with both; RELOADING/READY; STOPPING."""
         daemon = self.start_workers()
         ready = wait_for_message(self.listener, "READY=1")
-        events = daemon.events()
-        self.assertEqual({e["worker"] for e in events if e["event"] == "worker_ready"}, {1, 2})
+        self.assertIn("STATUS=1/2 workers serving", self.listener.messages[ready].decode())
+        self.listener.wait_for(
+            lambda messages: any(
+                a.startswith("STATUS=2/2 workers serving")
+                for m in messages[ready:]
+                for a in assignments(m)
+            )
+        )
+        wait_ready(daemon)
         self.assertEqual(index_of(self.listener.messages, "READY=1", ready + 1), -1)
         # Workers never see systemd's variables.
         for pid in pids_of(daemon).values():

@@ -4,7 +4,7 @@
 twistd: a usage error is printed as a single line and the process exits, instead
 of twistd printing its whole help page above it.  ``makeService`` builds either
 the single-process daemon (:mod:`secure_echo.daemon.maker`) or, for
-``--workers N``, the supervisor of N workers (:mod:`secure_echo.pool.supervisor`).
+``--workers N``, the supervisor of N workers (:mod:`secure_echo.pool.maker`).
 It only builds services; the reactor is passed in (or imported when called),
 never at module level.
 
@@ -23,7 +23,7 @@ from secure_echo.daemon import options as _config
 from secure_echo.daemon.load import Config, load
 from secure_echo.daemon.maker import make_service
 from secure_echo.daemon.printconfig import print_effective_settings
-from secure_echo.pool.supervisor import make_supervisor
+from secure_echo.pool.maker import make_supervisor
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

@@ -1,8 +1,11 @@
 """The single-process daemon's service tree: what ``twistd secure-echo`` runs.
 
 :func:`make_service` only builds services (it starts nothing); the reactor is
-passed in.  A worker of ``--workers N`` runs the same tree on sockets it adopts
-(:mod:`secure_echo.pool.worker`); :mod:`secure_echo.tap` chooses between the two.
+passed in.  A worker of ``--workers N`` runs the same tree (:mod:`secure_echo.pool.worker`)
+with two differences it passes in: a :class:`ListenStrategy` that adopts the sockets
+its supervisor bound instead of binding the ``--listen`` endpoints, and its worker
+number, which prefixes its connection ids and is named in the info reply.
+:mod:`secure_echo.tap` chooses between the single process and the pool.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO, cast
+from typing import TYPE_CHECKING, Any, Protocol, TextIO, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
@@ -42,12 +45,41 @@ from secure_echo.tls.factory import TLSServerFactory
 from secure_echo.tools.devcerts import client_command
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
+    from twisted.application.service import IService
     from twisted.internet.interfaces import IListeningPort
 
     from secure_echo.daemon.load import Config
     from secure_echo.tls.policy import ContextHolder
+
+
+class ListenStrategy(Protocol):
+    """How the tree gets its listening ports: a service that accepts with ``factory``.
+
+    The service stands last but one in the tree (before systemd's notifier), so it
+    is stopped before the TLS service drains.  ``on_listening`` is called with the
+    ports once they listen, by a strategy that binds them (:func:`bind_listens`).
+    """
+
+    def __call__(
+        self,
+        factory: TLSServerFactory,
+        on_listening: Callable[[list[IListeningPort]], object],
+    ) -> IService:
+        """The listening service of ``factory``."""
+        ...
+
+
+def bind_listens(cfg: Config, reactor: Any) -> ListenStrategy:
+    """The single process's strategy: bind every ``--listen`` endpoint or stop start-up."""
+
+    def bind(
+        factory: TLSServerFactory, on_listening: Callable[[list[IListeningPort]], object]
+    ) -> IService:
+        return ListeningService(reactor, cfg.listens, factory, on_listening=on_listening)
+
+    return bind
 
 
 class TLSService(Service):
@@ -199,11 +231,15 @@ class OrderedMultiService(MultiService):
         return defer.Deferred.fromCoroutine(stop_each())
 
 
-def build_factory(cfg: Config, reactor: Any) -> tuple[TLSServerFactory, tuple[int, int]]:
+def build_factory(
+    cfg: Config, reactor: Any, worker: int | None = None
+) -> tuple[TLSServerFactory, tuple[int, int]]:
     """The TLS server factory of the daemon, and the file-descriptor limits it used.
 
     Raises the soft file-descriptor limit to the hard one first, so the default
-    connection limit is what the process may really hold.
+    connection limit is what the process may really hold.  ``worker``: the number
+    of a pool's worker, which makes its connection ids ``<worker>-<n>`` and adds
+    ``worker`` to the info reply.
     """
     fd_limits = raise_fd_limit()
     limiter = ConnectionLimiter(
@@ -215,6 +251,7 @@ def build_factory(cfg: Config, reactor: Any) -> tuple[TLSServerFactory, tuple[in
         max_pending=cfg.max_pending,
         handler_timeout=cfg.handler_timeout,
         info_line=cfg.info_line,
+        info_fields=None if worker is None else {"worker": worker},
     )
     factory = TLSServerFactory(
         cfg.contexts,
@@ -228,24 +265,33 @@ def build_factory(cfg: Config, reactor: Any) -> tuple[TLSServerFactory, tuple[in
         refusals=RefusalLog(reactor),
         proxy=proxy_settings(cfg),
         read_client_hello=cfg.client_hello,
+        conn_id_prefix="" if worker is None else f"{worker}-",
     )
     return factory, fd_limits
 
 
-def make_service(cfg: Config, reactor: Any, *, supervised: bool = False) -> MultiService:
+def make_service(
+    cfg: Config,
+    reactor: Any,
+    *,
+    listen: ListenStrategy | None = None,
+    worker: int | None = None,
+) -> MultiService:
     """Build the single-process daemon's services from loaded settings.
 
-    ``supervised``: the tree of a worker of ``--workers N``.  Its supervisor owns the
-    forced stop on a second signal (:mod:`secure_echo.daemon.signals`) and names the
-    settings a reload does not apply (:mod:`secure_echo.daemon.restart`).
+    ``listen`` makes the listening service (default: :func:`bind_listens`).
+    ``worker``: the tree of worker ``worker`` of ``--workers N``.  Its supervisor owns
+    the forced stop on a second signal (:mod:`secure_echo.daemon.signals`) and names
+    the settings a reload does not apply (:mod:`secure_echo.daemon.restart`).
     """
+    supervised = worker is not None
     top = OrderedMultiService()
     sinks = log_sinks(cfg.log_file, cfg.log_max_bytes, cfg.log_keep, cfg.log_stdout, reactor)
     top.log_observer = sinks.stdout
     if sinks.file is not None:
         sinks.file.setServiceParent(top)
     contexts = cfg.contexts
-    factory, fd_limits = build_factory(cfg, reactor)
+    factory, fd_limits = build_factory(cfg, reactor, worker)
     if sinks.connections is not None:
         factory.connection_log = Logger(factory.log.namespace, factory, sinks.connections)
     if cfg.metrics is not None:
@@ -284,7 +330,8 @@ def make_service(cfg: Config, reactor: Any, *, supervised: bool = False) -> Mult
             # runs from here on, so systemd's start timeout covers all of it.
             reactor.callWhenRunning(notifier.ready, service_status(contexts, ports))
 
-    ListeningService(reactor, cfg.listens, factory, on_listening=listening).setServiceParent(top)
+    strategy = listen if listen is not None else bind_listens(cfg, reactor)
+    strategy(factory, listening).setServiceParent(top)
     if notifier is not None:
         reloader.before.append(notifier.reloading)
         reloader.after.append(

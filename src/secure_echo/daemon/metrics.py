@@ -97,7 +97,7 @@ from __future__ import annotations
 import datetime
 import math
 import platform
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 import OpenSSL
 import twisted
@@ -218,6 +218,22 @@ def build_versions() -> dict[str, str]:
 
 def _no_connections() -> int:
     return 0
+
+
+class HealthCheck(Protocol):
+    """What ``/healthz`` and ``/readyz`` ask: :class:`MetricsState` for one process.
+
+    The supervisor of ``--workers N`` answers from its workers' reported state
+    instead (:mod:`secure_echo.pool.health`).
+    """
+
+    def health(self) -> tuple[bool, str]:
+        """``(alive, reason)``."""
+        ...
+
+    def readiness(self, now: float) -> tuple[bool, str]:
+        """``(ready, reason)`` at Unix time ``now``."""
+        ...
 
 
 class MetricsState:
@@ -519,7 +535,7 @@ class _StatusPage(Resource):
 
 
 class _HealthPage(_StatusPage):
-    def __init__(self, state: MetricsState) -> None:
+    def __init__(self, state: HealthCheck) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # Resource.__init__ is unannotated
         self._state = state
 
@@ -529,7 +545,7 @@ class _HealthPage(_StatusPage):
 
 
 class _ReadyPage(_StatusPage):
-    def __init__(self, state: MetricsState, clock: IReactorTime) -> None:
+    def __init__(self, state: HealthCheck, clock: IReactorTime) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # Resource.__init__ is unannotated
         self._state = state
         self._clock = clock
@@ -577,7 +593,7 @@ class _QuietSite(Site):
         """Log nothing."""
 
 
-def metrics_site(metrics: Metrics, state: MetricsState, clock: IReactorTime) -> Site:
+def metrics_site(metrics: Metrics, state: HealthCheck, clock: IReactorTime) -> Site:
     """The HTTP site: ``/metrics``, ``/healthz``, ``/readyz``; 404 elsewhere.
 
     ``clock`` judges the certificate's expiry for ``/readyz`` and runs the

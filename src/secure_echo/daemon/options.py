@@ -126,9 +126,17 @@ class Options(usage.Options):
             "max-connections",
             None,
             "0",
-            "Open connections at most (0: the file-descriptor limit less a reserve).",
+            (
+                "Open connections at most; with --workers, for the whole pool, split "
+                "evenly (0: each process's file-descriptor limit less a reserve)."
+            ),
         ],
-        ["max-connections-per-ip", None, "0", "Per client IP (IPv6: per /64); 0: no limit."],
+        [
+            "max-connections-per-ip",
+            None,
+            "0",
+            "Per client IP (IPv6: per /64), per worker with --workers; 0: no limit.",
+        ],
         ["backlog", None, str(DEFAULT_BACKLOG), "Listen backlog added to tcp/unix endpoints."],
         ["drain-timeout", None, "10", "Seconds to finish replies at shutdown before closing."],
         ["reload-interval", None, "0", "Poll the TLS files and reload on change (s; 0: off)."],
@@ -168,6 +176,12 @@ class Options(usage.Options):
             None,
             "1",
             f"Worker processes sharing the listening sockets (1 to {MAX_WORKERS}; 1: none).",
+        ],
+        [
+            "worker-watchdog",
+            None,
+            "10",
+            "With --workers: restart a worker silent this long (seconds; 0: off).",
         ],
     ]
 

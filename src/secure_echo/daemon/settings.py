@@ -89,6 +89,7 @@ FILE_KEYS: Final[Mapping[str, Key]] = MappingProxyType(
         "info-line": Key(Kind.STRING, '"INFO"'),
         "client-hello": Key(Kind.STRING, '"on"'),
         "workers": Key(Kind.INTEGER, "1"),
+        "worker-watchdog": Key(Kind.NUMBER_OR_OFF, "10"),
     }
 )
 
@@ -162,6 +163,9 @@ class Settings:
     #: ``--workers``: 1 serves in this process; more runs that many worker
     #: processes under this one (:mod:`secure_echo.pool.supervisor`).
     workers: int = 1
+    #: ``--worker-watchdog``: seconds a worker may go without a heartbeat before
+    #: the supervisor kills and restarts it (0: never).
+    worker_watchdog: float = 10.0
 
 
 def _positive_int(name: str, value: str, *, minimum: int = 1) -> int:
@@ -255,13 +259,23 @@ def validate_listen(description: str, backlog: int = DEFAULT_BACKLOG) -> Listen:
     return Listen(checked, kind, description)
 
 
-def _workers(value: str) -> int:
-    """``--workers``: a whole number from 1 to :data:`MAX_WORKERS`."""
+def _workers(value: str, max_connections: str = "0") -> int:
+    """``--workers``: a whole number from 1 to :data:`MAX_WORKERS`.
+
+    ``--max-connections`` is the pool's total, split across the workers: each must
+    get at least one.
+    """
     number = _positive_int("workers", value)
     if number > MAX_WORKERS:
         raise usage.UsageError(
             f"--workers: {number} is too many; give at most {MAX_WORKERS} "
             "(about one per CPU core is enough)"
+        )
+    total = _count_or_off("max-connections", max_connections)
+    if 0 < total < number:
+        raise usage.UsageError(
+            f"--max-connections: {total} cannot be split across {number} workers; "
+            f"give at least {number} (it is the whole pool's limit)"
         )
     return number
 
@@ -500,7 +514,8 @@ def validate(
         config_sha256=config_sha256,
         sources=MappingProxyType(dict(sources or {})),
         command_line=MappingProxyType(dict(command_line or {})),
-        workers=_workers(values["workers"]),
+        workers=_workers(values["workers"], values["max-connections"]),
+        worker_watchdog=_seconds_or_off("worker-watchdog", values["worker-watchdog"]),
     )
 
 
@@ -611,4 +626,5 @@ def option_values(cfg: Settings) -> dict[str, object]:
         ),
         "client-hello": "on" if cfg.client_hello else "off",
         "workers": cfg.workers,
+        "worker-watchdog": cfg.worker_watchdog,
     }

@@ -56,7 +56,7 @@ from secure_echo.line.framing import LF, LineFramer, terminator_of
 from secure_echo.line.handler import IBatchLineHandler
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Mapping
 
     from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
@@ -112,7 +112,7 @@ class _Slot:
 class LineSettings:
     """Per-connection limits, shared by every protocol of a factory."""
 
-    __slots__ = ("handler_timeout", "info_line", "max_line_length", "max_pending")
+    __slots__ = ("handler_timeout", "info_fields", "info_line", "max_line_length", "max_pending")
 
     def __init__(
         self,
@@ -121,6 +121,7 @@ class LineSettings:
         max_pending: int = 256,
         handler_timeout: float = 30.0,
         info_line: bytes | None = None,
+        info_fields: Mapping[str, Any] | None = None,
     ) -> None:
         self.max_line_length = max_line_length
         self.max_pending = max_pending
@@ -128,6 +129,8 @@ class LineSettings:
         #: Opt-in: a line with exactly this content gets :meth:`info_reply`
         #: instead of the handler's reply (off, so echo stays byte-exact).
         self.info_line = info_line
+        #: Fields the info reply adds to the connection's own (a pool's ``worker``).
+        self.info_fields: Mapping[str, Any] = dict(info_fields or {})
 
 
 @implementer(IPushProducer)
@@ -412,7 +415,8 @@ class LineProtocol(Protocol):
 
     def _info_reply(self, line: bytes) -> bytes:
         """One JSON line describing the connection, ended like ``line``."""
-        text = json.dumps(self.record.info(), separators=(",", ":"), sort_keys=True)
+        info = {**self.record.info(), **self._settings.info_fields}
+        text = json.dumps(info, separators=(",", ":"), sort_keys=True)
         return text.encode() + (terminator_of(line) or LF)
 
     def _flush_ready(self) -> None:

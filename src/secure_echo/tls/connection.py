@@ -130,7 +130,7 @@ class TLSServerConnection(TwistedProtocol):
     def __init__(
         self,
         factory: ConnectionFactory,
-        conn_id: int,
+        conn_id: int | str,
         peer_key: str = "",
         peer_address: IAddress | None = None,
     ) -> None:

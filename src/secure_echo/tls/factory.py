@@ -59,6 +59,8 @@ class TLSServerFactory(Factory):
 
     ``contexts`` is asked for its current context at every accept.  ``connections``
     holds the open connections (for drain and limits).  Timeouts of 0 are off.
+    ``conn_id_prefix``, if given, makes connection ids strings (``"2-17"`` for the
+    prefix ``"2-"``), so the processes of a pool never repeat one another's ids.
     """
 
     log = Logger()
@@ -79,6 +81,7 @@ class TLSServerFactory(Factory):
         plaintext_hint: str = "secure-echo-client HOST:PORT --ca CA.pem",
         proxy: ProxySettings | None = None,
         read_client_hello: bool = True,
+        conn_id_prefix: str = "",
     ) -> None:
         self.contexts = contexts
         self.app_factory = app_factory
@@ -110,6 +113,7 @@ class TLSServerFactory(Factory):
         self._drained: Deferred[None] | None = None
         self._drain_timer: IDelayedCall | None = None
         self._ids = itertools.count(1)
+        self._conn_id_prefix = conn_id_prefix
 
     @property
     def handshake_timeout(self) -> float:
@@ -130,6 +134,11 @@ class TLSServerFactory(Factory):
     def max_connection_age(self) -> float:
         """Seconds after which a connection is drained (0: off)."""
         return self.timeouts.max_age
+
+    def _next_id(self) -> int | str:
+        """The id of the next connection: 1, 2, ... or the prefix and that number."""
+        number = next(self._ids)
+        return f"{self._conn_id_prefix}{number}" if self._conn_id_prefix else number
 
     @override
     def buildProtocol(
@@ -152,7 +161,7 @@ class TLSServerFactory(Factory):
             reader = ProxyHeaderReader(proxy, self, key, trusted=trusted)
             self.connections.add(reader)
             return reader
-        return TLSServerConnection(self, next(self._ids), key, addr)
+        return TLSServerConnection(self, self._next_id(), key, addr)
 
     # -- the PROXY header reader's owner ---------------------------------------------
 
@@ -165,7 +174,7 @@ class TLSServerFactory(Factory):
             self.refusals.refused_connection(reason, format_address(address), key)
             self._forget(reader.peer_key)
             return None
-        return TLSServerConnection(self, next(self._ids), key, address)
+        return TLSServerConnection(self, self._next_id(), key, address)
 
     def header_rejected(self, reader: ProxyHeaderReader, reason: str, detail: str) -> None:
         """Log a refused header: the first of its reason in full, the rest summed up."""

@@ -104,7 +104,7 @@ class ConnectionRecord:
         "unsent_bytes",
     )
 
-    def __init__(self, conn_id: int, peer: str, local: str, started: float) -> None:
+    def __init__(self, conn_id: int | str, peer: str, local: str, started: float) -> None:
         self.conn_id = conn_id
         self.peer = peer
         self.local = local
