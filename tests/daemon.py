@@ -158,12 +158,14 @@ class Daemon:
         listen: str = "tcp:0:interface=127.0.0.1",
         timeout: float = START_TIMEOUT,
         log_to_stdout: bool = False,
+        env: dict[str, str] | None = None,
     ) -> Daemon:
         """Start a daemon with ``args`` in ``directory`` and wait until it listens.
 
         ``--listen`` and ``--log-file`` are added; with ``log_to_stdout``,
         ``--log-stdout json`` instead of ``--log-file``, and the log is read from
-        standard output.  SIGINT is handled as from a terminal (see
+        standard output.  ``env`` adds to the environment (``NOTIFY_SOCKET``).
+        SIGINT is handled as from a terminal (see
         :func:`twistd_command`).  Raises
         :class:`DaemonError` (after stopping the child) if no ``listening`` event
         appears in time.
@@ -182,7 +184,7 @@ class Daemon:
         process = subprocess.Popen(
             twistd_command(*full_args, sigint=True),
             cwd=directory,
-            env=child_env(),
+            env=child_env(env),
             stdin=subprocess.DEVNULL,
             stdout=stdout,
             stderr=stderr,

@@ -196,6 +196,7 @@ class HungWatchTests(PoolStateCase):
         self.assertEqual((hung["worker"], hung["pid"], hung["watchdog"]), (2, 102, 4.0))
         self.assertGreaterEqual(hung["silent_s"], 4.0)
         self.assertEqual(hung["state"], "serving")
+        self.assertEqual(self.state.serving, 1)  # rule 7: a hung worker does not serve
         # Still silent (it has not died yet): reported once.
         self.beat(5, 1)
         self.assertEqual(self.pool.terminated, [(2, 3.0)])

@@ -667,6 +667,7 @@ class SupervisorTests(SupervisorCase):
         self.assertEqual(second.transport.signals, ["TERM"])  # type: ignore[union-attr]
         (hung,) = self.events("worker_hung")
         self.assertEqual((hung["worker"], hung["pid"]), (2, second.pid))
+        self.assertTrue(self.statuses()[-1].startswith("1/2 workers serving"))
         for _ in range(int(HUNG_GRACE * 2)):
             self.reactor.advance(0.5)
             self.beat(first)

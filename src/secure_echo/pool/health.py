@@ -17,6 +17,8 @@ workers write and from their exits):
 5. *Alive* (``/healthz``): the supervisor listens and some worker reported within
    ``deadline`` seconds (counted from the supervisor's start until the first report).
 6. Whenever the number of serving workers changes, ``on_change`` is called with it.
+7. A worker found hung (:mod:`secure_echo.pool.watchdog`) no longer counts as
+   serving; only a report of its own (it was only slow) makes it count again.
 """
 
 from __future__ import annotations
@@ -125,17 +127,31 @@ class PoolState:
             view.serving_since = None
         self._count()
 
+    def lost(self, index: int) -> None:
+        """Worker ``index`` is hung: it no longer counts as serving, whatever it said."""
+        view = self.views.get(index)
+        if view is not None and view.state is not None:
+            view.state = None
+            view.serving_since = None
+            self._count()
+
     def failed(self, index: int, error: str) -> None:
         """Worker ``index`` says it cannot start, and why."""
         self.start_errors[index] = error
 
-    def ended(self, index: int) -> float | None:
-        """Worker ``index`` exited (rule 3); seconds since it first served (None: never)."""
-        view = self.views.pop(index, None)
-        self._count()
+    def served(self, index: int) -> float | None:
+        """Seconds since worker ``index`` first served (None: it never did)."""
+        view = self.views.get(index)
         if view is None or view.first_served is None:
             return None
         return self._clock.seconds() - view.first_served
+
+    def ended(self, index: int) -> float | None:
+        """Worker ``index`` exited (rule 3); seconds since it first served (None: never)."""
+        served = self.served(index)
+        self.views.pop(index, None)
+        self._count()
+        return served
 
     def refresh(self) -> None:
         """Count every worker as seen now (the supervisor itself could not watch)."""

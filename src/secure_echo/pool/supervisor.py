@@ -417,7 +417,7 @@ class WorkerSupervisor(Service):
         """A worker exited: forget it and, unless stopping, start it again later."""
         index = process.index
         current = self.pool.ended(process)
-        served = self.state.ended(index) if current else None
+        served = self.state.served(index) if current else None
         self.reloads.forget(index)
         code, sig = exit_status(reason)
         how = describe_exit(code, sig)
@@ -433,6 +433,8 @@ class WorkerSupervisor(Service):
                 served_s=None if served is None else round(served, 3),
                 **fields,
             )
+            if current:
+                self.state.ended(index)
             return
         error = None if served is not None else self.state.start_errors.get(index)
         delay = self.backoffs[index].next_delay(served)
@@ -446,6 +448,7 @@ class WorkerSupervisor(Service):
             error=error,
             **fields,
         )
+        self.state.ended(index)
         self._failed(index, how, error, delay)
 
     def _failed(self, index: int, how: str, error: str | None, delay: float) -> None:

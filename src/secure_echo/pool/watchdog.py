@@ -96,4 +96,5 @@ class HungWatch:
                 watchdog=self.timeout,
                 grace=self.grace,
             )
+            self._state.lost(index)
             self._pool.terminate(index, self.grace)
