@@ -99,14 +99,30 @@ TWISTD_SIGINT = (
 )
 
 
-def twistd_command(*args: str, sigint: bool = False) -> list[str]:
-    """The command line of ``twistd -n --pidfile= secure-echo ARGS``.
+def twistd_command(
+    *args: str,
+    sigint: bool = False,
+    python: str | None = None,
+    twistd_options: Sequence[str] = (),
+) -> list[str]:
+    """The command line of ``twistd -n --pidfile= [OPTIONS] secure-echo ARGS``.
 
     ``sigint``: SIGINT is Python's default handler even if this process ignores it
     (a test runner started in the background), so twistd takes it as from a terminal.
+    ``python``: another interpreter than this one; ``twistd_options`` go to twistd
+    itself (``--uid``).
     """
     code = TWISTD_SIGINT if sigint else TWISTD
-    return [sys.executable, "-c", code, "-n", "--pidfile=", "secure-echo", *args]
+    return [
+        python or sys.executable,
+        "-c",
+        code,
+        "-n",
+        "--pidfile=",
+        *twistd_options,
+        "secure-echo",
+        *args,
+    ]
 
 
 def run_twistd(
@@ -159,12 +175,15 @@ class Daemon:
         timeout: float = START_TIMEOUT,
         log_to_stdout: bool = False,
         env: dict[str, str] | None = None,
+        python: str | None = None,
+        twistd_options: Sequence[str] = (),
     ) -> Daemon:
         """Start a daemon with ``args`` in ``directory`` and wait until it listens.
 
         ``--listen`` and ``--log-file`` are added; with ``log_to_stdout``,
         ``--log-stdout json`` instead of ``--log-file``, and the log is read from
-        standard output.  ``env`` adds to the environment (``NOTIFY_SOCKET``).
+        standard output.  ``env`` adds to the environment (``NOTIFY_SOCKET``);
+        ``python`` and ``twistd_options`` are :func:`twistd_command`'s.
         SIGINT is handled as from a terminal (see
         :func:`twistd_command`).  Raises
         :class:`DaemonError` (after stopping the child) if no ``listening`` event
@@ -182,7 +201,7 @@ class Daemon:
         stdout = stdout_path.open("wb")
         stderr = stderr_path.open("wb")
         process = subprocess.Popen(
-            twistd_command(*full_args, sigint=True),
+            twistd_command(*full_args, sigint=True, python=python, twistd_options=twistd_options),
             cwd=directory,
             env=child_env(env),
             stdin=subprocess.DEVNULL,
