@@ -1198,11 +1198,17 @@ class WorkersTests(WorkersCase):
     """Serving, logging, reloading, stopping and restarting with two workers."""
 
     def test_connections_spread_over_workers(self) -> None:
-        """40 connections are all echoed, by both workers; the metrics count them all."""
+        """40 connections are all echoed, by both workers; the metrics count them all.
+
+        Connection ids are ``<worker>-<n>``, unique across the pool.
+        """
         daemon = self.start_workers("--metrics", "tcp:0:interface=127.0.0.1")
         closed = self.burst(daemon, 40)
         served = {e["worker"] for e in closed}
         self.assertEqual(served, {1, 2}, [e["worker"] for e in closed])
+        ids = [e["conn_id"] for e in closed]
+        self.assertEqual(len(set(ids)), 40, ids)
+        self.assertTrue(all(e["conn_id"].startswith(f"{e['worker']}-") for e in closed), ids)
         metrics_port = daemon.wait_for_event(lambda e: e.get("event") == "metrics_listening")
         url = f"http://127.0.0.1:{metrics_port['port']}/metrics"
         clients = [self.tls_client(daemon) for _ in range(3)]
@@ -1225,6 +1231,24 @@ class WorkersTests(WorkersCase):
         )
         self.assertEqual(closed_total, 40)
         self.assertEqual(float(samples["secure_echo_lines_received_total"]), 80)
+
+    def test_info_reply_names_the_worker(self) -> None:
+        """The info reply carries ``worker`` and the pool-wide connection id."""
+        daemon = self.start_workers("--info-line", "INFO")
+        since = daemon.mark()
+        client = self.tls_client(daemon)
+        client.write(b"INFO\n")
+        client.pump(lambda: client.received.endswith(b"\n"))
+        reply = json.loads(bytes(client.received))
+        self.assertIn(reply["worker"], {1, 2})
+        self.assertEqual(reply["conn_id"], f"{reply['worker']}-1")
+        self.assertEqual(reply["peer"], client.peer)
+        client.send_close_notify()
+        client.read_to_end()
+        record = daemon.wait_closed(since=since, peer=client.peer)
+        self.assertEqual(
+            (record["worker"], record["conn_id"]), (reply["worker"], reply["conn_id"])
+        )
 
     def test_log_file_has_whole_lines_only(self) -> None:
         """Under concurrent load every line of the one log file is a whole JSON record."""
