@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from secure_echo.pool.contract import WorkerState
 from secure_echo.pool.health import PoolState
-from secure_echo.pool.watchdog import HungWatch
+from secure_echo.pool.watchdog import START_ALLOWANCE, HungWatch
 
 NOT_AFTER = "2030-01-01T00:00:00+00:00"
 #: 2030-01-01T00:00:00Z as Unix time.
@@ -210,11 +210,22 @@ class HungWatchTests(PoolStateCase):
         self.assertEqual(self.pool.terminated, [])
 
     def test_silent_from_the_start(self) -> None:
-        """A worker that never writes a line after its spawn is hung too."""
-        self.beat(4, 1)
+        """A starting worker that never writes a line is hung after the start allowance."""
+        self.beat(START_ALLOWANCE - 0.5, 1)
+        self.assertEqual(self.pool.terminated, [])
+        self.beat(0.5, 1)
         self.assertEqual([i for i, _ in self.pool.terminated], [2])
         (hung,) = [e for e in self.logged if e.get("event") == "worker_hung"]
         self.assertEqual(hung["state"], "starting")
+
+    def test_silent_after_a_first_line(self) -> None:
+        """Once a starting worker said anything, the watchdog's own timeout applies."""
+        self.state.seen(2)
+        self.beat(4, 1)
+        self.assertEqual(self.pool.terminated, [])
+        self.state.reported(2, WorkerState.SERVING)
+        self.beat(4, 1)
+        self.assertEqual([i for i, _ in self.pool.terminated], [2])
 
     def test_the_supervisor_stalled(self) -> None:
         """When the supervisor itself could not look for a long time, nobody is hung."""

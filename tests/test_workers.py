@@ -313,7 +313,10 @@ class ConfigTests(SynchronousTestCase):
             config.parse([*self.tls, "--worker-watchdog", "2.5"]).worker_watchdog, 2.5
         )
         self.assertEqual(config.parse([*self.tls, "--worker-watchdog", "0"]).worker_watchdog, 0.0)
-        self.assertRaises(usage.UsageError, config.parse, [*self.tls, "--worker-watchdog", "-1"])
+        for bad in ("-1", "1.5"):
+            self.assertRaises(
+                usage.UsageError, config.parse, [*self.tls, "--worker-watchdog", bad]
+            )
 
 
 # -- the supervisor in memory ------------------------------------------------------------

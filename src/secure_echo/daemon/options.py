@@ -181,7 +181,7 @@ class Options(usage.Options):
             "worker-watchdog",
             None,
             "10",
-            "With --workers: restart a worker silent this long (seconds; 0: off).",
+            "With --workers: restart a worker silent this long (seconds, at least 2; 0: off).",
         ],
     ]
 

@@ -43,6 +43,9 @@ LOG_STDOUT_FORMATS: Final = ("json", "text")
 ON_OFF: Final = ("on", "off")
 #: ``--workers``: processes that accept on the shared listening sockets.
 MAX_WORKERS: Final = 64
+#: ``--worker-watchdog``: at least two of a worker's heartbeats, which come every
+#: second (:data:`secure_echo.pool.contract.HEARTBEAT_INTERVAL`).
+MIN_WORKER_WATCHDOG: Final = 2.0
 
 #: Every key a ``--config`` file may hold: each option but the command-line-only
 #: ones (``config``, ``print-config``), with its TOML kind and an example value.
@@ -280,6 +283,17 @@ def _workers(value: str, max_connections: str = "0") -> int:
     return number
 
 
+def _worker_watchdog(value: str) -> float:
+    """``--worker-watchdog``: off (0), or at least :data:`MIN_WORKER_WATCHDOG` seconds."""
+    seconds = _seconds_or_off("worker-watchdog", value)
+    if 0 < seconds < MIN_WORKER_WATCHDOG:
+        raise usage.UsageError(
+            f"--worker-watchdog: {value} s is shorter than two heartbeats; give at least "
+            f"{MIN_WORKER_WATCHDOG:g}, or 0 to switch it off"
+        )
+    return seconds
+
+
 def _choice(name: str, value: str, choices: Sequence[str]) -> str:
     if value not in choices:
         raise usage.UsageError(
@@ -515,7 +529,7 @@ def validate(
         sources=MappingProxyType(dict(sources or {})),
         command_line=MappingProxyType(dict(command_line or {})),
         workers=_workers(values["workers"], values["max-connections"]),
-        worker_watchdog=_seconds_or_off("worker-watchdog", values["worker-watchdog"]),
+        worker_watchdog=_worker_watchdog(values["worker-watchdog"]),
     )
 
 

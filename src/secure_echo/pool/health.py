@@ -173,10 +173,19 @@ class PoolState:
         """How many workers serve."""
         return self._serving
 
-    def silent(self, limit: float) -> list[int]:
-        """Workers that wrote nothing for ``limit`` seconds, draining ones included."""
+    def silent(self, limit: float, starting_limit: float | None = None) -> list[int]:
+        """Workers that wrote nothing for ``limit`` seconds, draining ones included.
+
+        A worker that has not reported a state yet (it starts) is silent only after
+        ``starting_limit`` seconds, when given.
+        """
         now = self._clock.seconds()
-        return sorted(i for i, v in self.views.items() if now - v.last_seen >= limit)
+        starting = limit if starting_limit is None else starting_limit
+        return sorted(
+            index
+            for index, view in self.views.items()
+            if now - view.last_seen >= (starting if view.state is None else limit)
+        )
 
     def connections(self) -> int:
         """Open connections of every worker, from their last heartbeats."""

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 from typing_extensions import override
@@ -480,7 +481,8 @@ class WorkerSupervisor(Service):
             why += f" ({last.error})" if last is not None and last.error else ""
             self.notifier.status(f"gave up after {len(failures)} worker failures{why}")
         self._exit(self._reactor, GIVE_UP_EXIT_STATUS)
-        self._reactor.stop()
+        with contextlib.suppress(ReactorNotRunning):  # a stop signal came first
+            self._reactor.stop()
 
     # -- readiness and reload ----------------------------------------------------------
 

@@ -8,7 +8,8 @@ silent for ``timeout`` seconds (stopped with SIGSTOP, stuck in a loop, blocked i
 system call) gets ``worker_hung``, then SIGTERM, then SIGKILL :data:`HUNG_GRACE`
 seconds later if it is still there; its exit is handled like any other (restart
 with backoff).  A worker that drains still sends heartbeats, so a long drain is not
-a hang.
+a hang.  A worker that has not reported yet is starting (its imports, its TLS
+files): it has :data:`START_ALLOWANCE` seconds if that is longer.
 
 The supervisor's own stalls do not count against its workers: when a look comes
 much later than planned (the supervisor's reactor was blocked, or the host
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
 HUNG_GRACE: Final = 3.0
 #: The longest interval between two looks, in seconds.
 MAX_INTERVAL: Final = 1.0
+#: Seconds a starting worker (it reported no state yet: Python imports, the TLS
+#: files are loaded) may stay silent, when that is more than the watchdog.
+START_ALLOWANCE: Final = 30.0
 
 
 class HungWatch:
@@ -79,7 +83,8 @@ class HungWatch:
         if self._last_look is not None and now - self._last_look > self.interval * 3 + 1:
             self._state.refresh()
         self._last_look = now
-        for index in self._state.silent(self.timeout):
+        starting = max(self.timeout, START_ALLOWANCE)
+        for index in self._state.silent(self.timeout, starting):
             process = self._pool.workers.get(index)
             if process is None or process.pid in self._reported:
                 continue
