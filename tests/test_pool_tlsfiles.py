@@ -33,7 +33,7 @@ from secure_echo.pool.tlsfiles import (
     tls_paths,
     with_real_paths,
 )
-from tests.daemon import Daemon, child_env, start_daemon
+from tests.daemon import Daemon, _source_roots, child_env, start_daemon
 from tests.helpers import make_pki
 from tests.test_integration import IntegrationCase, server_args
 from tests.test_workers import echo_burst, pids_of, wait_ready
@@ -175,9 +175,10 @@ class PrivilegeDropTests(IntegrationCase):
         """Workers run as nobody, load the key from the supervisor's copy, and serve."""
         if os.geteuid() != 0:
             raise SkipTest("needs root, to drop privileges")
+        # Our code and our packages only: another interpreter must not load this
+        # one's standard library (trial -j passes its whole sys.path down).
         site = [p for key in ("purelib", "platlib") if (p := sysconfig.get_path(key))]
-        env = child_env()
-        env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], *site])
+        env = child_env({"PYTHONPATH": os.pathsep.join([*_source_roots(), *site])})
         python = unprivileged_python(env)
         if python is None:
             raise SkipTest("no Python interpreter that nobody may run with these packages")
