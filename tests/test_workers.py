@@ -35,7 +35,7 @@ from twisted.internet import defer, protocol
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, LogPublisher, globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
@@ -47,6 +47,7 @@ from secure_echo.daemon.load import load
 from secure_echo.daemon.printconfig import effective_settings
 from secure_echo.daemon.sdnotify import Notifier
 from secure_echo.daemon.settings import FILE_KEYS
+from secure_echo.pool import maker as pool_maker
 from secure_echo.pool import supervisor as workers
 from secure_echo.pool.contract import (
     MAX_RECORD_BYTES,
@@ -54,6 +55,7 @@ from secure_echo.pool.contract import (
     SUPERVISOR_ONLY_ENV,
     SharedSocket,
     WorkerSpec,
+    WorkerState,
 )
 from secure_echo.pool.ports import SharedPortsService, adopt_port
 from secure_echo.pool.reload import RELOAD_TIMEOUT
@@ -317,6 +319,65 @@ class ConfigTests(SynchronousTestCase):
             self.assertRaises(
                 usage.UsageError, config.parse, [*self.tls, "--worker-watchdog", bad]
             )
+
+
+class MakeSupervisorTests(SynchronousTestCase):
+    """The supervisor's service tree, as ``tap.makeService`` builds it for N > 1."""
+
+    def test_tree(self) -> None:
+        """Metrics answer from the pool's state; the notifier goes last; TLS files read."""
+        pki = make_pki(self.mktemp())
+        listener = NotifyListener()
+        self.addCleanup(listener.close)
+        self.patch(os, "environ", {**os.environ, "NOTIFY_SOCKET": listener.value})
+        self.patch(pool_maker, "globalLogPublisher", LogPublisher())
+        options = tap.Options()
+        options.parseOptions(
+            [
+                "--cert",
+                str(pki.server_cert),
+                "--key",
+                str(pki.server_key),
+                "--workers",
+                "2",
+                "--metrics",
+                "tcp:0:interface=127.0.0.1",
+            ]
+        )
+        top = tap.makeService(options, MemoryReactorClock())
+        children = list(top)
+        self.assertEqual(
+            [type(c).__name__ for c in children],
+            [
+                "MetricsService",
+                "WorkerSupervisor",
+                "RestartWatch",
+                "SignalService",
+                "NotifyService",
+            ],
+        )
+        metrics, supervisor = children[0], children[1]
+        assert isinstance(supervisor, WorkerSupervisor)
+        self.assertEqual(
+            sorted(supervisor._tls_files),
+            sorted({str(pki.server_cert.absolute()), str(pki.server_key.absolute())}),
+        )
+        self.assertEqual(supervisor.state.subject, "CN=localhost")
+        site = cast("Any", metrics)._site
+        ready = site.resource.children[b"readyz"]
+        self.assertEqual(ready._check(), (False, "not listening yet"))
+        supervisor.state.listening = True
+        supervisor.state.began()
+        supervisor.state.started(1, 1)
+        supervisor.state.reported(1, WorkerState.SERVING, connections=5)
+        self.assertEqual(ready._check(), (True, "ready: 1/2 workers serving"))
+        self.assertEqual(site.resource.children[b"healthz"]._check(), (True, "ok"))
+        registry = cast("Any", site.resource.children[b"metrics"])._registry
+        active = next(m for m in registry.collect() if m.name == "secure_echo_connections_active")
+        self.assertEqual(active.samples[0].value, 5)
+        on_listening = supervisor._on_listening
+        assert on_listening is not None
+        on_listening([])  # the dev banner: none with --cert
 
 
 # -- the supervisor in memory ------------------------------------------------------------
