@@ -57,6 +57,15 @@ class ReadyzProbe:
                 self.answers.append(answer)
             self._stop.wait(0.05)
 
+    def wait_for(self, answer: tuple[int, str], timeout: float = WAIT) -> None:
+        """Wait until the latest answer is ``answer``."""
+        deadline = time.monotonic() + timeout
+        while not self.answers or self.answers[-1] != answer:
+            if time.monotonic() > deadline:
+                msg = f"/readyz never answered {answer}: {self.answers}"
+                raise AssertionError(msg)
+            time.sleep(0.05)
+
     def stop(self) -> list[tuple[int, str]]:
         """Stop probing; the answers seen."""
         self._stop.set()
@@ -141,7 +150,7 @@ class KilledWorkerTests(PoolFailureCase):
         echo_burst(daemon.port, shared_pki().ca_cert, 10)
         wait_ready(daemon, since, workers=(1,))
         self.wait_status(daemon, "2/2 workers serving", statuses_before)
-        time.sleep(0.2)
+        probe.wait_for((200, "ready: 2/2 workers serving"))
         answers = probe.stop()
         self.assertEqual({status for status, _ in answers}, {200}, answers)
         bodies = [body for _, body in answers]
@@ -201,6 +210,7 @@ class StoppedWorkerTests(PoolFailureCase):
         wait_ready(daemon, since, workers=(2,))
         self.wait_status(daemon, "2/2 workers serving", statuses_before)
         echo_burst(daemon.port, shared_pki().ca_cert, 10)
+        probe.wait_for((200, "ready: 2/2 workers serving"))
         answers = probe.stop()
         bodies = [body for _, body in answers]
         self.assertEqual({status for status, _ in answers}, {200}, answers)
