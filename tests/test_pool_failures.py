@@ -201,8 +201,10 @@ class StoppedWorkerTests(PoolFailureCase):
         )
         found_after = time.monotonic() - stopped_at
         self.assertEqual((hung["worker"], hung["pid"]), (2, pids[2]))
+        # Silent for the watchdog's 2 s, counted from its last heartbeat (which came
+        # up to a second before the SIGSTOP); found within a look or two of that.
         self.assertGreaterEqual(hung["silent_s"], 2.0)
-        self.assertGreaterEqual(found_after, 1.5)
+        self.assertLess(found_after, 5.0)
         killed = daemon.wait_for_event(
             lambda e: e.get("event") == "worker_killed", since=since, timeout=WAIT
         )
