@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet import task
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from secure_echo.edge import limits
@@ -184,6 +184,51 @@ class ConnectionLimiterTests(SynchronousTestCase):
         )
 
 
+class RekeyTests(SynchronousTestCase):
+    """:meth:`ConnectionLimiter.rekey`: a balancer's socket moves to its client."""
+
+    def test_moves_the_count(self) -> None:
+        """The connection leaves the old key and joins the new; the total stays."""
+        limiter = ConnectionLimiter(0, 2)
+        self.assertIsNone(limiter.acquire("balancer", per_ip=False))
+        self.assertIsNone(limiter.rekey("balancer", "client"))
+        self.assertEqual((limiter.count("balancer"), limiter.count("client")), (0, 1))
+        self.assertEqual(limiter.total, 1)
+
+    def test_same_key_changes_nothing(self) -> None:
+        """Rekeying to the same key is no move (and no refusal, even at the limit)."""
+        limiter = ConnectionLimiter(0, 1)
+        limiter.acquire("a")
+        self.assertIsNone(limiter.rekey("a", "a"))
+        self.assertEqual((limiter.count("a"), limiter.total), (1, 1))
+
+    def test_refused_at_the_clients_limit(self) -> None:
+        """A client already at its per-IP limit is refused; the socket stays counted as before."""
+        limiter = ConnectionLimiter(0, 1)
+        limiter.acquire("client")
+        limiter.acquire("balancer", per_ip=False)
+        self.assertEqual(limiter.rekey("balancer", "client"), LIMIT_PER_IP)
+        self.assertEqual((limiter.count("balancer"), limiter.count("client")), (1, 1))
+        self.assertEqual(limiter.total, 2)
+
+    def test_without_per_ip_limit(self) -> None:
+        """With no per-IP limit any move is allowed."""
+        limiter = ConnectionLimiter(0, 0)
+        for _ in range(3):
+            limiter.acquire("client")
+        limiter.acquire("balancer")
+        self.assertIsNone(limiter.rekey("balancer", "client"))
+        self.assertEqual(limiter.count("client"), 4)
+
+    def test_not_per_ip_counts_but_never_refuses(self) -> None:
+        """acquire(per_ip=False) counts under the key even past its limit."""
+        limiter = ConnectionLimiter(0, 1)
+        for _ in range(3):
+            self.assertIsNone(limiter.acquire("balancer", per_ip=False))
+        self.assertEqual(limiter.count("balancer"), 3)
+        self.assertEqual(limiter.acquire("balancer"), LIMIT_PER_IP)
+
+
 class RefusalLogTests(SynchronousTestCase):
     """:class:`RefusalLog`: one event at once per reason, then one summary per window."""
 
@@ -206,6 +251,31 @@ class RefusalLogTests(SynchronousTestCase):
         summaries = self._events("connections_refused")
         self.assertEqual(len(summaries), 1)
         return summaries[0]
+
+    def test_defaults(self) -> None:
+        """By default a window is 10 s and the summary names the 5 busiest peers."""
+        refusals = RefusalLog(self.clock)
+        self.addCleanup(refusals.stop)
+        for number in range(8):
+            for _ in range(number + 2):
+                refusals.refused_connection(LIMIT_TOTAL, "p:1", f"198.51.100.{number}")
+        self.clock.advance(9.99)
+        self.assertEqual(self._events("connections_refused"), [])
+        self.clock.advance(0.01)
+        summary = self._summary()
+        self.assertEqual(len(summary["top_peers"]), 5)
+        self.assertEqual(summary["window"], 10.0)
+
+    def test_messages(self) -> None:
+        """The text log's words for a refusal and a summary."""
+        self._refuse(LIMIT_TOTAL, times=3)
+        self.clock.advance(10)
+        [first] = self._events("connection_refused")
+        self.assertEqual(formatEvent(first), "refused connection from 192.0.2.1:4433: limit_total")
+        self.assertEqual(
+            formatEvent(self._summary()),
+            "refused 2 more connections in 10 s: {'limit_total': 2}",
+        )
 
     def test_first_refusal_logged_at_once(self) -> None:
         """The first refusal logs ``connection_refused`` with its reason and peer, unprompted."""

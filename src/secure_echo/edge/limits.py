@@ -41,7 +41,8 @@ def peer_key(address: IAddress) -> str:
     """The key a peer is counted under for per-IP limits."""
     if isinstance(address, IPv6Address):
         try:
-            ip = ipaddress.ip_address(address.host.split("%", 1)[0])
+            # A zone (fe80::1%eth0) is kept by the parser and dropped by the /64.
+            ip = ipaddress.ip_address(address.host)
         except ValueError:
             return address.host
         if isinstance(ip, ipaddress.IPv6Address):
