@@ -13,6 +13,7 @@ import re
 import shutil
 import struct
 import subprocess
+import tracemalloc
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -676,6 +677,15 @@ class UnparsedTests(SynchronousTestCase):
         self.assertIsNone(
             ClientHelloCollector(16389).feed(b"\x16\x03\x01\x40\x00\x01\x00\x3f\xfc")
         )
+        # A message of 16385 bytes needs two records, so 10 bytes of record headers.
+        two_records = b"\x16\x03\x01\x40\x00\x01\x00\x3f\xfd"
+        self.assertEqual(unparsed(two_records, 16394).reason, TOO_LARGE)
+        self.assertIsNone(ClientHelloCollector(16395).feed(two_records))
+        # The length's top byte counts: 0x010000 is 65536 bytes.
+        self.assertEqual(
+            unparsed(b"\x16\x03\x01\x40\x00\x01\x01\x00\x00"),
+            Unparsed(TOO_LARGE, "a ClientHello of 65536 bytes does not fit in 65536 bytes"),
+        )
 
     def test_collects_at_most_the_limit(self) -> None:
         """Tiny records never finishing the hello stop at the limit, holding no more."""
@@ -717,6 +727,41 @@ class UnparsedTests(SynchronousTestCase):
         first = frame(HelloSpec().message()[:10], [10])
         collector = ClientHelloCollector(len(first))
         self.assertEqual(collector.feed(first + b"G" + wire).reason, TOO_LARGE)  # type: ignore[union-attr]
+
+    def test_held_bytes(self) -> None:
+        """Only an unfinished record and the fragments of finished ones are held."""
+        collector = ClientHelloCollector()
+        self.assertIsNone(collector.feed(record(0x16, b"")))
+        self.assertEqual(collector.held, 0)
+        self.assertIsNone(collector.feed(b"\x16\x03\x01\x00\x04\x01"))
+        self.assertEqual(collector.held, 6)
+        self.assertIsNone(collector.feed(b"\x00\x00"))
+        self.assertEqual(collector.held, 8)
+        self.assertIsNone(collector.feed(b"\x30" + record(0x16, b"")))
+        self.assertEqual(collector.held, 4)
+        self.assertIsNone(collector.feed(b"\x16\x03"))
+        self.assertEqual(collector.held, 6)
+
+    def test_one_read_is_parsed_in_place(self) -> None:
+        """A hello that arrives whole in one read is parsed without copying it."""
+        spec = HelloSpec(extensions=[(0x0015, bytes(12000))])
+
+        def peak(wire: bytes) -> int:
+            # Once first, so that a coverage tracer's bookkeeping is not counted.
+            ClientHelloCollector().feed(wire)
+            collector = ClientHelloCollector()
+            tracemalloc.start()
+            try:
+                result = collector.feed(wire)
+                _, top = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            self.assertIsInstance(result, ClientHello)
+            return top
+
+        self.assertLess(peak(spec.wire()), 4000)
+        # Fragmented, the message is copied once: the measurement can tell.
+        self.assertGreater(peak(spec.wire(record_size=9000)), 12000)
 
     def test_empty_records_until_the_limit(self) -> None:
         """A stream of empty handshake records is refused at 64 KiB."""

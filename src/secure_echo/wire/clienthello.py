@@ -308,6 +308,8 @@ class ClientHelloCollector:
     :data:`MAX_COLLECT`).
     """
 
+    _record_version: int
+
     __slots__ = (
         "_fragments",
         "_limit",
@@ -326,7 +328,8 @@ class ClientHelloCollector:
         # Handshake bytes of the complete records so far (fragmented hellos only).
         self._fragments = bytearray()
         self._records = 0
-        self._record_version = 0
+        # _record_version is set by the first complete record header, before any
+        # record counts in _records.
         self._result: ClientHello | Unparsed | None = None
 
     @property
@@ -343,14 +346,16 @@ class ClientHelloCollector:
         """Consume the next bytes of the stream; return the result, or ``None``."""
         if self._result is not None:
             return self._result
-        take = min(len(data), self._limit - self._seen)
-        self._seen += take
+        # Slicing within its length returns ``data`` itself: no copy unless the
+        # read goes past the limit.
+        chunk = data[: self._limit - self._seen]
+        self._seen += len(chunk)
         try:
             if self._pending:
-                self._pending += memoryview(data)[:take]
-                result = self._walk(self._pending, len(self._pending))
+                self._pending += chunk
+                result = self._walk(self._pending)
             else:
-                result = self._walk(data, take)
+                result = self._walk(chunk)
         except _Refused as error:
             result = error.args[0]
         if result is None and self._seen >= self._limit:
@@ -375,9 +380,10 @@ class ClientHelloCollector:
         self._pending = bytearray()
         self._fragments = bytearray()
 
-    def _walk(self, buf: bytes | bytearray, end: int) -> ClientHello | Unparsed | None:
-        """Consume the complete records in ``buf[:end]``; keep the rest pending."""
+    def _walk(self, buf: bytes | bytearray) -> ClientHello | Unparsed | None:
+        """Consume the complete records in ``buf``; keep the rest pending."""
         position = 0
+        end = len(buf)
         while end - position >= _RECORD_HEADER:
             self._check_record_header(buf, position)
             length = buf[position + 3] << 8 | buf[position + 4]
@@ -385,7 +391,7 @@ class ClientHelloCollector:
             if end - start < length:
                 if not self._records:
                     self._check_handshake_header(buf, start, end)
-                self._keep(buf, position, end)
+                self._keep(buf, position)
                 return None
             self._records += 1
             position = start + length
@@ -405,15 +411,15 @@ class ClientHelloCollector:
                 )
         if position < end:
             self._check_record_header(buf, position, end - position)
-        self._keep(buf, position, end)
+        self._keep(buf, position)
         return None
 
-    def _keep(self, buf: bytes | bytearray, position: int, end: int) -> None:
-        """Hold ``buf[position:end]``, the start of a record not yet complete."""
+    def _keep(self, buf: bytes | bytearray, position: int) -> None:
+        """Hold ``buf[position:]``, the start of a record not yet complete."""
         if buf is self._pending:
             del self._pending[:position]
         else:
-            self._pending += memoryview(buf)[position:end]
+            self._pending += memoryview(buf)[position:]
 
     def _whole_message(self, buf: bytes | bytearray, start: int, end: int) -> ClientHello | None:
         """The hello parsed in place when the record at ``start`` holds all of it."""
