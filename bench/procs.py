@@ -20,12 +20,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from scenarios import WORKERS
+from scenarios import COMPARE_PREFIX, WORKERS, is_daemon
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -202,10 +203,15 @@ class Pinning:
         return cls(enabled=True)
 
 
-def child_env() -> dict[str, str]:
-    """This environment with the source tree first on ``PYTHONPATH``."""
+def child_env(root: Path = ROOT) -> dict[str, str]:
+    """This environment with the source tree at ``root`` first on ``PYTHONPATH``.
+
+    ``root/src`` holds the ``secure_echo`` package and ``root`` the ``twisted/plugins``
+    directory that Twisted's plugin search finds on the path, so ``twistd
+    secure-echo`` runs that tree's daemon whatever else is installed.
+    """
     env = dict(os.environ)
-    roots = [str(ROOT / "src"), str(ROOT)]
+    roots = [str(root / "src"), str(root)]
     inherited = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in roots]
     env["PYTHONPATH"] = os.pathsep.join([*roots, *inherited])
     env["PYTHONUNBUFFERED"] = "1"
@@ -239,7 +245,7 @@ def server_command(name: str, pki: PKI, workdir: Path) -> list[str]:
     cert, key = str(pki.server_cert), str(pki.server_key)
     if name in WORKERS:
         return [*server_command("secure-echo", pki, workdir), "--workers", str(WORKERS[name])]
-    if name == "secure-echo":
+    if is_daemon(name):
         return [
             sys.executable,
             "-c",
@@ -262,7 +268,11 @@ def server_command(name: str, pki: PKI, workdir: Path) -> list[str]:
             "--max-connections",
             str(MAX_CONNECTIONS),
         ]
-    script = {"textbook": "textbook_twisted.py", "asyncio": "asyncio_echo.py"}[name]
+    script = {
+        "textbook": "textbook_twisted.py",
+        "asyncio": "asyncio_echo.py",
+        "lean": "lean_twisted.py",
+    }[name]
     return [sys.executable, str(PEERS / script), cert, key, "--lifetime", str(PEER_LIFETIME)]
 
 
@@ -300,7 +310,7 @@ class Server:
 
 
 def _port_of(name: str, workdir: Path) -> int | None:
-    if name.startswith("secure-echo"):
+    if is_daemon(name):
         log = workdir / "log.jsonl"
         if not log.exists():
             return None
@@ -314,8 +324,13 @@ def _port_of(name: str, workdir: Path) -> int | None:
     return int(first[0]) if first[1] and first[0].strip().isdigit() else None
 
 
-def start_server(name: str, pki: PKI, workdir: Path, pinning: Pinning) -> Server:
-    """Start server ``name`` on the server CPU (both CPUs with workers) until it listens."""
+def start_server(
+    name: str, pki: PKI, workdir: Path, pinning: Pinning, root: Path = ROOT
+) -> Server:
+    """Start server ``name`` on the server CPU (both CPUs with workers) until it listens.
+
+    ``root`` is the source tree a secure-echo server runs from (see :func:`child_env`).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     # A server with workers gets both cores: the point is to use more than one.
     cpus = (SERVER_CPU, GENERATOR_CPU) if name in WORKERS else (SERVER_CPU,)
@@ -324,7 +339,7 @@ def start_server(name: str, pki: PKI, workdir: Path, pinning: Pinning) -> Server
     process = subprocess.Popen(
         [*pinning.prefix(*cpus), *server_command(name, pki, workdir)],
         cwd=workdir,
-        env=child_env(),
+        env=child_env(root),
         stdin=subprocess.DEVNULL,
         stdout=stdout,
         stderr=stderr,
@@ -339,6 +354,119 @@ def start_server(name: str, pki: PKI, workdir: Path, pinning: Pinning) -> Server
         time.sleep(0.05)
     server.port = port
     return server
+
+
+@dataclass(frozen=True)
+class Revision:
+    """An earlier revision of secure-echo, unpacked to run as a server of its own."""
+
+    name: str
+    commit: str
+    short: str
+    date: str
+    subject: str
+    root: Path
+    #: The file ``twistd secure-echo`` loads its service from (inside ``root``).
+    service_module: Path
+
+    def describe(self) -> dict[str, str]:
+        """What the report says about it."""
+        return {
+            "commit": self.commit,
+            "short": self.short,
+            "date": self.date,
+            "subject": self.subject,
+            "service_module": str(self.service_module),
+        }
+
+
+def _git(*args: str) -> str:
+    git = shutil.which("git")
+    if git is None:
+        raise BenchError("--compare needs git")
+    done = subprocess.run(
+        [git, "-C", str(ROOT), *args], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise BenchError(f"git {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def resolve_revision(rev: str) -> tuple[str, str]:
+    """The full and the short commit id that ``rev`` names; BenchError if none."""
+    try:
+        commit = _git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    except BenchError:
+        raise BenchError(f"--compare {rev}: no such commit in {ROOT}") from None
+    return commit, _git("rev-parse", "--short", commit)
+
+
+def unpack_revision(rev: str, into: Path) -> Revision:
+    """Write the ``src/`` and ``twisted/`` trees of ``rev`` under ``into``, and check them.
+
+    ``git archive`` (no worktree, nothing registered in the repository), so removing
+    ``into`` is all the cleaning up there is.  The check runs what ``twistd`` will run:
+    Twisted's plugin search finds the ``secure-echo`` service maker, and the module it
+    names is imported from the unpacked tree, not from this checkout or an installed
+    copy.  Both package layouts (flat before 8e33570, subpackages since) work this way:
+    the plugin file names ``secure_echo.tap`` in both.
+    """
+    commit, short = resolve_revision(rev)
+    date, _, subject = _git("show", "-s", "--format=%cs %s", commit).partition(" ")
+    root = into / f"secure-echo-{short}"
+    root.mkdir(parents=True)
+    git = shutil.which("git")
+    assert git is not None  # resolve_revision found it
+    archive = subprocess.Popen(
+        [git, "-C", str(ROOT), "archive", "--format=tar", commit, "src", "twisted"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert archive.stdout is not None
+    with archive.stdout, tarfile.open(fileobj=archive.stdout, mode="r|") as tar:
+        tar.extractall(root, filter="data")
+    if archive.wait() != 0:
+        stderr = archive.stderr.read().decode(errors="replace") if archive.stderr else ""
+        raise BenchError(f"git archive {short} failed: {stderr.strip()}")
+    if archive.stderr is not None:
+        archive.stderr.close()
+    loaded = check_tree(root)
+    return Revision(f"{COMPARE_PREFIX}{short}", commit, short, date, subject, root, loaded)
+
+
+#: Finds the plugin the way ``twistd`` does and prints the file its module comes from.
+_WHICH_TREE = """
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+from twisted import plugins
+import importlib
+makers = [m for m in getPlugins(IServiceMaker, plugins) if m.tapname == "secure-echo"]
+print(importlib.import_module(makers[0].module).__file__ if makers else "")
+"""
+
+
+def check_tree(root: Path) -> Path:
+    """Which file ``twistd secure-echo`` loads with ``root`` on the path; it must be in it."""
+    done = subprocess.run(
+        [sys.executable, "-c", _WHICH_TREE],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=root.parent,
+        env=child_env(root),
+        timeout=START_TIMEOUT,
+    )
+    loaded = Path(done.stdout.strip()) if done.stdout.strip() else None
+    if (
+        done.returncode != 0
+        or loaded is None
+        or not loaded.resolve().is_relative_to(root.resolve())
+    ):
+        raise BenchError(
+            f"twistd secure-echo would not run the tree in {root} "
+            f"(service module: {loaded}):\n{done.stderr[-2000:]}"
+        )
+    return loaded
 
 
 class LineReader:

@@ -2,8 +2,10 @@
 
 Rules the numbers follow (see bench/README.md):
 
-* A ratio is a server's figure divided by the baseline's figure **from the same
-  repetition**; a repetition without a valid baseline run gives no ratio.
+* A ratio is a server's figure divided by the reference server's (the baseline's)
+  figure **from the same repetition**; a repetition without a valid baseline run gives
+  no ratio.  The first baseline is the reference of the main table and the plot; each
+  further one gets a table of ratios of its own.
 * Medians and min-max spreads are taken across repetitions, of the figures and of the
   per-repetition ratios (never a ratio of medians).
 * A run with echo errors, missing connections or another TLS version is left out of the
@@ -19,14 +21,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from scenarios import (
-    BASELINE,
     EXTRA_SERVERS,
     METRICS,
     SCENARIOS,
-    SERVER_TITLES,
     SERVERS,
     Metric,
     Scenario,
+    server_title,
 )
 
 if TYPE_CHECKING:
@@ -81,10 +82,23 @@ def _stat(values: list[float]) -> Stat:
     }
 
 
+Summary = dict[str, dict[str, dict[str, Stat]]]
+
+
+def baselines_of(meta: dict[str, Any]) -> list[str]:
+    """The reference servers of a report, first the main one (older JSON: one or none)."""
+    if "baselines" in meta:
+        return list(meta["baselines"] or [])
+    return [meta["baseline"]] if meta.get("baseline") in meta["servers"] else []
+
+
 def summarize(
-    scenarios: Sequence[Scenario], runs: Sequence[Record], servers: Sequence[str]
-) -> dict[str, dict[str, dict[str, Stat]]]:
-    """Per scenario, server and figure: values and same-repetition ratios, with spreads."""
+    scenarios: Sequence[Scenario],
+    runs: Sequence[Record],
+    servers: Sequence[str],
+    baseline: str | None,
+) -> Summary:
+    """Per scenario, server and figure: values and ratios to ``baseline``, with spreads."""
     by_key = {(r["rep"], r["scenario"], r["server"]): r for r in runs if valid(r)}
     reps = sorted({r["rep"] for r in runs})
     summary: dict[str, dict[str, dict[str, Stat]]] = {}
@@ -102,7 +116,7 @@ def summarize(
                     values.append(value)
                     saturated |= SATURATED_FLAG in run["flags"]
                     contended |= CONTENDED_FLAG in run["flags"]
-                    base = by_key.get((rep, scenario.key, BASELINE))
+                    base = by_key.get((rep, scenario.key, baseline)) if baseline else None
                     base_value = base["metrics"].get(metric.key) if base else None
                     if base_value:
                         ratios.append(value / base_value)
@@ -126,17 +140,26 @@ def _fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def cell(stat: Stat, metric: Metric, *, baseline: bool) -> str:
-    """One table cell: median (spread), and for non-baseline servers the ratio."""
+def cell(stat: Stat, metric: Metric, *, baseline: bool, values: bool = True) -> str:
+    """One table cell: median (spread), and for non-baseline servers the ratio.
+
+    Without ``values`` a non-baseline cell shows only the ratio (and its spread).
+    """
     if stat["median"] is None:
         return "n/a"
-    text = _fmt(stat["median"], metric.spec)
+    text = _fmt(stat["median"], metric.spec) if values or baseline else ""
     if len(stat["values"]) > 1 and baseline:
         text += f" ({_fmt(stat['min'], metric.spec)}{DASH}{_fmt(stat['max'], metric.spec)})"
     if not baseline and metric.better != "info" and stat["ratio_median"] is not None:
-        text += f" \u00b7 **{stat['ratio_median']:.2f}{TIMES}**"
+        text += (
+            f" \u00b7 **{stat['ratio_median']:.2f}{TIMES}**"
+            if text
+            else (f"**{stat['ratio_median']:.2f}{TIMES}**")
+        )
         if len(stat["ratios"]) > 1:
             text += f" ({stat['ratio_min']:.2f}{DASH}{stat['ratio_max']:.2f})"
+    if not text:
+        text = "n/a"
     if stat["generator_saturated"]:
         text += f" {WARN}"
     if stat["contended"]:
@@ -144,27 +167,40 @@ def cell(stat: Stat, metric: Metric, *, baseline: bool) -> str:
     return text
 
 
-def _column_order(servers: Sequence[str]) -> list[str]:
-    """The baseline first, then the others in suite order."""
-    rest = [s for s in (*SERVERS, *EXTRA_SERVERS) if s in servers and s != BASELINE]
-    return [BASELINE, *rest] if BASELINE in servers else rest
+def _column_order(servers: Sequence[str], baseline: str | None) -> list[str]:
+    """The baseline first, then the others in suite order, then ``--compare`` revisions."""
+    known = [s for s in (*SERVERS, *EXTRA_SERVERS) if s in servers]
+    rest = [s for s in (*known, *(s for s in servers if s not in known)) if s != baseline]
+    return [baseline, *rest] if baseline is not None and baseline in servers else rest
 
 
 def results_table(
     scenarios: Sequence[Scenario],
-    summary: dict[str, dict[str, dict[str, Stat]]],
+    summary: Summary,
     servers: Sequence[str],
+    baseline: str | None,
+    *,
+    values: bool = True,
 ) -> list[str]:
-    """The main table: one row per scenario and figure, one column per server."""
-    columns = _column_order(servers)
+    """One row per scenario and figure, one column per server, ratios to ``baseline``.
+
+    Without ``values`` the other servers' cells show only their ratios.
+    """
+    columns = _column_order(servers, baseline)
+    heads = [f"{s} (reference)" if s == baseline else s for s in columns]
     lines = [
-        "| scenario | figure | " + " | ".join(columns) + " |",
+        "| scenario | figure | " + " | ".join(heads) + " |",
         "|---|---|" + "---|" * len(columns),
     ]
     for scenario in scenarios:
         for metric in (m for m in METRICS if m.shown(scenario)):
             cells = [
-                cell(summary[scenario.key][s][metric.key], metric, baseline=s == BASELINE)
+                cell(
+                    summary[scenario.key][s][metric.key],
+                    metric,
+                    baseline=s == baseline,
+                    values=values,
+                )
                 for s in columns
             ]
             title = f"**{scenario.key}** {scenario.title}"
@@ -237,15 +273,41 @@ def tls_summary(runs: Sequence[Record]) -> str:
     return "; ".join(seen) or "n/a"
 
 
+def how_to_read(baseline: str | None) -> str:
+    """What the main table's cells mean."""
+    if baseline is None:
+        return (
+            "Each cell is the median across repetitions, with its spread (min"
+            f"{DASH}max). No reference server ran (see `--baseline`), so there are no "
+            f"ratios. {UP} higher is better, {DOWN} lower is better. {LEGEND}"
+        )
+    return (
+        f"Reference for every ratio in this table and in the plot: **{baseline}**. Each cell "
+        f"is the median across repetitions. For {baseline} the spread (min{DASH}max) "
+        f"follows; for the others, the ratio to {baseline} measured in the same repetition "
+        f"(median of the per-repetition ratios, then their min{DASH}max). {UP} higher is "
+        f"better, {DOWN} lower is better; ratios are always server {DIVIDE} {baseline}. {LEGEND}"
+    )
+
+
+LEGEND = (
+    f"{WARN}: in at least one repetition the generator's core was {SATURATED_PCT} busy, so "
+    "that throughput may be the generator's limit, not the server's. "
+    f"{DAGGER}: in at least one repetition other processes on the machine used 10 % or more "
+    "of a core (after the allowed runs-again)."
+)
+
+
 def markdown(
     meta: dict[str, Any],
     scenarios: Sequence[Scenario],
     runs: Sequence[Record],
-    summary: dict[str, dict[str, dict[str, Stat]]],
+    summaries: dict[str | None, Summary],
     strace: Sequence[Record],
 ) -> str:
-    """The whole Markdown report."""
+    """The whole Markdown report; ``summaries`` holds one summary per baseline, main first."""
     servers = meta["servers"]
+    main_baseline, *other_baselines = list(summaries)
     v = meta["versions"]
     pinned = (
         "server pinned to CPU 0, load generator to CPU 1 (taskset)"
@@ -265,16 +327,6 @@ def markdown(
         f"load generator ({loadgen_ssl}); kernel {v['kernel']}; {v.get('cpu', '?')}, "
         f"{meta['cpus']} CPUs."
     )
-    how_to_read = (
-        f"Each cell is the median across repetitions. For {BASELINE} the spread (min{DASH}max) "
-        f"follows; for the others, the ratio to {BASELINE} measured in the same repetition "
-        f"(median of the per-repetition ratios, then their min{DASH}max). {UP} higher is better, "
-        f"{DOWN} lower is better; ratios are always server {DIVIDE} {BASELINE}. {WARN}: in at "
-        f"least one repetition the generator's core was {SATURATED_PCT} busy, so that "
-        f"throughput may be the generator's limit, not the server's. {DAGGER}: in at least one "
-        "repetition other processes on the machine used 10 % or more of a core (after the "
-        "allowed runs-again)."
-    )
     headroom = (
         "Share of the measured wall time each pinned core spent running the process "
         f"(CPU time {DIVIDE} wall time); for the server also the part of it in user space "
@@ -289,18 +341,36 @@ def markdown(
         "",
         run_line,
         "",
-        f"Servers: {'; '.join(f'**{s}**: {SERVER_TITLES[s]}' for s in servers)}.",
+        "Servers: "
+        + "; ".join(f"**{s}**: {server_title(s, meta.get('compare'))}" for s in servers)
+        + ".",
         "",
         version_line,
         "",
         f"Negotiated TLS: {tls_summary(runs)}.",
         "",
-        "## Results",
+        f"## Results{f' (ratios to {main_baseline})' if main_baseline else ''}",
         "",
-        how_to_read,
+        how_to_read(main_baseline),
         "",
-        *results_table(scenarios, summary, servers),
+        *results_table(scenarios, summaries[main_baseline], servers, main_baseline),
         "",
+    ]
+    for other in other_baselines:
+        out += [
+            f"## Ratios to {other}",
+            "",
+            (
+                f"The same runs, with **{other}** as the reference: its median (min{DASH}max), "
+                f"and for every other server the median of its per-repetition ratios to "
+                f"{other} (min{DASH}max). {UP} higher is better, {DOWN} lower is better; "
+                f"{WARN} and {DAGGER} as above."
+            ),
+            "",
+            *results_table(scenarios, summaries[other], servers, other, values=False),
+            "",
+        ]
+    out += [
         "## Headroom",
         "",
         headroom,
@@ -335,11 +405,23 @@ def _ratio_ticks(low: float, high: float) -> list[float]:
     return [t for t in candidates if low <= t <= high]
 
 
+#: Bar colours; ``--compare`` revisions take the spare ones in turn.
+COLORS = {
+    "secure-echo": "#1f77b4",
+    "asyncio": "#ff7f0e",
+    "secure-echo-w2": "#2ca02c",
+    "lean": "#9467bd",
+    "textbook": "#8c564b",
+}
+SPARE_COLORS = ("#7f7f7f", "#17becf", "#bcbd22", "#e377c2", "#d62728")
+
+
 def plot(
     path: Path,
     meta: dict[str, Any],
     scenarios: Sequence[Scenario],
-    summary: dict[str, dict[str, dict[str, Stat]]],
+    summary: Summary,
+    baseline: str | None,
 ) -> Path | None:
     """Bars of the median ratios (log scale, drawn from 1) with min-max whiskers.
 
@@ -354,7 +436,7 @@ def plot(
     except ImportError:
         print("warning: matplotlib missing (pip install -e '.[bench]'); no PNG written")
         return None
-    others = [s for s in (*SERVERS, *EXTRA_SERVERS) if s in meta["servers"] and s != BASELINE]
+    others = [s for s in _column_order(meta["servers"], baseline) if s != baseline]
     panels = [
         (
             better,
@@ -368,13 +450,14 @@ def plot(
         for better in ("higher", "lower")
     ]
     panels = [(b, rows) for b, rows in panels if rows]
-    if not others or not panels:
+    if baseline is None or not others or not panels:
         return None
     fig, axes = plt.subplots(
         len(panels), 1, figsize=(14, 4.8 * len(panels)), squeeze=False, layout="constrained"
     )
     width = 0.8 / len(others)
-    colors = {"secure-echo": "#1f77b4", "asyncio": "#ff7f0e", "secure-echo-w2": "#2ca02c"}
+    spare = iter(SPARE_COLORS * len(others))
+    colors = {s: COLORS.get(s) or next(spare) for s in others}
     for ax, (better, rows) in zip(axes[:, 0], panels, strict=True):
         extremes = [1.0]
         for i, server in enumerate(others):
@@ -394,7 +477,7 @@ def plot(
                     [hi - m for m, hi in zip(medians, highs, strict=True)],
                 ],
                 capsize=3,
-                label=SERVER_TITLES[server],
+                label=f"{server}: {server_title(server, meta.get('compare'), brief=True)}",
                 color=colors.get(server),
             )
             names = [
@@ -414,26 +497,41 @@ def plot(
         ax.set_xticklabels(
             [f"{s.key}\n{textwrap.fill(label(m), 16)}" for s, m in rows], fontsize=8
         )
-        ax.set_ylabel(f"ratio to {BASELINE} (log scale)")
+        ax.set_ylabel(f"ratio to {baseline} (log scale)")
         ax.set_title(
-            f"{better} is better: server {DIVIDE} {BASELINE} in the same repetition; "
+            f"{better} is better: server {DIVIDE} {baseline} in the same repetition; "
             f"bar: median, whiskers: min{DASH}max over {meta['reps']} repetition(s)",
             fontsize=10,
         )
         ax.legend(fontsize=8)
-    fig.suptitle(f"secure-echo benchmark {meta['timestamp']}: ratios to {BASELINE} (= 1)")
+    fig.suptitle(f"secure-echo benchmark {meta['timestamp']}: ratios to {baseline} (= 1)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def rewrite(json_path: Path) -> Paths:
-    """Render the Markdown and PNG again from a JSON file this module wrote."""
+def rewrite(json_path: Path, baselines: Sequence[str] | None = None) -> Paths:
+    """Render the Markdown and PNG again from a JSON file this module wrote.
+
+    ``baselines`` replaces the reference servers the run chose (ValueError if one of
+    them did not run); the report then goes next to the original, as
+    ``<stem>-vs-<first baseline>``, and the original stays as it was.
+    """
     document = json.loads(json_path.read_text())
     meta = document["meta"]
+    if baselines is not None:
+        if missing := [b for b in baselines if b not in meta["servers"]]:
+            raise ValueError(
+                f"--baseline {','.join(missing)}: not among the servers of {json_path} "
+                f"({', '.join(meta['servers'])})"
+            )
+        meta = meta | {"baseline": baselines[0] if baselines else None, "baselines": baselines}
+        stem = json_path.with_name(f"{json_path.stem}-vs-{baselines[0] if baselines else 'none'}")
+    else:
+        stem = json_path.with_suffix("")
     keys = set(meta["scenarios"])
     chosen = [s for s in SCENARIOS if s.key in keys]
-    return write(json_path.with_suffix(""), meta, chosen, document["runs"], document["strace"])
+    return write(stem, meta, chosen, document["runs"], document["strace"])
 
 
 def write(
@@ -443,12 +541,24 @@ def write(
     runs: Sequence[Record],
     strace: Sequence[Record],
 ) -> Paths:
-    """Write ``stem``.md, .json and .png; return their paths."""
-    summary = summarize(scenarios, runs, meta["servers"])
+    """Write ``stem``.md, .json and .png; return their paths.
+
+    The JSON's ``summary`` holds the ratios to the main baseline, ``summaries`` those
+    to every baseline.
+    """
+    baselines: list[str | None] = [*baselines_of(meta)] or [None]
+    summaries = {b: summarize(scenarios, runs, meta["servers"], b) for b in baselines}
+    main = summaries[baselines[0]]
     md_path = stem.with_suffix(".md")
-    md_path.write_text(markdown(meta, scenarios, runs, summary, strace))
+    md_path.write_text(markdown(meta, scenarios, runs, summaries, strace))
     json_path = stem.with_suffix(".json")
-    document = {"meta": meta, "summary": summary, "runs": list(runs), "strace": list(strace)}
+    document = {
+        "meta": meta,
+        "summary": main,
+        "summaries": {b: summaries[b] for b in baselines if b is not None},
+        "runs": list(runs),
+        "strace": list(strace),
+    }
     json_path.write_text(json.dumps(document, indent=1, default=str) + "\n")
-    png_path = plot(stem.with_suffix(".png"), meta, scenarios, summary)
+    png_path = plot(stem.with_suffix(".png"), meta, scenarios, main, baselines[0])
     return Paths(md_path, json_path, png_path)

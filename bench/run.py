@@ -1,13 +1,16 @@
-"""Benchmark secure-echo against two peers on one machine, as same-run ratios.
+"""Benchmark secure-echo against other TLS line echoes on one machine, as same-run ratios.
 
     python bench/run.py [--quick] [--reps N] [--scenarios A,B,...] [--out bench/results]
+                        [--servers a,b,...] [--compare REV] [--baseline NAME[,NAME]]
 
 Builds the C load generator (``bench/loadgen/loadgen.c``, gcc + OpenSSL), makes a CA and
 an ECDSA P-256 server certificate in a temporary directory, then for each repetition,
 each scenario and each server (the servers' order rotated per repetition) starts a fresh
 server pinned to CPU 0, drives it from CPU 1 and records what the generator and
-``/proc`` say.  Writes ``<out>/<timestamp>.md``, ``.json`` and ``.png``.  See
-``bench/README.md`` for what each figure means and how to read the ratios.
+``/proc`` say.  ``--compare REV`` unpacks an earlier revision of secure-echo into the
+temporary directory and runs it as one more server, so a change is measured against its
+predecessor in the same run.  Writes ``<out>/<timestamp>.md``, ``.json`` and ``.png``.
+See ``bench/README.md`` for what each figure means and how to read the ratios.
 
 Everything talks to 127.0.0.1 only; every run is bounded in time and stops by itself.
 """
@@ -19,6 +22,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import ssl
 import subprocess
 import sys
@@ -30,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import procs
 import report
 from procs import BENCH, GENERATOR_CPU, ROOT, BenchError, Pinning, start_server
-from scenarios import BASELINE, EXTRA_SERVERS, SERVERS, Scenario, select
+from scenarios import BASELINES, COMPARE_PREFIX, EXTRA_SERVERS, SERVERS, Scenario, select
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -55,7 +59,10 @@ Record = dict[str, Any]
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(
-        description="Benchmark secure-echo against textbook Twisted and asyncio (ratios).",
+        description=(
+            "Benchmark secure-echo against textbook Twisted, asyncio and lean Twisted "
+            "(same-run ratios)."
+        ),
     )
     parser.add_argument(
         "--quick", action="store_true", help="1 repetition, short runs, scenarios A-D"
@@ -98,9 +105,25 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--servers",
         default=",".join(SERVERS),
         help=(
-            f"comma-separated subset of {','.join(SERVERS)} (ratios need {BASELINE}), "
+            f"comma-separated subset of {','.join(SERVERS)}, "
             f"plus optionally {','.join(EXTRA_SERVERS)}"
         ),
+    )
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="REV",
+        help=f"also run secure-echo as of git revision REV (as {COMPARE_PREFIX}<short rev>); "
+        "may be given more than once",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="NAME[,NAME]",
+        help="the reference servers of the ratios: the first for the main table and the "
+        "plot, each further one a ratio table of its own (default: "
+        f"{','.join(BASELINES)}, those of them that run); with --from-json, "
+        "render the ratios against these instead",
     )
     args = parser.parse_args(argv)
     args.reps = args.reps or (1 if args.quick else 3)
@@ -116,12 +139,41 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         args.scenario_list = select(args.scenarios, quick=args.quick)
     except ValueError as error:
         parser.error(str(error))
+    if args.reps < 1 or args.duration <= 0 or args.warmup < 0:
+        parser.error("--reps must be >= 1, --duration > 0, --warmup >= 0")
+    choose_servers(parser, args)
+    return args
+
+
+def choose_servers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill ``server_list``, ``revisions`` and ``baseline_list`` from the command line.
+
+    ``--compare`` revisions join the servers as ``secure-echo@<short rev>``.  Without
+    ``--baseline`` the reference servers are those of :data:`BASELINES` that run.
+    """
     args.server_list = [s.strip() for s in args.servers.split(",") if s.strip()]
     if unknown := set(args.server_list) - set(SERVERS) - set(EXTRA_SERVERS):
         parser.error(f"unknown server(s): {', '.join(sorted(unknown))}")
-    if args.reps < 1 or args.duration <= 0 or args.warmup < 0:
-        parser.error("--reps must be >= 1, --duration > 0, --warmup >= 0")
-    return args
+    args.baseline_list = (
+        [b.strip() for b in args.baseline.split(",") if b.strip()] if args.baseline else None
+    )
+    args.revisions = []
+    if args.from_json is not None:
+        return
+    for rev in args.compare:
+        try:
+            short = procs.resolve_revision(rev)[1]
+        except BenchError as error:
+            parser.error(str(error))
+        name = f"{COMPARE_PREFIX}{short}"
+        if name in args.server_list:
+            parser.error(f"--compare {rev}: {short} is named twice")
+        args.server_list.append(name)
+        args.revisions.append(rev)
+    if args.baseline_list is None:
+        args.baseline_list = [b for b in BASELINES if b in args.server_list]
+    elif missing := [b for b in args.baseline_list if b not in args.server_list]:
+        parser.error(f"--baseline {','.join(missing)}: not among the servers run")
 
 
 def raise_nofile() -> tuple[int, int]:
@@ -166,6 +218,25 @@ class Bench:
         self.runs: list[Record] = []
         self.retry_seconds_left: float = args.retry_budget
         self.strace: list[Record] = []
+        #: The source tree each ``--compare`` server runs from (others: this checkout).
+        self.revisions: dict[str, procs.Revision] = {}
+
+    def unpack_revisions(self) -> None:
+        """Unpack every ``--compare`` revision into the temporary directory."""
+        for rev in self.args.revisions:
+            revision = procs.unpack_revision(rev, self.tmp / "revisions")
+            self.revisions[revision.name] = revision
+            print(
+                f"{revision.name}: {revision.date} {revision.subject} "
+                f"(twistd loads {revision.service_module})",
+                flush=True,
+            )
+
+    def start(self, name: str, workdir: Path) -> procs.Server:
+        """Start server ``name``: from its revision's tree, if it is one."""
+        revision = self.revisions.get(name)
+        root = revision.root if revision is not None else ROOT
+        return start_server(name, self.pki, workdir, self.pinning, root)
 
     def loadgen_command(
         self, scenario: Scenario, port: int, warmup: float, duration: float
@@ -252,7 +323,7 @@ class Bench:
         if self.args.quiet_wait > 0:
             record["busy_before"] = procs.wait_until_quiet(self.args.quiet_wait, QUIET_BELOW)
         try:
-            server = start_server(name, self.pki, workdir, self.pinning)
+            server = self.start(name, workdir)
         except BenchError as error:
             record["error"] = str(error)
             return record
@@ -318,7 +389,7 @@ class Bench:
         record: Record = {"scenario": scenario.key, "server": name, "ok": False}
         workdir = self.tmp / f"strace-{name}"
         try:
-            server = start_server(name, self.pki, workdir, self.pinning)
+            server = self.start(name, workdir)
         except BenchError as error:
             record["error"] = str(error)
             return record
@@ -430,7 +501,7 @@ def other_load(record: Record) -> float:
 
 def describe(record: Record) -> str:
     """One progress line."""
-    head = f"{record['scenario']:<10} {record['server']:<12}"
+    head = f"{record['scenario']:<10} {record['server']:<19}"
     if not record["ok"]:
         return f"{head} FAILED: {record.get('error', '?').splitlines()[0]}"
     shown = {
@@ -447,9 +518,9 @@ def describe_strace(record: Record) -> str:
     """One progress line for an strace run."""
     if not record["ok"]:
         return (
-            f"strace B {record['server']:<12} FAILED: {record.get('error', '?').splitlines()[0]}"
+            f"strace B {record['server']:<19} FAILED: {record.get('error', '?').splitlines()[0]}"
         )
-    return f"strace B {record['server']:<12} syscalls/line={record['syscalls_per_line']:.2f}"
+    return f"strace B {record['server']:<19} syscalls/line={record['syscalls_per_line']:.2f}"
 
 
 def versions() -> dict[str, str]:
@@ -496,11 +567,19 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _exit_on_sigterm(_signum: int, _frame: object) -> None:
+    raise SystemExit(143)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the suite and write the report."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.from_json is not None:
-        paths = report.rewrite(args.from_json)
+        try:
+            paths = report.rewrite(args.from_json, args.baseline_list)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         print(paths.markdown.read_text())
         print(f"rewritten: {paths.markdown}" + (f", {paths.png}" if paths.png else ""))
         return 0
@@ -516,8 +595,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     pinning = Pinning.detect(want=not args.no_pin)
+    # SIGTERM ends the run like Ctrl-C: servers stopped, temporary trees removed.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     with tempfile.TemporaryDirectory(prefix="secure-echo-bench-") as tmp:
         bench = Bench(args, loadgen, pinning, Path(tmp))
+        try:
+            bench.unpack_revisions()
+        except BenchError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         bench.run_all()
     meta = {
         "timestamp": stamp,
@@ -528,7 +614,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "duration_s": args.duration,
         "scenarios": [s.key for s in args.scenario_list],
         "servers": args.server_list,
-        "baseline": BASELINE,
+        "baseline": args.baseline_list[0] if args.baseline_list else None,
+        "baselines": args.baseline_list,
+        "compare": {name: r.describe() for name, r in bench.revisions.items()},
         "pinned": pinning.enabled,
         "saturated_threshold": SATURATED,
         "contended_threshold": CONTENDED,

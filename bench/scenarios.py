@@ -9,9 +9,16 @@ Mode = Literal["pingpong", "handshake", "idle"]
 Better = Literal["higher", "lower", "info"]
 
 #: The servers compared, in the order of the first repetition.
-SERVERS: tuple[str, ...] = ("secure-echo", "textbook", "asyncio")
-#: Every ratio is a server's figure divided by this server's, from the same repetition.
-BASELINE = "textbook"
+SERVERS: tuple[str, ...] = ("secure-echo", "textbook", "asyncio", "lean")
+#: Every ratio is a server's figure divided by a reference server's, from the same
+#: repetition.  The first of these that ran is the reference of the main table and
+#: the plot; each further one that ran gets a table of ratios of its own
+#: (``--baseline`` chooses others).  textbook Twisted is the suite's long-standing
+#: reference; the asyncio peer is the one issue 13's targets are stated against.
+BASELINES: tuple[str, ...] = ("textbook", "asyncio")
+BASELINE = BASELINES[0]
+#: ``--compare REV`` runs that revision of secure-echo as a server of this name + rev.
+COMPARE_PREFIX = "secure-echo@"
 
 #: Servers ``--servers`` may add: secure-echo with ``--workers 2``, its processes free
 #: to run on both cores (so sharing the generator's), for measuring the scaling.
@@ -24,7 +31,30 @@ SERVER_TITLES = {
     "secure-echo-w2": "secure-echo --workers 2, on both cores (the generator's too)",
     "textbook": "textbook Twisted (LineReceiver, ssl: endpoint)",
     "asyncio": "asyncio Protocol + stdlib ssl",
+    "lean": "lean Twisted (TLS in a tcp.Server subclass, private cffi handles, no protections)",
 }
+
+
+def server_title(
+    name: str, compare: dict[str, dict[str, str]] | None = None, *, brief: bool = False
+) -> str:
+    """A server's description for the report; ``compare`` describes ``--compare`` servers.
+
+    ``brief`` leaves out a revision's commit subject (for the plot's legend).
+    """
+    if name in SERVER_TITLES:
+        return SERVER_TITLES[name]
+    info = (compare or {}).get(name)
+    if info is None:
+        return name
+    if brief:
+        return f"secure-echo as of {info['date']}, same options"
+    return f"secure-echo at {info['short']} ({info['date']}: {info['subject']}), same options"
+
+
+def is_daemon(name: str) -> bool:
+    """Whether ``name`` is secure-echo itself (this tree, a worker variant or a revision)."""
+    return name == "secure-echo" or name in WORKERS or name.startswith(COMPARE_PREFIX)
 
 
 @dataclass(frozen=True)
