@@ -143,23 +143,23 @@ def _fmt(value: float | None, spec: str) -> str:
 def cell(stat: Stat, metric: Metric, *, baseline: bool, values: bool = True) -> str:
     """One table cell: median (spread), and for non-baseline servers the ratio.
 
-    Without ``values`` a non-baseline cell shows only the ratio (and its spread).
+    Without ``values`` a non-baseline cell shows only the ratio (and its spread), or
+    the value of a figure that has no ratio (``resumed %``).
     """
     if stat["median"] is None:
         return "n/a"
-    text = _fmt(stat["median"], metric.spec) if values or baseline else ""
-    if len(stat["values"]) > 1 and baseline:
-        text += f" ({_fmt(stat['min'], metric.spec)}{DASH}{_fmt(stat['max'], metric.spec)})"
+    parts = []
+    if values or baseline or metric.better == "info":
+        value = _fmt(stat["median"], metric.spec)
+        if len(stat["values"]) > 1 and baseline:
+            value += f" ({_fmt(stat['min'], metric.spec)}{DASH}{_fmt(stat['max'], metric.spec)})"
+        parts.append(value)
     if not baseline and metric.better != "info" and stat["ratio_median"] is not None:
-        text += (
-            f" \u00b7 **{stat['ratio_median']:.2f}{TIMES}**"
-            if text
-            else (f"**{stat['ratio_median']:.2f}{TIMES}**")
-        )
+        ratio = f"**{stat['ratio_median']:.2f}{TIMES}**"
         if len(stat["ratios"]) > 1:
-            text += f" ({stat['ratio_min']:.2f}{DASH}{stat['ratio_max']:.2f})"
-    if not text:
-        text = "n/a"
+            ratio += f" ({stat['ratio_min']:.2f}{DASH}{stat['ratio_max']:.2f})"
+        parts.append(ratio)
+    text = " \u00b7 ".join(parts) or "n/a"
     if stat["generator_saturated"]:
         text += f" {WARN}"
     if stat["contended"]:
