@@ -503,7 +503,8 @@ def plot(
             f"bar: median, whiskers: min{DASH}max over {meta['reps']} repetition(s)",
             fontsize=10,
         )
-        ax.legend(fontsize=8)
+        if ax is axes[0, 0]:  # the same servers and colours in every panel
+            ax.legend(fontsize=8)
     fig.suptitle(f"secure-echo benchmark {meta['timestamp']}: ratios to {baseline} (= 1)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
