@@ -93,6 +93,10 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+#: The reactor daemons under test run on: the one the shipped units and the README
+#: name, unless ``$SECURE_ECHO_TEST_REACTOR`` names another (``default``: twistd's own).
+REACTOR = os.environ.get("SECURE_ECHO_TEST_REACTOR", "secure-echo-epoll")
+
 #: :data:`TWISTD` with SIGINT handled as in a process started from a terminal.
 TWISTD_SIGINT = (
     f"import signal; signal.signal(signal.SIGINT, signal.default_int_handler); {TWISTD}"
@@ -104,21 +108,24 @@ def twistd_command(
     sigint: bool = False,
     python: str | None = None,
     twistd_options: Sequence[str] = (),
+    reactor: str = REACTOR,
 ) -> list[str]:
     """The command line of ``twistd -n --pidfile= [OPTIONS] secure-echo ARGS``.
 
     ``sigint``: SIGINT is Python's default handler even if this process ignores it
     (a test runner started in the background), so twistd takes it as from a terminal.
     ``python``: another interpreter than this one; ``twistd_options`` go to twistd
-    itself (``--uid``).
+    itself (``--uid``); ``reactor`` is a ``--reactor`` name (``default``: none given).
     """
     code = TWISTD_SIGINT if sigint else TWISTD
+    chosen = () if reactor == "default" else (f"--reactor={reactor}",)
     return [
         python or sys.executable,
         "-c",
         code,
         "-n",
         "--pidfile=",
+        *chosen,
         *twistd_options,
         "secure-echo",
         *args,
@@ -177,13 +184,14 @@ class Daemon:
         env: dict[str, str] | None = None,
         python: str | None = None,
         twistd_options: Sequence[str] = (),
+        reactor: str = REACTOR,
     ) -> Daemon:
         """Start a daemon with ``args`` in ``directory`` and wait until it listens.
 
         ``--listen`` and ``--log-file`` are added; with ``log_to_stdout``,
         ``--log-stdout json`` instead of ``--log-file``, and the log is read from
         standard output.  ``env`` adds to the environment (``NOTIFY_SOCKET``);
-        ``python`` and ``twistd_options`` are :func:`twistd_command`'s.
+        ``python``, ``twistd_options`` and ``reactor`` are :func:`twistd_command`'s.
         SIGINT is handled as from a terminal (see
         :func:`twistd_command`).  Raises
         :class:`DaemonError` (after stopping the child) if no ``listening`` event
@@ -201,7 +209,13 @@ class Daemon:
         stdout = stdout_path.open("wb")
         stderr = stderr_path.open("wb")
         process = subprocess.Popen(
-            twistd_command(*full_args, sigint=True, python=python, twistd_options=twistd_options),
+            twistd_command(
+                *full_args,
+                sigint=True,
+                python=python,
+                twistd_options=twistd_options,
+                reactor=reactor,
+            ),
             cwd=directory,
             env=child_env(env),
             stdin=subprocess.DEVNULL,

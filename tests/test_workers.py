@@ -45,6 +45,7 @@ from secure_echo.daemon import maker
 from secure_echo.daemon import options as config
 from secure_echo.daemon.load import load
 from secure_echo.daemon.printconfig import effective_settings
+from secure_echo.daemon.reactor import DirectEPollReactor
 from secure_echo.daemon.sdnotify import Notifier
 from secure_echo.daemon.settings import FILE_KEYS
 from secure_echo.pool import maker as pool_maker
@@ -287,6 +288,15 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(factory.connections, set())
         self.assertEqual(factory._next_id(), "2-1")
         self.assertEqual(cast("Any", factory.app_factory).settings.info_fields, {"worker": 2})
+
+    def test_workers_run_on_the_supervisors_reactor(self) -> None:
+        """Under --reactor=secure-echo-epoll the workers are told to install it too."""
+        options = config.Options()
+        options.parseOptions([*self.tls, "--workers", "2"])
+        ours: Any = DirectEPollReactor.__new__(DirectEPollReactor)
+        for reactor, expected in ((ours, "secure-echo-epoll"), (MemoryReactorClock(), None)):
+            supervisor = WorkerSupervisor(reactor, 2, worker_values(options), handle_sighup=False)
+            self.assertEqual(supervisor.spec(1).reactor, expected)
 
     def test_connection_limit_split(self) -> None:
         """--max-connections is the pool's: each worker is started with its share."""
@@ -1091,6 +1101,14 @@ class WorkerProcessTests(SynchronousTestCase):
         assert process.stdout is not None
         (record,) = read_records(process.stdout, lambda r: r.get("event") == "worker_failed")
         self.assertIn(SPEC_ENV, record["error"])
+        self.assertEqual(process.wait(WAIT), 2)
+
+    def test_unknown_reactor(self) -> None:
+        """The spec's reactor is installed before anything runs; one that is not: status 2."""
+        process = self.spawn(WorkerSpec(1, self.values, reactor="no-such-reactor").to_json())
+        assert process.stdout is not None
+        (record,) = read_records(process.stdout, lambda r: r.get("event") == "worker_failed")
+        self.assertIn("no-such-reactor", record["error"])
         self.assertEqual(process.wait(WAIT), 2)
 
     def test_invalid_options(self) -> None:

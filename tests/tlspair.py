@@ -24,6 +24,7 @@ from secure_echo.tls.connection import TLSServerConnection
 from secure_echo.tls.factory import TLSServerFactory
 from secure_echo.tls.lifecycle import Phase
 from secure_echo.tls.policy import ContextHolder, TLSSettings, load_and_validate
+from secure_echo.tls.recordio import READ_SIZE, read_view
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -145,7 +146,13 @@ def server_factory(
 
 
 class TLSPair:
-    """One server connection and one stdlib client, pumped by hand."""
+    """One server connection and one stdlib client, pumped by hand.
+
+    ``via_buffer``: deliver the client's bytes as :class:`TLSStreamServer` does, through
+    the shared input buffer and ``received_into``, instead of ``dataReceived``.
+    """
+
+    via_buffer = False
 
     def __init__(
         self,
@@ -171,8 +178,24 @@ class TLSPair:
         """Move client ciphertext to the server; True if any moved."""
         data = self.outgoing.read()
         if data and self.server.phase is not Phase.CLOSED:
-            self.server.dataReceived(data)
+            if self.via_buffer:
+                self._through_buffer(data)
+            else:
+                self.server.dataReceived(data)
         return bool(data)
+
+    def _through_buffer(self, data: bytes) -> None:
+        """Deliver ``data`` read by read into the shared input buffer, as the stream does."""
+        view = read_view()
+        assert view is not None, "no shared input buffer without pyOpenSSL's handles"
+        for start in range(0, len(data), READ_SIZE):
+            piece = data[start : start + READ_SIZE]
+            # Bytes beyond the read are stale (an earlier read's): they must not be taken.
+            guard = min(len(view), len(piece) + 16)
+            view[:guard] = piece + b"\xee" * (guard - len(piece))
+            self.server.received_into(len(piece))
+            if self.server.phase is Phase.CLOSED:
+                return
 
     def to_client(self) -> bool:
         """Move server ciphertext to the client; True if any moved."""

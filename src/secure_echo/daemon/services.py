@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from typing_extensions import override
 
 from secure_echo.edge.addresses import format_address
+from secure_echo.tls.stream import use_stream_transport
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -100,6 +101,7 @@ class ListeningService(Service):
             result = outcome[0] if outcome else None
             if not isinstance(result, Failure) and result is not None:
                 port: IListeningPort = result  # type: ignore[assignment]
+                use_stream_transport(port)
                 self.ports.append(port)
                 host = port.getHost()
                 self.log.info(

@@ -141,6 +141,9 @@ class WorkerSpec:
     #: Bytes of records kept for a pipe that does not take them.
     log_buffer: int = LOG_BUFFER_BYTES
     tls_files: tuple[TLSFileCopy, ...] = ()
+    #: The twistd reactor name the worker installs (the supervisor's own, when it
+    #: runs on one of ours); None: Twisted's default.
+    reactor: str | None = None
 
     def to_json(self) -> str:
         """The spec as one line of JSON."""
@@ -153,6 +156,7 @@ class WorkerSpec:
                 "command_line": dict(self.command_line),
                 "log_buffer": self.log_buffer,
                 "tls_files": [[c.path, c.fd] for c in self.tls_files],
+                "reactor": self.reactor,
             },
             separators=(",", ":"),
         )
@@ -172,10 +176,14 @@ class WorkerSpec:
             command_line = data["command_line"]
             log_buffer = int(data.get("log_buffer", LOG_BUFFER_BYTES))
             copies = tuple(TLSFileCopy(str(p), int(fd)) for p, fd in data.get("tls_files", ()))
+            reactor = data.get("reactor")
         except (ValueError, TypeError, KeyError, AttributeError) as error:
             msg = f"${SPEC_ENV} is not a worker spec ({type(error).__name__}: {error})"
             raise ValueError(msg) from None
         _check(index, values, command_line, sockets, log_buffer)
+        if reactor is not None and not isinstance(reactor, str):
+            msg = f"${SPEC_ENV}: reactor must be a reactor name, not {reactor!r}"
+            raise ValueError(msg)
         # JSON has no tuples; the command line keeps repeatable options as tuples.
         restored = {k: tuple(v) if isinstance(v, list) else v for k, v in command_line.items()}
         return cls(
@@ -186,6 +194,7 @@ class WorkerSpec:
             MappingProxyType(restored),
             log_buffer,
             copies,
+            reactor,
         )
 
 

@@ -17,6 +17,8 @@ from twisted.application.service import Service
 from twisted.internet import defer, error, tcp, unix
 from typing_extensions import override
 
+from secure_echo.tls.stream import use_stream_transport
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
@@ -79,9 +81,9 @@ def adopt_port(reactor: Any, shared: SharedSocket, factory: IProtocolFactory) ->
         )
         unix_port.startListening()
         return cast("IListeningPort", unix_port)
-    return cast(
-        "IListeningPort", reactor.adoptStreamPort(shared.fd, shared.address_family, factory)
-    )
+    port = reactor.adoptStreamPort(shared.fd, shared.address_family, factory)
+    use_stream_transport(port)
+    return cast("IListeningPort", port)
 
 
 class SharedPortsService(Service):

@@ -56,6 +56,7 @@ from typing_extensions import override
 
 import secure_echo
 from secure_echo.daemon.configfile import Kind
+from secure_echo.daemon.reactor import name_of
 from secure_echo.daemon.services import ListeningService
 from secure_echo.edge.addresses import format_address
 from secure_echo.pool.contract import (
@@ -375,6 +376,8 @@ class WorkerSupervisor(Service):
             self._command_line,
             self.log_buffer,
             copies,
+            # The workers run on the supervisor's reactor, when it is one of ours.
+            name_of(self._reactor),
         )
 
     def prepare(self, index: int) -> tuple[WorkerSpec, list[int]]:

@@ -28,6 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from twisted.application.reactors import NoSuchReactor, installReactor
 from twisted.internet import error
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.main import CONNECTION_DONE
@@ -290,6 +291,17 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: ARG001 - argv is fo
         observer.pipe.drain()
         return EXIT_CANNOT_START
     observer.pipe.limit = spec.log_buffer
+    if spec.reactor is not None:
+        try:
+            installReactor(spec.reactor)
+        except (NoSuchReactor, ImportError, error.ReactorAlreadyInstalledError) as problem:
+            log.error(
+                "worker cannot start: {error}",
+                event=FAILED_EVENT,
+                error=f"reactor {spec.reactor!r}: {problem}",
+            )
+            observer.pipe.drain()
+            return EXIT_CANNOT_START
     # Installed here, in the process that runs it; never at import.
     from twisted.internet import reactor  # noqa: PLC0415
 

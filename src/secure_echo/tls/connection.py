@@ -52,7 +52,7 @@ from secure_echo.tls.lifecycle import Action, Event, Phase, next_reason, step
 from secure_echo.tls.notes import HandshakeNotes
 from secure_echo.tls.readgate import ReadGate
 from secure_echo.tls.record import ConnectionRecord
-from secure_echo.tls.recordio import record_io
+from secure_echo.tls.recordio import input_bytes, record_io
 from secure_echo.tls.writer import StreamWriter
 
 if TYPE_CHECKING:
@@ -201,6 +201,15 @@ class TLSServerConnection(TwistedProtocol):
             self._read_application_data()
             return
         self._data_outside_open(data)
+
+    def received_into(self, count: int) -> None:
+        """``count`` bytes arrived in the shared input buffer (:mod:`secure_echo.tls.stream`)."""
+        if self._phase is _OPEN:
+            self._deadlines.last_read = self.factory.clock.seconds()
+            self._io.feed_input(count)
+            self._read_application_data()
+            return
+        self._data_outside_open(input_bytes(count))
 
     def _data_outside_open(self, data: bytes) -> None:
         """Bytes before the handshake is done, or after reading should have stopped."""

@@ -40,6 +40,21 @@ _buffer: Any = _ffi.new("char[]", _BUFFER_SIZE) if FAST_AVAILABLE else None
 _RECORD_ROOM: Final = 1 << 14
 #: Bytes asked of one public-API read.
 _PUBLIC_READ: Final = 65536
+#: Bytes one socket read asks for (Twisted's own ``bufferSize``).
+READ_SIZE: Final = 65536
+#: Where the stream transport reads into (:mod:`secure_echo.tls.stream`), so that
+#: OpenSSL takes the bytes from there: shared, as the reactor runs one read at a time.
+_input: Any = _ffi.new("char[]", READ_SIZE) if FAST_AVAILABLE else None
+
+
+def read_view() -> memoryview | None:
+    """The input buffer as a writable view, for ``recv_into`` (None without it)."""
+    return None if _input is None else memoryview(_ffi.buffer(_input))
+
+
+def input_bytes(count: int) -> bytes:
+    """The first ``count`` bytes of the input buffer, copied."""
+    return bytes(_ffi.buffer(_input, count))
 
 
 class RecordIO(Protocol):
@@ -47,6 +62,9 @@ class RecordIO(Protocol):
 
     def feed(self, data: bytes) -> None:
         """Give the connection ciphertext received from the client."""
+
+    def feed_input(self, count: int) -> None:
+        """Give the connection the first ``count`` bytes of the shared input buffer."""
 
     def read(self) -> tuple[list[bytes], bool, SSL.Error | None]:
         """Return the plaintext, whether close_notify came, and what broke the stream.
@@ -81,6 +99,10 @@ class FastRecordIO:
     def feed(self, data: bytes) -> None:
         """Write to the incoming memory BIO (it takes everything)."""
         _lib.BIO_write(self._into, data, len(data))
+
+    def feed_input(self, count: int) -> None:
+        """Write the input buffer's first ``count`` bytes to the incoming memory BIO."""
+        _lib.BIO_write(self._into, _input, count)
 
     def read(self) -> tuple[list[bytes], bool, SSL.Error | None]:
         """SSL_read until OpenSSL wants more input; no exception on the way.
@@ -167,6 +189,10 @@ class PublicRecordIO:
     def feed(self, data: bytes) -> None:
         """Write to the incoming memory BIO."""
         self._connection.bio_write(data)
+
+    def feed_input(self, count: int) -> None:
+        """Write the input buffer's first ``count`` bytes to the incoming memory BIO."""
+        self._connection.bio_write(input_bytes(count))
 
     def read(self) -> tuple[list[bytes], bool, SSL.Error | None]:
         """Recv until ``WantReadError`` (or close_notify, or an error)."""

@@ -1,0 +1,77 @@
+"""The TCP transport of a TLS connection: each read lands where OpenSSL takes it.
+
+Twisted's ``tcp.Server.doRead`` asks the socket for ``recv(65536)``: a new 64 KiB
+``bytes`` per read, shrunk to what arrived, handed to the protocol, which copies it
+into OpenSSL's memory BIO.  :class:`TLSStreamServer` reads with ``recv_into`` into
+one buffer shared by every connection (the reactor runs one ``doRead`` at a time)
+and, when its protocol can take it from there (:class:`BufferReader`, the TLS
+connection), tells it only how many bytes arrived; OpenSSL reads them from the
+buffer.  Any other protocol (the PROXY protocol reader, before its hand-over) gets
+``bytes`` as usual.
+
+Everything else is Twisted's ``tcp.Server``: writing, closing, half-close, producers.
+:func:`use_stream_transport` makes a listening port build these instead of
+``tcp.Server`` (``tcp.Port.transport`` is the class it instantiates per accepted
+socket); ports of other kinds (UNIX) keep theirs.
+
+Contract of ``doRead`` (Twisted's own): ``None`` after a read, ``CONNECTION_DONE``
+at end of input, ``CONNECTION_LOST`` on a socket error; ``EWOULDBLOCK`` is not an
+error.
+"""
+
+from __future__ import annotations
+
+from errno import EWOULDBLOCK
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+from twisted.internet import main, tcp
+
+from secure_echo.tls.recordio import READ_SIZE, read_view
+
+if TYPE_CHECKING:
+    from twisted.internet.error import ConnectionDone, ConnectionLost
+
+
+class BufferReader(Protocol):
+    """A protocol that takes a read from the shared buffer itself."""
+
+    def received_into(self, count: int) -> None:
+        """``count`` bytes were read into the record I/O's input buffer."""
+
+
+class TLSStreamServer(tcp.Server):
+    """``tcp.Server`` reading into the shared input buffer (see the module docstring)."""
+
+    def doRead(self) -> ConnectionLost | ConnectionDone | None:  # type: ignore[override]
+        """Read once; hand the bytes to the protocol, by count if it can take them so."""
+        view: Any = _VIEW
+        try:
+            count = self.socket.recv_into(view, READ_SIZE)
+        except OSError as error:
+            if error.args[0] == EWOULDBLOCK:
+                return None
+            return main.CONNECTION_LOST
+        if not count:
+            return main.CONNECTION_DONE
+        protocol = self.protocol
+        received = getattr(protocol, "received_into", None)
+        if received is not None:
+            received(count)
+        else:
+            protocol.dataReceived(view[:count].tobytes())
+        return None
+
+
+_VIEW: Final = read_view()
+
+
+def use_stream_transport(port: object) -> bool:
+    """Make ``port`` (a listening TCP port) accept into :class:`TLSStreamServer`\\ s.
+
+    True if it does now; False for a port that is not Twisted's plain TCP one, or
+    when the record I/O has no shared buffer (pyOpenSSL without its cffi handles).
+    """
+    if _VIEW is None or type(port) is not tcp.Port or port.transport is not tcp.Server:
+        return False
+    port.transport = TLSStreamServer
+    return True

@@ -1,0 +1,165 @@
+"""The TCP transport that reads into the shared input buffer (:mod:`secure_echo.tls.stream`).
+
+The TLS connection's own suites run again with every read delivered through the
+buffer (``received_into``), as :class:`TLSStreamServer` delivers it; ``doRead`` is
+tested on real sockets, and :func:`use_stream_transport` on real ports.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Any
+
+from twisted.internet import main, tcp, unix
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactor
+from twisted.trial.unittest import SynchronousTestCase
+
+from secure_echo.tls.recordio import READ_SIZE, input_bytes
+from secure_echo.tls.stream import TLSStreamServer, use_stream_transport
+from tests import test_transport
+from tests.tlspair import TLSPair
+
+
+class BufferedEchoOverTLSTests(test_transport.EchoOverTLSTests):
+    """The echo, close and error cases with reads delivered through the buffer."""
+
+    def setUp(self) -> None:
+        self.patch(TLSPair, "via_buffer", True)
+        super().setUp()
+
+
+class BufferedHandshakeTests(test_transport.HandshakeTests):
+    """The handshake cases with reads delivered through the buffer."""
+
+    def setUp(self) -> None:
+        self.patch(TLSPair, "via_buffer", True)
+        super().setUp()
+
+
+class BufferedFlowControlTests(test_transport.FlowControlTests):
+    """Flow control with reads delivered through the buffer."""
+
+    def setUp(self) -> None:
+        self.patch(TLSPair, "via_buffer", True)
+        super().setUp()
+
+
+class _Counting(Protocol):
+    """Takes reads by count, as the TLS connection does."""
+
+    def __init__(self) -> None:
+        self.reads: list[bytes] = []
+
+    def received_into(self, count: int) -> None:
+        self.reads.append(input_bytes(count))
+
+
+class _Plain(Protocol):
+    """Takes reads as bytes, as every other protocol does."""
+
+    def __init__(self) -> None:
+        self.reads: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.reads.append(data)
+
+
+class DoReadTests(SynchronousTestCase):
+    """``doRead`` on a connected socket pair, one call at a time."""
+
+    def server(self, protocol: Protocol) -> tuple[TLSStreamServer, socket.socket]:
+        ours, peer = socket.socketpair()
+        self.addCleanup(peer.close)
+        self.addCleanup(ours.close)
+        no_port: Any = None
+        transport = TLSStreamServer(ours, protocol, ("127.0.0.1", 1), no_port, 1, MemoryReactor())
+        protocol.makeConnection(transport)
+        return transport, peer
+
+    def test_by_count(self) -> None:
+        """A protocol with ``received_into`` gets the count; the buffer holds the bytes."""
+        protocol = _Counting()
+        transport, peer = self.server(protocol)
+        peer.sendall(b"first read")
+        self.assertIsNone(transport.doRead())
+        peer.sendall(b"2nd")
+        self.assertIsNone(transport.doRead())
+        self.assertEqual(protocol.reads, [b"first read", b"2nd"])
+
+    def test_as_bytes(self) -> None:
+        """Any other protocol gets ``bytes`` of exactly what arrived."""
+        protocol = _Plain()
+        transport, peer = self.server(protocol)
+        peer.sendall(b"hello")
+        self.assertIsNone(transport.doRead())
+        self.assertEqual(protocol.reads, [b"hello"])
+        self.assertIs(type(protocol.reads[0]), bytes)
+
+    def test_at_most_one_buffer(self) -> None:
+        """One read takes at most the buffer; the rest is the next read's."""
+        protocol = _Plain()
+        transport, peer = self.server(protocol)
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * READ_SIZE)
+        data = bytes(range(256)) * (READ_SIZE // 256 + 4)
+        peer.sendall(data)
+        while transport.doRead() is None and sum(map(len, protocol.reads)) < len(data):
+            pass
+        self.assertTrue(all(len(r) <= READ_SIZE for r in protocol.reads))
+        self.assertEqual(b"".join(protocol.reads), data)
+
+    def test_end_of_input(self) -> None:
+        """A FIN is CONNECTION_DONE (then readConnectionLost or connectionLost)."""
+        transport, peer = self.server(_Plain())
+        peer.shutdown(socket.SHUT_WR)
+        self.assertIs(transport.doRead(), main.CONNECTION_DONE)
+
+    def test_nothing_to_read(self) -> None:
+        """EWOULDBLOCK is not an error: nothing happens."""
+        protocol = _Plain()
+        transport, _ = self.server(protocol)
+        self.assertIsNone(transport.doRead())
+        self.assertEqual(protocol.reads, [])
+
+    def test_socket_error(self) -> None:
+        """Any other error (a reset) is CONNECTION_LOST."""
+        transport, _ = self.server(_Plain())
+        failing: Any = _FailingSocket(errno.ECONNRESET)
+        transport.socket = failing
+        self.assertIs(transport.doRead(), main.CONNECTION_LOST)
+
+
+class _FailingSocket:
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def recv_into(self, view: Any, size: int) -> int:  # noqa: ARG002
+        raise OSError(self.code, "failed")
+
+    def fileno(self) -> int:
+        return -1
+
+
+class UseStreamTransportTests(SynchronousTestCase):
+    """Which listening ports get the stream transport."""
+
+    def test_tcp_port(self) -> None:
+        """Twisted's TCP port builds TLSStreamServers from then on."""
+        port = tcp.Port(0, Factory(), reactor=MemoryReactor())
+        self.assertTrue(use_stream_transport(port))
+        self.assertIs(port.transport, TLSStreamServer)
+        self.assertFalse(use_stream_transport(port), "already done")
+
+    def test_other_ports(self) -> None:
+        """UNIX ports, TCP port subclasses and other objects are left alone."""
+
+        class OwnPort(tcp.Port):
+            pass
+
+        unix_port = unix.Port(b"/nonexistent", Factory(), reactor=MemoryReactor())
+        own = OwnPort(0, Factory(), reactor=MemoryReactor())
+        for port in (unix_port, own, object()):
+            self.assertFalse(use_stream_transport(port))
+        self.assertIs(unix_port.transport, unix.Server)
+        self.assertIs(own.transport, tcp.Server)
