@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from scenarios import COMPARE_PREFIX, WORKERS, is_daemon
+from scenarios import COMPARE_PREFIX, DEFAULT_REACTOR_SERVERS, REACTOR, WORKERS, is_daemon
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -240,18 +240,34 @@ def make_pki(directory: Path) -> PKI:
     return pki
 
 
-def server_command(name: str, pki: PKI, workdir: Path) -> list[str]:
-    """The command line of server ``name``."""
+def has_reactor(root: Path) -> bool:
+    """Whether the secure-echo tree in ``root`` registers ``--reactor=secure-echo-epoll``."""
+    plugin = root / "twisted" / "plugins" / "secure_echo_plugin.py"
+    return plugin.exists() and f'"{REACTOR}"' in plugin.read_text(errors="replace")
+
+
+def server_command(name: str, pki: PKI, workdir: Path, root: Path = ROOT) -> list[str]:
+    """The command line of server ``name`` (a secure-echo one running the tree in ``root``)."""
     cert, key = str(pki.server_cert), str(pki.server_key)
     if name in WORKERS:
-        return [*server_command("secure-echo", pki, workdir), "--workers", str(WORKERS[name])]
+        return [
+            *server_command("secure-echo", pki, workdir, root),
+            "--workers",
+            str(WORKERS[name]),
+        ]
     if is_daemon(name):
+        reactor = (
+            [f"--reactor={REACTOR}"]
+            if name not in DEFAULT_REACTOR_SERVERS and has_reactor(root)
+            else []
+        )
         return [
             sys.executable,
             "-c",
             TWISTD,
             "-n",
             "--pidfile=",
+            *reactor,
             "secure-echo",
             "--cert",
             cert,
@@ -337,7 +353,7 @@ def start_server(
     stdout = (workdir / "stdout.txt").open("wb")
     stderr = (workdir / "stderr.txt").open("wb")
     process = subprocess.Popen(
-        [*pinning.prefix(*cpus), *server_command(name, pki, workdir)],
+        [*pinning.prefix(*cpus), *server_command(name, pki, workdir, root)],
         cwd=workdir,
         env=child_env(root),
         stdin=subprocess.DEVNULL,

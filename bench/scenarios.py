@@ -22,13 +22,19 @@ COMPARE_PREFIX = "secure-echo@"
 
 #: Servers ``--servers`` may add: secure-echo with ``--workers 2``, its processes free
 #: to run on both cores (so sharing the generator's), for measuring the scaling.
-EXTRA_SERVERS: tuple[str, ...] = ("secure-echo-w2",)
+EXTRA_SERVERS: tuple[str, ...] = ("secure-echo-w2", "secure-echo-twisted-epoll")
 #: Worker processes of each extra server.
 WORKERS = {"secure-echo-w2": 2}
+#: The ``--reactor`` secure-echo runs on, as shipped (README, systemd unit, Kubernetes),
+#: when its tree has it; revisions from before it run on Twisted's default.
+REACTOR = "secure-echo-epoll"
+#: secure-echo on Twisted's own epoll reactor: what ``--reactor`` is worth, in one run.
+DEFAULT_REACTOR_SERVERS: tuple[str, ...] = ("secure-echo-twisted-epoll",)
 
 SERVER_TITLES = {
     "secure-echo": "secure-echo (twistd, JSON logging)",
     "secure-echo-w2": "secure-echo --workers 2, on both cores (the generator's too)",
+    "secure-echo-twisted-epoll": "secure-echo on Twisted's own epoll reactor (no --reactor)",
     "textbook": "textbook Twisted (LineReceiver, ssl: endpoint)",
     "asyncio": "asyncio Protocol + stdlib ssl",
     "lean": "lean Twisted (TLS in a tcp.Server subclass, private cffi handles, no protections)",
@@ -54,7 +60,12 @@ def server_title(
 
 def is_daemon(name: str) -> bool:
     """Whether ``name`` is secure-echo itself (this tree, a worker variant or a revision)."""
-    return name == "secure-echo" or name in WORKERS or name.startswith(COMPARE_PREFIX)
+    return (
+        name == "secure-echo"
+        or name in WORKERS
+        or name in DEFAULT_REACTOR_SERVERS
+        or name.startswith(COMPARE_PREFIX)
+    )
 
 
 @dataclass(frozen=True)

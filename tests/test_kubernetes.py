@@ -527,8 +527,11 @@ class DeploymentArgsTests(SynchronousTestCase):
         self.container = container()
 
     def test_runs_twistd_in_the_foreground(self) -> None:
-        """The command is ``twistd -n --pidfile= secure-echo``: no fork, no pid file."""
-        self.assertEqual(self.container["command"], ["twistd", "-n", "--pidfile=", "secure-echo"])
+        """``twistd -n --pidfile= --reactor=secure-echo-epoll secure-echo``: in the foreground."""
+        self.assertEqual(
+            self.container["command"],
+            ["twistd", "-n", "--pidfile=", "--reactor=secure-echo-epoll", "secure-echo"],
+        )
 
     def test_args_are_accepted(self) -> None:
         """The parser takes the args: one process, JSON on stdout, reload polling, no dev certs."""

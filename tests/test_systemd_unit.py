@@ -50,7 +50,9 @@ class UnitFileTests(SynchronousTestCase):
         """The daemon runs under twistd -n, no pid file, notifying systemd (Type=notify)."""
         (exec_start,) = self.directives["ExecStart"]
         argv = exec_start.split()
-        self.assertEqual(argv[:4], [TWISTD, "-n", "--pidfile=", "secure-echo"])
+        self.assertEqual(
+            argv[:5], [TWISTD, "-n", "--pidfile=", "--reactor=secure-echo-epoll", "secure-echo"]
+        )
         self.assertEqual(self.directives["Type"], ["notify"])
         self.assertEqual(self.directives["NotifyAccess"], ["main"])
         self.assertTrue(self.directives["WatchdogSec"])
