@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from secure_echo.line.framing import CRLF, LF, OVERLONG, LineFramer, terminator_of
+from secure_echo.line import framing
+from secure_echo.line.framing import CRLF, LF, OVERLONG, LineFramer, count_lines, terminator_of
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -453,3 +454,67 @@ class PropertyTests(SynchronousTestCase):
         events = frame(LineFramer(limit), pieces)
         tail = data.rsplit(LF, 1)[-1]
         self.assertEqual(len(events), data.count(LF) + (1 if tail else 0))
+
+
+@st.composite
+def line_runs(draw: st.DrawFn) -> tuple[bytes, int]:
+    """Bytes with LFs at lengths around the search threshold, and an end just after one."""
+    lengths = st.one_of(
+        st.integers(min_value=0, max_value=8),
+        st.integers(min_value=framing._FIND_FROM - 3, max_value=framing._FIND_FROM + 3),
+        st.integers(min_value=0, max_value=2000),
+    )
+    lines = draw(st.lists(lengths, min_size=1, max_size=framing._MAX_FINDS + 20))
+    data = b"".join(b"x" * size + LF for size in lines)
+    end = draw(st.integers(min_value=1, max_value=len(data)))
+    end = data.rfind(LF, 0, end) + 1 or data.find(LF) + 1
+    extra = draw(st.binary(max_size=8))
+    return data + extra, end
+
+
+class CountLinesTests(SynchronousTestCase):
+    """``count_lines`` is ``bytes.count`` by another road."""
+
+    @PROPERTY
+    @given(line_runs())
+    def test_same_as_count(self, case: tuple[bytes, int]) -> None:
+        """Whatever the line lengths, the LFs before ``end`` are all counted, no more."""
+        data, end = case
+        self.assertEqual(count_lines(data, end), data.count(LF, 0, end))
+
+    def test_each_road(self) -> None:
+        """Short lines (one count), long lines (searches), and more than the searches."""
+        short = b"ab\n" * 100
+        self.assertEqual(count_lines(short, len(short)), 100)
+        long_line = b"y" * framing._FIND_FROM + LF
+        few = long_line * 5 + b"tail"
+        self.assertEqual(count_lines(few, len(long_line) * 5), 5)
+        many = long_line + b"\n" * (framing._MAX_FINDS * 3)
+        self.assertEqual(count_lines(many, len(many)), 1 + framing._MAX_FINDS * 3)
+        exact = long_line * (framing._MAX_FINDS + 1)
+        self.assertEqual(count_lines(exact, len(exact)), framing._MAX_FINDS + 1)
+        edge = b"z" * (framing._FIND_FROM - 2) + LF + b"\n" * 3
+        self.assertEqual(count_lines(edge, len(edge)), 4)
+
+    def test_searches_are_bounded(self) -> None:
+        """A long first line then many short ones: at most _MAX_FINDS + 1 searches."""
+        data = CountingFinds(b"y" * 1000 + LF + b"\n" * 10_000)
+        self.assertEqual(count_lines(data, len(data)), 10_001)
+        self.assertLessEqual(data.finds, framing._MAX_FINDS + 1)
+
+
+class CountingFinds(bytes):
+    """Bytes that count calls of ``find``."""
+
+    finds = 0
+
+    def find(
+        self,
+        sub: Buffer | SupportsIndex,
+        start: SupportsIndex | None = None,
+        end: SupportsIndex | None = None,
+        /,
+    ) -> int:
+        """Find as bytes does, counting the call."""
+        self.finds += 1
+        return bytes.find(self, sub, start, end)

@@ -39,6 +39,36 @@ CRLF: Final = b"\r\n"
 _CR: Final = 13
 
 
+#: Lines at least this long (judged by the first) are counted by searching for each
+#: LF (``memchr``, fast per byte, ~0.1 us per call) rather than by ``bytes.count``
+#: (one pass at ~0.26 ns per byte): the two cost the same near 400-byte lines.
+_FIND_FROM: Final = 384
+#: At most this many searches; the rest of a read is counted in one pass, so that
+#: long first line followed by many short ones costs no more than a count.
+_MAX_FINDS: Final = 64
+
+
+def count_lines(data: bytes, end: int) -> int:
+    """How many LFs ``data[:end]`` holds; ``data[end - 1]`` must be one.
+
+    The same number as ``data.count(LF, 0, end)``, found faster when lines are
+    long: ``bytes.count`` looks at every byte in a plain loop, ``bytes.find`` jumps
+    from LF to LF with ``memchr``.  The cost stays within one ``count`` plus
+    :data:`_MAX_FINDS` searches whatever the bytes.
+    """
+    position = data.find(LF, 0, end) + 1
+    if position < _FIND_FROM:
+        return data.count(LF, 0, end)
+    count = 1
+    find = data.find
+    for _ in range(_MAX_FINDS):
+        if position >= end:
+            return count
+        position = find(LF, position, end) + 1
+        count += 1
+    return count + data.count(LF, position, end)
+
+
 class Overlong:
     """The type of :data:`OVERLONG`: a line longer than the limit, dropped unseen."""
 

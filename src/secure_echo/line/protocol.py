@@ -52,7 +52,7 @@ from twisted.python.failure import Failure
 from typing_extensions import override
 from zope.interface import implementer
 
-from secure_echo.line.framing import LF, LineFramer, terminator_of
+from secure_echo.line.framing import LF, LineFramer, count_lines, terminator_of
 from secure_echo.line.handler import IBatchLineHandler
 
 if TYPE_CHECKING:
@@ -223,7 +223,7 @@ class LineProtocol(Protocol):
             if 0 <= last < self._settings.max_line_length:
                 end = last + 1
                 whole = data if end == len(data) else data[:end]
-                count = whole.count(LF)
+                count = count_lines(data, end)
                 self._line_no += count
                 record = self.record
                 record.lines_in += count
