@@ -109,3 +109,52 @@ class FastRecordIOTests(SynchronousTestCase):
         self.pair.incoming.write(out)
         self.pair.read_client()
         self.assertEqual(self.pair.received, data)
+
+
+class ReleaseTests(SynchronousTestCase):
+    """The memory BIOs' buffers are given back once the handshake's flights are out."""
+
+    def setUp(self) -> None:
+        self.patch(recordio, "use_fast", True)
+        pki = make_pki(self.mktemp())
+        self.pair = TLSPair(server_factory(pki, Clock()), client_context(pki))
+
+    def test_handshake_ends_with_fresh_bios(self) -> None:
+        """After the handshake the connection has new BIOs, and echoes on them."""
+        tls = self.pair.server._tls
+        before = (tls._into_ssl, tls._from_ssl)
+        self.pair.handshake()
+        self.assertNotEqual(tls._into_ssl, before[0])
+        self.assertNotEqual(tls._from_ssl, before[1])
+        self.pair.send(b"after\n" * 3)
+        self.pair.pump()
+        self.assertEqual(self.pair.received, b"after\n" * 3)
+        self.assertEqual(self.pair.server._io.pending_out(), b"")
+
+    def test_not_while_bytes_wait(self) -> None:
+        """Ciphertext still waiting in either BIO keeps both (nothing is lost)."""
+        self.pair.handshake()
+        io = self.pair.server._io
+        assert isinstance(io, recordio.FastRecordIO)
+        io.write(b"waiting\n")
+        self.assertFalse(io.release())
+        self.pair.incoming.write(bytes(io.pending_out()))
+        self.pair.read_client()
+        self.assertEqual(self.pair.received, b"waiting\n")
+        self.pair.client.write(b"in\n")
+        io.feed(self.pair.outgoing.read())
+        self.assertFalse(io.release())
+        chunks, _, _ = io.read()
+        self.assertEqual(chunks, [b"in\n"])
+        self.assertTrue(io.release())
+
+    def test_public_api_keeps_its_bios(self) -> None:
+        """Through the public API nothing can be replaced: release says so."""
+        self.patch(recordio, "use_fast", False)
+        pki = make_pki(self.mktemp())
+        pair = TLSPair(server_factory(pki, Clock()), client_context(pki))
+        pair.handshake()
+        self.assertFalse(pair.server._io.release())
+        pair.send(b"x\n")
+        pair.pump()
+        self.assertEqual(pair.received, b"x\n")

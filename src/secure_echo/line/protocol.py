@@ -40,7 +40,6 @@ State rules (all of them live in this module):
 from __future__ import annotations
 
 import json
-from collections import deque
 from typing import TYPE_CHECKING, Any, Final
 from typing import Protocol as TypingProtocol
 
@@ -184,11 +183,14 @@ class LineProtocol(Protocol):
             if IBatchLineHandler.providedBy(handler) and settings.info_line is None
             else None
         )
-        self._fifo: deque[_Slot] = deque()
+        # Lists, not deques: an empty deque holds a 64-slot block (~760 bytes) for
+        # the whole connection, an empty list 56 bytes; both stay short (the FIFO
+        # is bounded by max_pending, held reads by the paused transport).
+        self._fifo: list[_Slot] = []
         # Input held back by state rule 7: the events of a read not handled yet,
         # and the reads that came after it.
         self._events: Iterator[Event] | None = None
-        self._unread: deque[bytes] = deque()
+        self._unread: list[bytes] = []
         self._step_call: IDelayedCall | None = None
         self._send_full = False
         self._paused = False
@@ -269,7 +271,7 @@ class LineProtocol(Protocol):
         self._events = None
         self._unread.clear()
         fifo = self._fifo
-        self._fifo = deque()
+        self._fifo = []
         for slot in fifo:
             if slot.deferred is not None:
                 slot.deferred.cancel()
@@ -320,7 +322,7 @@ class LineProtocol(Protocol):
             if events is None:
                 if not self._unread:
                     break
-                events = self._events = self._framer.events(self._unread.popleft())
+                events = self._events = self._framer.events(self._unread.pop(0))
             budget = self._dispatch_events(events, batch, budget)
             if budget <= 0:
                 return True
@@ -428,9 +430,15 @@ class LineProtocol(Protocol):
     def _write_ready(self, batch: list[bytes]) -> None:
         """Write ``batch`` and then every ready reply at the head of the FIFO."""
         fifo = self._fifo
-        while fifo and (reply := fifo[0].reply) is not None:
-            fifo.popleft()
+        ready = 0
+        for slot in fifo:
+            reply = slot.reply
+            if reply is None:
+                break
             batch.append(reply)
+            ready += 1
+        if ready:
+            del fifo[:ready]
         if batch:
             self.record.lines_out += len(batch)
             self._write(batch)

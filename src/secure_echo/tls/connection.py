@@ -229,6 +229,9 @@ class TLSServerConnection(TwistedProtocol):
             self._io.feed(data)
             if self._continue_handshake():
                 self._read_application_data()
+                # The handshake's flights (and the session tickets) are sent:
+                # the open connection starts with empty memory BIOs.
+                self._io.release()
         elif phase is Phase.DRAINING or phase is Phase.INPUT_ENDED:
             # In flight when reading paused: still the client's lines, still answered.
             self._io.feed(data)

@@ -45,16 +45,31 @@ _PER_CONNECTION: Final = ("sni", "session_ticket", "session_id_length", "length"
 class RawJSON:
     """A record field whose value is JSON text already (written as it is).
 
+    The text is ``head + tail``, joined only when the record is written: the head
+    is the text shared by one kind of client, so a connection that stays open
+    holds its own few fields, not a copy of the whole (about a kilobyte each).
     ``versions`` and ``key_shares`` are the offered TLS versions and key-share
     groups, by name, for the metrics (which count them, never the whole object).
     """
 
-    __slots__ = ("key_shares", "text", "versions")
+    __slots__ = ("_head", "_tail", "key_shares", "versions")
 
-    def __init__(self, text: str, versions: tuple[str, ...], key_shares: tuple[str, ...]) -> None:
-        self.text = text
+    def __init__(
+        self,
+        head: str,
+        versions: tuple[str, ...],
+        key_shares: tuple[str, ...],
+        tail: str = "",
+    ) -> None:
+        self._head = head
+        self._tail = tail
         self.versions = versions
         self.key_shares = key_shares
+
+    @property
+    def text(self) -> str:
+        """The whole JSON text."""
+        return self._head + self._tail
 
     def value(self) -> object:
         """The decoded value (for the info reply, and tests)."""
@@ -69,8 +84,8 @@ class _Kind:
     def __init__(self, hello: ClientHello) -> None:
         record = hello.as_record()
         shared = {key: value for key, value in record.items() if key not in _PER_CONNECTION}
-        #: The shared fields as JSON, without the closing brace.
-        self.text = json.dumps(shared, separators=(",", ":"), sort_keys=True)[:-1]
+        #: The shared fields as JSON, without the closing brace, and a comma after.
+        self.text = json.dumps(shared, separators=(",", ":"), sort_keys=True)[:-1] + ","
         truncated = record["truncated"]
         self.truncated: dict[str, int] = truncated if isinstance(truncated, dict) else {}
         marks = fingerprints(hello)
@@ -133,8 +148,8 @@ def summarise(result: ClientHello | Unparsed) -> tuple[RawJSON, str | None, str 
         "sni": sni,
         "truncated": truncated,
     }
-    text = kind.text + "," + json.dumps(own, separators=(",", ":"), sort_keys=True)[1:]
-    return RawJSON(text, kind.versions, kind.key_shares), kind.ja4, kind.ja4_r
+    tail = json.dumps(own, separators=(",", ":"), sort_keys=True)[1:]
+    return RawJSON(kind.text, kind.versions, kind.key_shares, tail), kind.ja4, kind.ja4_r
 
 
 def offered(value: object) -> Mapping[str, object]:

@@ -29,7 +29,18 @@ try:
 except ImportError:  # pragma: no cover - depends on the installed pyOpenSSL
     _ffi = _lib = None
 
-_NEEDED: Final = ("SSL_read", "SSL_write", "SSL_get_error", "BIO_read", "BIO_write")
+_NEEDED: Final = (
+    "SSL_read",
+    "SSL_write",
+    "SSL_get_error",
+    "SSL_set_bio",
+    "BIO_read",
+    "BIO_write",
+    "BIO_new",
+    "BIO_s_mem",
+    "BIO_free",
+    "BIO_get_mem_data",
+)
 #: Whether the private handles are there (checked once, at import).
 FAST_AVAILABLE: Final = _lib is not None and all(hasattr(_lib, name) for name in _NEEDED)
 
@@ -82,6 +93,10 @@ class RecordIO(Protocol):
 
         A ``memoryview`` is only valid until the next call into the record I/O.
         """
+        ...
+
+    def release(self) -> bool:
+        """Free the memory BIOs' buffers if both are empty; True if it did."""
         ...
 
 
@@ -172,6 +187,34 @@ class FastRecordIO:
             out.append(_ffi.buffer(buffer, count)[:])
         return b"".join(out)
 
+    def release(self) -> bool:
+        """Give the connection fresh, empty memory BIOs; OpenSSL frees the old ones.
+
+        A memory BIO never shrinks: it keeps the capacity of the most it ever
+        held, and after the handshake that is the server's flight (certificate
+        chain, session tickets) and the client's, about 1.5 KiB a connection for
+        as long as it stays open.  Only when both are empty (nothing is lost);
+        False otherwise, or if OpenSSL has no memory for new ones.
+        """
+        if _lib.BIO_get_mem_data(self._into, _ffi.NULL) or _lib.BIO_get_mem_data(
+            self._from, _ffi.NULL
+        ):
+            return False
+        into = _lib.BIO_new(_lib.BIO_s_mem())
+        out = _lib.BIO_new(_lib.BIO_s_mem())
+        if _ffi.NULL in (into, out):  # pragma: no cover - out of memory
+            for bio in (into, out):
+                if bio != _ffi.NULL:
+                    _lib.BIO_free(bio)
+            return False
+        # Both are new: SSL_set_bio frees both old ones.  pyOpenSSL's own methods
+        # (bio_write, bio_shutdown) go through the connection's attributes.
+        _lib.SSL_set_bio(self._ssl, into, out)
+        connection = self._connection
+        self._into = connection._into_ssl = into
+        self._from = connection._from_ssl = out
+        return True
+
     def _fail(self, result: int) -> NoReturn:
         """Raise pyOpenSSL's exception for a failed call's ``result``."""
         self._connection._raise_ssl_error(self._ssl, result)
@@ -210,6 +253,10 @@ class PublicRecordIO:
     def write(self, data: bytes) -> None:
         """Encrypt all of ``data``."""
         self._connection.sendall(data)
+
+    def release(self) -> bool:
+        """The public API cannot replace the memory BIOs: nothing is freed."""
+        return False
 
     def pending_out(self) -> bytes:
         """Read the outgoing memory BIO until it is empty."""
