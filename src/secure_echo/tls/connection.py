@@ -43,9 +43,8 @@ from typing_extensions import override
 from zope.interface import implementer
 
 from secure_echo.edge.addresses import format_address
-from secure_echo.edge.text import printable
 from secure_echo.tls.deadlines import Deadlines
-from secure_echo.tls.diagnosis import plaintext_failure
+from secure_echo.tls.diagnosis import plaintext_failure, timeout_failure
 from secure_echo.tls.facts import record_handshake
 from secure_echo.tls.failures import looks_like_http, plaintext_answer
 from secure_echo.tls.lifecycle import Action, Event, Phase, next_reason, step
@@ -58,7 +57,6 @@ from secure_echo.tls.writer import StreamWriter
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from OpenSSL.crypto import X509
     from twisted.internet.interfaces import IAddress, IProtocol, IReactorTime
     from twisted.python.failure import Failure
 
@@ -105,7 +103,7 @@ class ConnectionFactory(Protocol):
         """A connection ended; its record is complete."""
 
     def handshake_failed(self, connection: TLSServerConnection) -> None:
-        """Record a failed handshake (``record.tls_error`` says why)."""
+        """Record a failed handshake (``tls_error``, ``failure`` and ``hint`` say why)."""
 
     def tls_failed(self, connection: TLSServerConnection) -> None:
         """Record a TLS error after the handshake (``record.tls_error`` says what)."""
@@ -185,7 +183,6 @@ class TLSServerConnection(TwistedProtocol):
         )
         self._tls = SSL.Connection(factory.contexts.context, None)
         self._tls.set_accept_state()
-        self._tls.set_app_data(self)
         self._io = record_io(self._tls)
         self._gate = ReadGate(transport)
         self._writer = StreamWriter(transport, self)
@@ -219,13 +216,15 @@ class TLSServerConnection(TwistedProtocol):
                 self._first_bytes = data
                 self._event(Event.PLAINTEXT_BYTES)
                 return
+            # The handshake's callbacks (verification, strict SNI) find its notes
+            # as the TLS connection's app data, until the handshake ends.
             self._notes = HandshakeNotes(collect=self.factory.read_client_hello)
+            self._tls.set_app_data(self._notes)
             self._event(Event.TLS_BYTES)
             phase = self._phase
         if phase is Phase.HANDSHAKING:
-            notes = self._notes
-            if notes is not None:
-                notes.feed(data, self.record)
+            if self._notes is not None:
+                self._notes.feed(data, self.record)
             self._io.feed(data)
             if self._continue_handshake():
                 self._read_application_data()
@@ -287,11 +286,8 @@ class TLSServerConnection(TwistedProtocol):
             timeout = self.factory.timeouts.handshake
             record = self.record
             record.tls_error = f"no handshake within {timeout:g} s"
-            record.failure = "timeout"
-            record.hint = (
-                f"the client did not finish the handshake within {timeout:g} s; a client "
-                "that waits for the server to speak first is not speaking TLS"
-            )
+            failure = timeout_failure(timeout)
+            record.failure, record.hint = failure.code, failure.hint
             if self._notes is not None:
                 self._notes.finish(record)
         self._event(event)
@@ -319,32 +315,6 @@ class TLSServerConnection(TwistedProtocol):
             return False
         self._event(Event.HANDSHAKE_DONE)
         return self._phase is _OPEN
-
-    def note_presented(self, cert: X509) -> None:
-        """The client presented ``cert`` (from :mod:`secure_echo.tls.verify`)."""
-        if self._notes is not None:
-            self._notes.presented = cert
-
-    def note_sni_refused(self, name: str) -> None:
-        """``--strict-sni`` refused the server name (from :mod:`secure_echo.tls.sni`)."""
-        notes = self._notes
-        if notes is not None:
-            notes.sni_refused = printable(name)
-            notes.verify_error = f"no certificate for the server name {printable(name)}"
-
-    def note_verify_error(self, reason: str, code: int | None = None) -> None:
-        """The client's certificate was refused, and why (from :mod:`secure_echo.tls.verify`)."""
-        notes = self._notes
-        if notes is not None:
-            notes.verify_error = reason
-            notes.verify_code = code
-
-    def explain_failure(self) -> None:
-        """Fill the record's ``failure`` and ``hint`` for a failed handshake."""
-        record = self.record
-        notes = self._notes or HandshakeNotes(collect=False)
-        failure = notes.explain(record, self.factory.policy())
-        record.failure, record.hint = failure.code, failure.hint
 
     # -- application data -------------------------------------------------------
 
@@ -514,6 +484,7 @@ def _start_app(c: TLSServerConnection) -> None:
     if notes is not None:
         notes.finish(c.record)
         c._notes = None  # an open connection keeps nothing of its handshake
+        c._tls.set_app_data(None)
     # The session tickets OpenSSL just queued are not sent here: the read that
     # finished the handshake is read on at once (dataReceived), and whatever it
     # leads to (the first replies, or nothing) flushes the outgoing BIO, so the
@@ -541,6 +512,15 @@ def _drain_app(c: TLSServerConnection) -> None:
         drain()
     else:
         c.loseConnection()
+
+
+def _log_handshake_failed(c: TLSServerConnection) -> None:
+    """Explain the failure in the record (``failure``, ``hint``), then log it."""
+    record = c.record
+    notes = c._notes or HandshakeNotes(collect=False)
+    failure = notes.explain(record, c.factory.policy())
+    record.failure, record.hint = failure.code, failure.hint
+    c.factory.handshake_failed(c)
 
 
 def _send_close_notify(c: TLSServerConnection) -> None:
@@ -612,7 +592,7 @@ _ACTIONS: Final[dict[Action, Callable[[TLSServerConnection], object]]] = {
     Action.LOSE_STREAM: lambda c: c._writer.lose(),
     Action.WATCH_CLOSE: _watch_close,
     Action.ABORT_STREAM: _abort_stream,
-    Action.LOG_HANDSHAKE_FAILED: lambda c: c.factory.handshake_failed(c),
+    Action.LOG_HANDSHAKE_FAILED: _log_handshake_failed,
     Action.LOG_TLS_ERROR: lambda c: c.factory.tls_failed(c),
     Action.LOG_SLOW_READER: lambda c: c.factory.slow_reader(c, c._writer.unsent()),
     Action.FINISH: _finish,

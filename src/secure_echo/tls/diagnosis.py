@@ -354,6 +354,15 @@ def diagnose(
     return found or Failure("other", f"OpenSSL says: {tls_error or 'nothing'}")
 
 
+def timeout_failure(timeout: float) -> Failure:
+    """The failure of a client that did not finish its handshake in ``timeout`` seconds."""
+    return Failure(
+        "timeout",
+        f"the client did not finish the handshake within {timeout:g} s; a client "
+        "that waits for the server to speak first is not speaking TLS",
+    )
+
+
 def plaintext_failure(http: bool) -> Failure:
     """The failure of a client that spoke plaintext (or HTTP) to the TLS port."""
     if http:

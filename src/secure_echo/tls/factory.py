@@ -246,7 +246,6 @@ class TLSServerFactory(Factory):
         for the first of its reason in a window, else an entry where the
         connection records go (summed up in the main log as ``handshake_failures``).
         """
-        connection.explain_failure()
         record = connection.record
         reason = handshake_failure_reason(record.tls_error)
         first = self._handshake_digest.first(reason, record.peer)

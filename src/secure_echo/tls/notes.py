@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from cryptography import x509
 
-from secure_echo.edge.text import printable_bytes
+from secure_echo.edge.text import printable, printable_bytes
 from secure_echo.tls.diagnosis import Failure, Presented, ServerPolicy, diagnose
 from secure_echo.tls.offered import summarise
 from secure_echo.tls.verify import describe
@@ -48,6 +48,22 @@ class HandshakeNotes:
         self.verify_error: str | None = None
         self.verify_code: int | None = None
         self.sni_refused: str | None = None
+
+    # -- what the handshake's callbacks report (the notes are the TLS app data) ------
+
+    def note_presented(self, cert: X509) -> None:
+        """The client presented ``cert`` (from :mod:`secure_echo.tls.verify`)."""
+        self.presented = cert
+
+    def note_verify_error(self, reason: str, code: int | None = None) -> None:
+        """The client's certificate was refused, and why (from :mod:`secure_echo.tls.verify`)."""
+        self.verify_error = reason
+        self.verify_code = code
+
+    def note_sni_refused(self, name: str) -> None:
+        """``--strict-sni`` refused the server name (from :mod:`secure_echo.tls.sni`)."""
+        self.sni_refused = printable(name)
+        self.verify_error = f"no certificate for the server name {self.sni_refused}"
 
     def feed(self, data: bytes, record: ConnectionRecord) -> None:
         """The client's next bytes, before OpenSSL sees them; fills ``record`` once read."""
