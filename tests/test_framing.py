@@ -496,6 +496,25 @@ class CountLinesTests(SynchronousTestCase):
         edge = b"z" * (framing._FIND_FROM - 2) + LF + b"\n" * 3
         self.assertEqual(count_lines(edge, len(edge)), 4)
 
+    def test_nothing_after_end_counts(self) -> None:
+        """LFs (and NULs) after ``end`` are not counted, on each road."""
+        long_line = b"y" * framing._FIND_FROM + LF
+        short = b"ab\n" * 10 + b"\n" * 5
+        self.assertEqual(count_lines(short, 3), 1)
+        few = long_line * 3 + b"\n" * 5
+        self.assertEqual(count_lines(few, len(long_line) * 2), 2)
+        many = long_line + b"\n" * (framing._MAX_FINDS + 10)
+        end = len(many)
+        self.assertEqual(count_lines(many + b"\n" * 10, end), framing._MAX_FINDS + 11)
+        # A NUL far after the end is no LF: the first search is for LF, from 0.
+        nul = b"ab\n" * 3 + b"x" * 500 + b"\0\n"
+        self.assertEqual(count_lines(nul, 9), 3)
+
+    def test_first_byte_may_be_the_lf(self) -> None:
+        """An LF at offset 0 is the first line, also when the next one is long."""
+        data = LF + b"x" * (framing._FIND_FROM + 16) + LF
+        self.assertEqual(count_lines(data, len(data)), 2)
+
     def test_searches_are_bounded(self) -> None:
         """A long first line then many short ones: at most _MAX_FINDS + 1 searches."""
         data = CountingFinds(b"y" * 1000 + LF + b"\n" * 10_000)

@@ -186,6 +186,30 @@ class ConnectionClosedTests(SynchronousTestCase):
         self.assertEqual(_value(m, "secure_echo_bytes_received_total"), 48.0)
         self.assertEqual(_value(m, "secure_echo_handshake_duration_seconds_count"), 4.0)
 
+    def test_children_looked_up_once(self) -> None:
+        """A record's counters find their labelled child once per distinct value, then cached."""
+        m = self.metrics
+        calls: list[tuple[str, ...]] = []
+        for metric in (m._connections, m._tls_connections, m._offered_versions):
+            original = metric.labels
+
+            def counting(*values: str, _original: Any = original) -> Any:
+                calls.append(values)
+                return _original(*values)
+
+            self.patch(metric, "labels", counting)
+        hello = {"supported_versions": ["TLS 1.3", "TLS 1.2"], "key_share_groups": []}
+        for _ in range(5):
+            _emit(m, "connection_closed", **{**_closed_fields(), "client_hello": hello})
+        self.assertEqual(
+            sorted(calls),
+            [("TLS 1.2",), ("TLS 1.3",), ("TLSv1.3", "TLS_AES_256_GCM_SHA384"), ("eof",)],
+        )
+        self.assertEqual(_value(m, "secure_echo_connections_total", close_reason="eof"), 5.0)
+        self.assertEqual(
+            _value(m, "secure_echo_client_hello_versions_total", version="TLS 1.2"), 5.0
+        )
+
     def test_every_close_reason_starts_at_zero(self) -> None:
         """Each documented close reason is exported at 0 before any connection."""
         self.assertEqual(

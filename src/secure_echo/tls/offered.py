@@ -17,8 +17,8 @@ it is (:class:`RawJSON`), which the JSON log writes without encoding it again.
 
 from __future__ import annotations
 
-import functools
 import json
+from dataclasses import replace
 from typing import TYPE_CHECKING, Final
 
 from secure_echo.wire.clienthello import (
@@ -98,21 +98,19 @@ class _Kind:
         )
 
 
-@functools.lru_cache(maxsize=CACHE_SIZE)
-def _kind(hello: ClientHello) -> _Kind:
-    return _Kind(hello)
+#: The kinds seen, by :func:`_key`; the oldest is forgotten past CACHE_SIZE.
+_kinds: dict[tuple[object, ...], _Kind] = {}
 
 
-def _kind_key(hello: ClientHello) -> ClientHello:
-    """``hello`` with what differs between connections of one client cleared.
+def _key(hello: ClientHello) -> tuple[object, ...]:
+    """What the kind of ``hello`` depends on: every field but the per-connection ones.
 
-    JA4 depends on whether a server name was sent, not on which; the summary's
-    per-connection fields are added afterwards.
+    A plain tuple (hashed in C), not a second :class:`ClientHello`.  JA4 depends on
+    whether a server name was sent, not on which.
     """
-    return ClientHello(
+    return (
         hello.record_version,
         hello.legacy_version,
-        0,
         hello.cipher_suites,
         hello.compression_methods,
         hello.extensions,
@@ -122,10 +120,33 @@ def _kind_key(hello: ClientHello) -> ClientHello:
         hello.signature_algorithms,
         hello.signature_algorithms_cert,
         hello.alpn,
-        b"" if hello.server_name is not None else None,
-        None,
+        hello.server_name is not None,
         hello.records,
-        0,
+    )
+
+
+def _kind_of(hello: ClientHello) -> _Kind:
+    key = _key(hello)
+    kind = _kinds.get(key)
+    if kind is None:
+        if len(_kinds) >= CACHE_SIZE:
+            del _kinds[next(iter(_kinds))]
+        kind = _kinds[key] = _Kind(_kind_hello(hello))
+    return kind
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def _kind_hello(hello: ClientHello) -> ClientHello:
+    """``hello`` with what differs between connections of one client cleared."""
+    return replace(
+        hello,
+        session_id_length=0,
+        server_name=b"" if hello.server_name is not None else None,
+        session_ticket=None,
+        length=0,
     )
 
 
@@ -134,21 +155,21 @@ def summarise(result: ClientHello | Unparsed) -> tuple[RawJSON, str | None, str 
     if isinstance(result, Unparsed):
         text = json.dumps(result.as_record(), separators=(",", ":"), sort_keys=True)
         return RawJSON(text, (), ()), None, None
-    kind = _kind(_kind_key(result))
+    kind = _kind_of(result)
     truncated = kind.truncated
-    sni = None
+    sni = "null"
     if result.server_name is not None:
-        sni, whole = escape(result.server_name)
+        name, whole = escape(result.server_name)
+        sni = json.dumps(name)
         if not whole:
             truncated = {**truncated, "sni": len(result.server_name)}
-    own = {
-        "length": result.length,
-        "session_id_length": result.session_id_length,
-        "session_ticket": result.session_ticket,
-        "sni": sni,
-        "truncated": truncated,
-    }
-    tail = json.dumps(own, separators=(",", ":"), sort_keys=True)[1:]
+    ticket = result.session_ticket
+    # The per-connection fields, in sorted key order, as json.dumps would write them.
+    tail = (
+        f'"length":{result.length},"session_id_length":{result.session_id_length},'
+        f'"session_ticket":{"null" if ticket is None else ticket},"sni":{sni},'
+        f'"truncated":{_dumps(truncated) if truncated else "{}"}}}'
+    )
     return RawJSON(kind.text, kind.versions, kind.key_shares, tail), kind.ja4, kind.ja4_r
 
 

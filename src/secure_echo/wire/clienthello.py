@@ -574,7 +574,8 @@ def _read_extensions(
     append = types.append
     readers = _READERS
     while position < end:
-        _need(end, position, 4, "extension header")
+        if end - position < 4:  # noqa: PLR2004 - type and length, two bytes each
+            _need(end, position, 4, "extension header")
         kind, size = _TWO_U16.unpack_from(buf, position)
         start = position + 4
         position = start + size

@@ -1,0 +1,92 @@
+"""The record's ``client_hello`` and JA4 fields: cached per kind of client, never stale.
+
+:mod:`secure_echo.tls.offered` builds the part of the summary one kind of client
+shares once and adds each connection's own fields.  Whatever the cache does, the
+result must equal the summary built from scratch for that very hello.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from hypothesis import given, settings
+from twisted.trial.unittest import SynchronousTestCase
+
+from secure_echo.edge.text import printable_bytes
+from secure_echo.tls import offered
+from secure_echo.wire.clienthello import ClientHello, Unparsed
+from secure_echo.wire.ja4 import fingerprints
+from tests.test_clienthello import FIXTURES, Generated, fixture, hellos, parsed
+
+
+def from_scratch(hello: ClientHello) -> dict[str, object]:
+    """The record's ``client_hello`` for ``hello``, with no cache in the way."""
+    return json.loads(json.dumps(hello.as_record()))  # type: ignore[no-any-return]
+
+
+class SummaryTests(SynchronousTestCase):
+    """``summarise`` gives what ``as_record`` and ``fingerprints`` give."""
+
+    def setUp(self) -> None:
+        offered._kinds.clear()
+        self.addCleanup(offered._kinds.clear)
+
+    def check(self, hello: ClientHello) -> None:
+        raw, ja4, ja4_r = offered.summarise(hello)
+        self.assertEqual(raw.value(), from_scratch(hello))
+        marks = fingerprints(hello)
+        self.assertEqual((ja4, ja4_r), (marks.ja4, marks.ja4_r))
+
+    def test_recorded_clients(self) -> None:
+        """Each recorded client's summary, first from the cache's miss, then its hit."""
+        names = sorted(path.stem for path in FIXTURES.glob("*.bin"))
+        self.assertGreater(len(names), 10)
+        for name in names:
+            hello = parsed(fixture(name))
+            self.check(hello)
+            self.check(hello)
+
+    @settings(max_examples=200, deadline=None)
+    @given(hellos())
+    def test_generated(self, generated: Generated) -> None:
+        """Any valid hello: the cached summary equals the one built from scratch."""
+        self.check(generated.expected)
+
+    def test_one_kind_many_connections(self) -> None:
+        """Hellos differing only in per-connection fields share a kind, not their fields."""
+        hello = parsed(fixture("openssl-sni"))
+        assert hello.server_name is not None
+        other = dataclasses.replace(
+            hello,
+            server_name=b"other.example\x1b[31m",
+            session_id_length=0,
+            session_ticket=7,
+            length=hello.length + 1,
+        )
+        for each in (hello, other):
+            self.check(each)
+        self.assertEqual(len(offered._kinds), 1)
+        fields = offered.offered(offered.summarise(other)[0])
+        self.assertEqual(fields["sni"], printable_bytes(b"other.example\x1b[31m"))
+        self.assertEqual(fields["session_ticket"], 7)
+        # Without a server name at all the JA4 differs: another kind.
+        self.check(dataclasses.replace(hello, server_name=None))
+        self.assertEqual(len(offered._kinds), 2)
+
+    def test_cache_is_bounded(self) -> None:
+        """Past CACHE_SIZE kinds the oldest is forgotten; summaries stay right."""
+        self.patch(offered, "CACHE_SIZE", 3)
+        base = parsed(fixture("openssl-default"))
+        kinds = [dataclasses.replace(base, cipher_suites=(0x1301 + n,)) for n in range(5)]
+        for hello in kinds:
+            self.check(hello)
+        self.assertEqual(len(offered._kinds), 3)
+        self.check(kinds[0])
+        self.assertEqual(len(offered._kinds), 3)
+
+    def test_unparsed(self) -> None:
+        """An unparsed hello is its reason and detail, with no fingerprint."""
+        raw, ja4, ja4_r = offered.summarise(Unparsed("not_tls", "first byte 0x47"))
+        self.assertEqual(raw.value(), {"unparsed": "not_tls", "detail": "first byte 0x47"})
+        self.assertEqual((ja4, ja4_r), (None, None))
