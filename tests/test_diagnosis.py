@@ -95,7 +95,7 @@ class OfferTests(SynchronousTestCase):
         )
         self.assertEqual(failure.code, "no_common_version")
         self.assertIn("offers TLS 1.1, TLS 1.0", failure.hint)
-        self.assertIn("accepts TLS 1.2, TLS 1.3 (profile intermediate)", failure.hint)
+        self.assertIn("accepts TLS 1.3, TLS 1.2 (profile intermediate)", failure.hint)
 
     def test_legacy_version_without_supported_versions(self) -> None:
         """A TLS 1.1 client (no supported_versions) is read from its legacy version."""
@@ -105,7 +105,9 @@ class OfferTests(SynchronousTestCase):
             policy=POLICY,
         )
         self.assertEqual(failure.code, "no_common_version")
-        self.assertIn("TLS 1.0, TLS 1.1", failure.hint)
+        # It names its highest version only: the lower ones are not known offered.
+        self.assertIn("the client offers up to TLS 1.1;", failure.hint)
+        self.assertNotIn("TLS 1.0", failure.hint)
 
     def test_no_common_cipher(self) -> None:
         """A TLS 1.2 client with only CBC suites: both lists named."""
@@ -241,9 +243,20 @@ class OtherTests(SynchronousTestCase):
         self.assertIn("localhost", failure.hint)
 
     def test_client_refused_our_certificate(self) -> None:
-        """The client's alert about our certificate."""
+        """The client's alert about our certificate, named, with what it means."""
         failure = diagnose("tlsv1 alert unknown ca", hello=hello(), policy=POLICY)
         self.assertEqual(failure.code, "client_refused_certificate")
+        self.assertIn("(unknown ca): it does not trust its CA", failure.hint)
+        for alert, meaning in (
+            ("sslv3 alert certificate expired", "expired or not yet valid"),
+            ("sslv3 alert unsupported certificate", "serverAuth"),
+            ("sslv3 alert certificate revoked", "revoked"),
+            ("sslv3 alert bad certificate", "does not trust its CA"),
+            ("tlsv1 alert certificate unknown", "does not trust its CA"),
+        ):
+            failure = diagnose(alert, hello=hello(), policy=POLICY)
+            self.assertEqual(failure.code, "client_refused_certificate", alert)
+            self.assertIn(meaning, failure.hint)
 
     def test_client_closed(self) -> None:
         """The client left mid-handshake."""

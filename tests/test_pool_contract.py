@@ -126,8 +126,10 @@ class SpecTests(SynchronousTestCase):
             {"allow-cn": ("a", "b"), "max-pending": "8"},
             4096,
             (TLSFileCopy("/etc/key.pem", 9),),
+            start=4,
         )
         again = WorkerSpec.from_json(spec.to_json())
+        self.assertEqual(again.start, 4)
         self.assertEqual(again.index, 3)
         self.assertEqual(dict(again.values), dict(spec.values))
         self.assertEqual(again.sockets, spec.sockets)
@@ -139,9 +141,10 @@ class SpecTests(SynchronousTestCase):
     def test_defaults(self) -> None:
         """A spec without the newer fields has the default buffer and no TLS copies."""
         data = json.loads(WorkerSpec(1, {}).to_json())
-        del data["log_buffer"], data["tls_files"]
+        del data["log_buffer"], data["tls_files"], data["start"]
         spec = WorkerSpec.from_json(json.dumps(data))
         self.assertEqual((spec.log_buffer, spec.tls_files), (LOG_BUFFER_BYTES, ()))
+        self.assertEqual(spec.start, 1)
 
     def test_bad_specs(self) -> None:
         """A spec that is not one is a ValueError naming the variable."""
@@ -157,6 +160,8 @@ class SpecTests(SynchronousTestCase):
             json.dumps({**good, "log_buffer": -1}),
             json.dumps({**good, "log_buffer": "big"}),
             json.dumps({**good, "tls_files": [["/k", "x"]]}),
+            json.dumps({**good, "start": 0}),
+            json.dumps({**good, "start": "first"}),
         ):
             error = self.assertRaises(ValueError, WorkerSpec.from_json, bad)
             self.assertIn(SPEC_ENV, str(error))

@@ -574,4 +574,4 @@ class WithTLSFactoryTests(SynchronousTestCase):
         self.clock.advance(10)
         [summary] = named(self.events, "proxy_rejections")
         self.assertEqual(summary["counts"], {"proxy_untrusted": 1})
-        self.assertEqual(summary["top_peers"], {"198.51.100.9:40001": 1})
+        self.assertEqual(summary["top_peers"], {"198.51.100.9": 1})

@@ -7,6 +7,8 @@ are compared directly.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -158,3 +160,48 @@ class ReleaseTests(SynchronousTestCase):
         pair.send(b"x\n")
         pair.pump()
         self.assertEqual(pair.received, b"x\n")
+
+
+class _CountingLib:
+    """OpenSSL's bindings, counting ``SSL_write`` calls."""
+
+    def __init__(self, lib: object) -> None:
+        self._lib = lib
+        self.writes = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._lib, name)
+
+    def SSL_write(self, *args: object) -> int:
+        self.writes += 1
+        return self._lib.SSL_write(*args)  # type: ignore[attr-defined,no-any-return]
+
+
+class WholeWritesTests(SynchronousTestCase):
+    """One ``SSL_write`` encrypts a whole batch of replies, however many records."""
+
+    def setUp(self) -> None:
+        self.patch(recordio, "use_fast", True)
+        pki = make_pki(self.mktemp())
+        self.pair = TLSPair(server_factory(pki, Clock()), client_context(pki))
+        self.pair.handshake()
+
+    def test_server_contexts_write_whole(self) -> None:
+        """The daemon's contexts have OpenSSL's partial-write mode off."""
+        context = self.pair.server._tls.get_context()
+        lib: Any = getattr(recordio, "_lib")  # noqa: B009 - private, not re-exported
+        mode = lib.SSL_CTX_set_mode(context._context, 0)  # adds nothing, returns the mode
+        self.assertEqual(mode & lib.SSL_MODE_ENABLE_PARTIAL_WRITE, 0)
+        self.assertTrue(mode & lib.SSL_MODE_RELEASE_BUFFERS)
+
+    def test_one_call_for_many_records(self) -> None:
+        """64 KiB of replies (four records and more) take one SSL_write, and arrive whole."""
+        counting = _CountingLib(getattr(recordio, "_lib"))  # noqa: B009 - private
+        self.patch(recordio, "_lib", counting)
+        io = self.pair.server._io
+        data = bytes(range(256)) * 256
+        io.write(data)
+        self.assertEqual(counting.writes, 1)
+        self.pair.incoming.write(bytes(io.pending_out()))
+        self.pair.read_client()
+        self.assertEqual(self.pair.received, data)

@@ -253,6 +253,24 @@ class SendTests(ListenerCase):
             [b"STATUS=reload failed: READY=1 bad key", b"READY=1\nSTATUS=a b"],
         )
 
+    def test_same_status_sent_once(self) -> None:
+        """A status systemd already has is not sent again; a changed one is."""
+        listener = self.listener()
+        notifier = self.notifier(listener)
+        self.assertTrue(notifier.ready("1/2 workers serving"))
+        self.assertTrue(notifier.status("1/2 workers serving"))
+        self.assertTrue(notifier.status("2/2 workers serving"))
+        self.assertTrue(notifier.status("2/2 workers serving"))
+        self.assertTrue(notifier.status("1/2 workers serving"))
+        self.assertEqual(
+            listener.drain(),
+            [
+                b"READY=1\nSTATUS=1/2 workers serving",
+                b"STATUS=2/2 workers serving",
+                b"STATUS=1/2 workers serving",
+            ],
+        )
+
     def test_malformed_assignment_is_refused(self) -> None:
         """``send`` refuses an assignment without ``=`` or with a newline, and sends nothing."""
         listener = self.listener()

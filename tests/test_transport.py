@@ -286,7 +286,7 @@ class HandshakeTests(TransportTestsMixin, SynchronousTestCase):
         [summary] = self.named("handshake_failures")
         self.assertEqual(summary["total"], 2)
         self.assertEqual(summary["counts"], {"other": 2})
-        self.assertEqual(summary["top_peers"], {"127.0.0.1:50000": 2})
+        self.assertEqual(summary["top_peers"], {"127.0.0.1": 2})
         self.clock.advance(10)
         self.assertEqual(len(self.named("handshake_failures")), 1)
         pair = TLSPair(self.factory, client_context(self.pki))

@@ -289,6 +289,22 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(factory._next_id(), "2-1")
         self.assertEqual(cast("Any", factory.app_factory).settings.info_fields, {"worker": 2})
 
+    def test_connection_ids_unique_across_restarts(self) -> None:
+        """Each process of a slot gets the next start; a restarted one's ids say which."""
+        options = config.Options()
+        options.parseOptions([*self.tls, "--workers", "2"])
+        supervisor = WorkerSupervisor(
+            MemoryReactorClock(), 2, worker_values(options), handle_sighup=False
+        )
+        starts = [supervisor.prepare(index)[0].start for index in (1, 2, 1, 1, 2)]
+        self.assertEqual(starts, [1, 1, 2, 3, 2])
+        self.assertEqual(maker.conn_id_prefix(None), "")
+        self.assertEqual(maker.conn_id_prefix(2), "2-")
+        self.assertEqual(maker.conn_id_prefix(2, 3), "2.3-")
+        spec = WorkerSpec(2, worker_values(options), start=3)
+        _, ports = build_worker_service(spec, worker_settings(spec), MemoryReactorClock())
+        self.assertEqual(ports.factory._next_id(), "2.3-1")
+
     def test_workers_run_on_the_supervisors_reactor(self) -> None:
         """Under --reactor=secure-echo-epoll the workers are told to install it too."""
         options = config.Options()
@@ -612,8 +628,7 @@ class SupervisorTests(SupervisorCase):
             [
                 "1/2 workers serving",
                 "2/2 workers serving",
-                "1/2 workers serving",  # worker 1 ended
-                "1/2 workers serving",  # ... and is restarted in 0.1 s
+                "1/2 workers serving",  # worker 1 ended (its restart: the same, not sent again)
                 "2/2 workers serving",
             ],
         )

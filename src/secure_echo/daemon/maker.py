@@ -231,14 +231,26 @@ class OrderedMultiService(MultiService):
         return defer.Deferred.fromCoroutine(stop_each())
 
 
+def conn_id_prefix(worker: int | None, start: int = 1) -> str:
+    """What a process's connection ids start with: nothing alone, else its worker slot.
+
+    A restarted worker counts its connections from 1 again, so its ids also name
+    which process of the slot it is: ``2-17``, then ``2.2-1`` after a restart.
+    """
+    if worker is None:
+        return ""
+    return f"{worker}-" if start == 1 else f"{worker}.{start}-"
+
+
 def build_factory(
-    cfg: Config, reactor: Any, worker: int | None = None
+    cfg: Config, reactor: Any, worker: int | None = None, start: int = 1
 ) -> tuple[TLSServerFactory, tuple[int, int]]:
     """The TLS server factory of the daemon, and the file-descriptor limits it used.
 
     Raises the soft file-descriptor limit to the hard one first, so the default
     connection limit is what the process may really hold.  ``worker``: the number
-    of a pool's worker, which makes its connection ids ``<worker>-<n>`` and adds
+    of a pool's worker, which makes its connection ids ``<worker>-<n>`` (for the
+    slot's first process; ``<worker>.<start>-<n>`` for a restarted one) and adds
     ``worker`` to the info reply.
     """
     fd_limits = raise_fd_limit()
@@ -265,7 +277,7 @@ def build_factory(
         refusals=RefusalLog(reactor),
         proxy=proxy_settings(cfg),
         read_client_hello=cfg.client_hello,
-        conn_id_prefix="" if worker is None else f"{worker}-",
+        conn_id_prefix=conn_id_prefix(worker, start),
     )
     return factory, fd_limits
 
@@ -276,6 +288,7 @@ def make_service(
     *,
     listen: ListenStrategy | None = None,
     worker: int | None = None,
+    start: int = 1,
 ) -> MultiService:
     """Build the single-process daemon's services from loaded settings.
 
@@ -291,7 +304,7 @@ def make_service(
     if sinks.file is not None:
         sinks.file.setServiceParent(top)
     contexts = cfg.contexts
-    factory, fd_limits = build_factory(cfg, reactor, worker)
+    factory, fd_limits = build_factory(cfg, reactor, worker, start)
     if sinks.connections is not None:
         factory.connection_log = Logger(factory.log.namespace, factory, sinks.connections)
     if cfg.metrics is not None:

@@ -137,6 +137,8 @@ class Notifier:
         self.sent = 0
         #: Messages that could not be sent (queue full or an error).
         self.dropped = 0
+        #: The last ``STATUS=`` assignment systemd was sent.
+        self._status: str | None = None
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> Notifier | None:
@@ -185,6 +187,9 @@ class Notifier:
                 self._log_failure(error, assignments)
             return False
         self.sent += 1
+        for assignment in assignments:
+            if assignment.startswith("STATUS="):
+                self._status = assignment
         return True
 
     def notify(self, **fields: str | int) -> bool:
@@ -210,8 +215,14 @@ class Notifier:
         return self.send("STOPPING=1", *extra)
 
     def status(self, text: str) -> bool:
-        """``STATUS=text``: the one line ``systemctl status`` shows (newlines folded)."""
-        return self.send(_status(text))
+        """``STATUS=text``: the one line ``systemctl status`` shows (newlines folded).
+
+        Text equal to the status systemd already has is not sent again (True).
+        """
+        assignment = _status(text)
+        if assignment == self._status:
+            return True
+        return self.send(assignment)
 
     def watchdog(self) -> bool:
         """``WATCHDOG=1``: the reactor is alive."""

@@ -56,7 +56,8 @@ def count_lines(data: bytes, end: int) -> int:
     from LF to LF with ``memchr``.  The cost stays within one ``count`` plus
     :data:`_MAX_FINDS` searches whatever the bytes.
     """
-    position = data.find(LF, 0, end) + 1
+    # Searches need no bound: an LF ends data[:end], so each finds one before it.
+    position = data.find(LF) + 1
     if position < _FIND_FROM:
         return data.count(LF, 0, end)
     count = 1
@@ -64,7 +65,7 @@ def count_lines(data: bytes, end: int) -> int:
     for _ in range(_MAX_FINDS):
         if position >= end:
             return count
-        position = find(LF, position, end) + 1
+        position = find(LF, position) + 1
         count += 1
     return count + data.count(LF, position, end)
 

@@ -144,6 +144,9 @@ class WorkerSpec:
     #: The twistd reactor name the worker installs (the supervisor's own, when it
     #: runs on one of ours); None: Twisted's default.
     reactor: str | None = None
+    #: Which process of its slot this is (1: the first; a restart counts up), so
+    #: that connection ids stay unique across restarts.
+    start: int = 1
 
     def to_json(self) -> str:
         """The spec as one line of JSON."""
@@ -157,6 +160,7 @@ class WorkerSpec:
                 "log_buffer": self.log_buffer,
                 "tls_files": [[c.path, c.fd] for c in self.tls_files],
                 "reactor": self.reactor,
+                "start": self.start,
             },
             separators=(",", ":"),
         )
@@ -177,12 +181,16 @@ class WorkerSpec:
             log_buffer = int(data.get("log_buffer", LOG_BUFFER_BYTES))
             copies = tuple(TLSFileCopy(str(p), int(fd)) for p, fd in data.get("tls_files", ()))
             reactor = data.get("reactor")
+            start = int(data.get("start", 1))
         except (ValueError, TypeError, KeyError, AttributeError) as error:
             msg = f"${SPEC_ENV} is not a worker spec ({type(error).__name__}: {error})"
             raise ValueError(msg) from None
         _check(index, values, command_line, sockets, log_buffer)
         if reactor is not None and not isinstance(reactor, str):
             msg = f"${SPEC_ENV}: reactor must be a reactor name, not {reactor!r}"
+            raise ValueError(msg)
+        if start < 1:
+            msg = f"${SPEC_ENV}: start must be 1 or more, not {start}"
             raise ValueError(msg)
         # JSON has no tuples; the command line keeps repeatable options as tuples.
         restored = {k: tuple(v) if isinstance(v, list) else v for k, v in command_line.items()}
@@ -195,6 +203,7 @@ class WorkerSpec:
             log_buffer,
             copies,
             reactor,
+            start,
         )
 
 

@@ -251,6 +251,8 @@ class WorkerSupervisor(Service):
         self.listening = ListeningService(reactor, listens, HeldForWorkers(), self._listened)
         #: The sockets handed to every worker.
         self.sockets: tuple[SharedSocket, ...] = ()
+        #: Processes started so far per slot (the next one's ``start``).
+        self._starts: dict[int, int] = {}
         self.state = PoolState(
             workers,
             reactor,
@@ -362,8 +364,11 @@ class WorkerSupervisor(Service):
 
     # -- what a worker is started with -----------------------------------------------------
 
-    def spec(self, index: int, copies: tuple[Any, ...] = ()) -> WorkerSpec:
-        """What worker ``index`` is started with (its share of ``--max-connections``)."""
+    def spec(self, index: int, copies: tuple[Any, ...] = (), start: int = 1) -> WorkerSpec:
+        """What worker ``index`` is started with (its share of ``--max-connections``).
+
+        ``start``: which process of the slot this is (its connection ids say so).
+        """
         values = dict(self._values)
         total = int(values.get("max-connections") or 0)
         if total:
@@ -378,12 +383,14 @@ class WorkerSupervisor(Service):
             copies,
             # The workers run on the supervisor's reactor, when it is one of ours.
             name_of(self._reactor),
+            start,
         )
 
     def prepare(self, index: int) -> tuple[WorkerSpec, list[int]]:
         """Slot ``index``'s spec with fresh copies of the TLS files; their descriptors."""
         copies, held = share_copies(self._tls_files)
-        return self.spec(index, copies), held
+        start = self._starts[index] = self._starts.get(index, 0) + 1
+        return self.spec(index, copies, start), held
 
     # -- the pool's reports (PoolListener) ----------------------------------------------
 

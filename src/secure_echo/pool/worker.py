@@ -8,7 +8,8 @@ record pipe, stderr for what comes before logging starts).
 The worker is the single-process daemon, ``maker.make_service``, given two things:
 the :func:`~secure_echo.pool.ports.adopt` listen strategy (it accepts on the
 supervisor's sockets instead of binding) and its number (connection ids
-``<worker>-<n>``, ``worker`` in the info reply).  It opens no log file, serves no
+``<worker>-<n>``, or ``<worker>.<start>-<n>`` for a slot's restarted process;
+``worker`` in the info reply).  It opens no log file, serves no
 metrics and never talks to systemd (the supervisor does all three).  Its records go
 to the supervisor through a pipe it never blocks on (:mod:`secure_echo.pool.logpipe`).
 
@@ -161,7 +162,7 @@ def build_worker_service(
     """``maker.make_service`` adopting the shared sockets; the tree and its ports service."""
     built: list[SharedPortsService] = []
     strategy = adopt(reactor, spec.sockets, built)
-    top = maker.make_service(cfg, reactor, listen=strategy, worker=spec.index)
+    top = maker.make_service(cfg, reactor, listen=strategy, worker=spec.index, start=spec.start)
     return top, built[0]
 
 

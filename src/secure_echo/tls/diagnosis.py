@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Final
 
 from cryptography.hazmat.primitives.asymmetric import ed448, ed25519, rsa
 
+from secure_echo.tls.failures import CLIENT_REFUSED_ALERTS
 from secure_echo.tls.policy import GROUPS, TLS12_CIPHERS, TLS13_CIPHERS, LoadedTLS, TLSProfile
 from secure_echo.tls.sni import dns_names
 from secure_echo.wire.clienthello import (
@@ -144,10 +145,17 @@ def _version_failure(hello: ClientHello, policy: ServerPolicy) -> Failure | None
     offered = offered_versions(hello)
     if set(offered) & set(policy.versions):
         return None
+    # Without supported_versions a client names only its highest version.
+    offers = (
+        _names(offered, VERSION_NAMES)
+        if hello.supported_versions
+        else f"up to {name_of(hello.legacy_version, VERSION_NAMES)}"
+    )
     return Failure(
         "no_common_version",
-        f"the client offers {_names(offered, VERSION_NAMES)}; this server accepts "
-        f"{_names(policy.versions, VERSION_NAMES)} (profile {policy.profile})",
+        f"the client offers {offers}; this server accepts "
+        f"{_names(sorted(policy.versions, reverse=True), VERSION_NAMES)} "
+        f"(profile {policy.profile})",
     )
 
 
@@ -288,8 +296,17 @@ def _certificate_failure(
     return None
 
 
-#: OpenSSL's words for an alert the client sent about this server's certificate.
-_CLIENT_REFUSED: Final = ("alert unknown ca", "alert bad certificate", "alert certificate unknown")
+#: Why a client refuses this server's certificate, by its alert (OpenSSL's words).
+_CLIENT_REFUSED_WHY: Final = {
+    "alert certificate expired": (
+        "finds it expired or not yet valid; check the certificate's dates and the client's clock"
+    ),
+    "alert certificate revoked": "finds it revoked; give the server a new certificate",
+    "alert unsupported certificate": (
+        "finds it not meant for a TLS server (its key usage or extended key usage); issue "
+        "one with serverAuth"
+    ),
+}
 
 
 def _from_text(text: str, policy: ServerPolicy) -> Failure | None:
@@ -301,12 +318,19 @@ def _from_text(text: str, policy: ServerPolicy) -> Failure | None:
             f"this server requires a client certificate from {trusted}, and the client "
             "sent none; give the client its certificate and key",
         )
-    if any(words in text for words in _CLIENT_REFUSED):
+    alert = next((words for words in CLIENT_REFUSED_ALERTS if words in text), None)
+    if alert is not None:
+        why = _CLIENT_REFUSED_WHY.get(alert)
         return Failure(
             "client_refused_certificate",
-            "the client refused this server's certificate (it does not trust its CA, or "
-            "the name does not match); give the client the CA, connect by a name the "
-            "certificate carries",
+            f"the client refused this server's certificate ({alert.removeprefix('alert ')}): "
+            + (
+                f"it {why}"
+                if why is not None
+                else "it does not trust its CA, the name does not match, or the date is "
+                "outside its validity; give the client the CA, connect by a name the "
+                "certificate carries, check its dates"
+            ),
         )
     if "closed" in text or "unexpected eof" in text:
         return Failure(

@@ -180,7 +180,7 @@ class TLSServerFactory(Factory):
         """Log a refused header: the first of its reason in full, the rest summed up."""
         transport = reader.transport
         peer = format_address(transport.getPeer()) if transport is not None else "unknown"
-        first = self._proxy_digest.first(reason, peer)
+        first = self._proxy_digest.first(reason, reader.peer_key or peer)
         (self.log.warn if first else self.connection_log.info)(
             "PROXY header from {peer} rejected: {reason}: {detail}",
             event="proxy_rejected",
@@ -248,7 +248,8 @@ class TLSServerFactory(Factory):
         """
         record = connection.record
         reason = handshake_failure_reason(record.tls_error)
-        first = self._handshake_digest.first(reason, record.peer)
+        # Summed up per client address (its port changes with every retry).
+        first = self._handshake_digest.first(reason, connection.peer_key or record.peer)
         (self.log.warn if first else self.connection_log.info)(
             "TLS handshake with {peer} failed: {reason}",
             event="handshake_failed",

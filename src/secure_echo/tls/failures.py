@@ -28,6 +28,16 @@ HANDSHAKE_FAILURE_REASONS: Final = (
     OTHER,
 )
 
+#: OpenSSL's words for an alert the client sent about this server's certificate.
+CLIENT_REFUSED_ALERTS: Final = (
+    "alert unknown ca",
+    "alert bad certificate",
+    "alert certificate unknown",
+    "alert certificate expired",
+    "alert certificate revoked",
+    "alert unsupported certificate",
+)
+
 # OpenSSL reason substrings (lower case), checked in this order; the first match
 # wins.  tls.connection.ssl_error_text joins several reasons with "; " and the
 # connection appends the verify callback's reason after ": ".
@@ -39,17 +49,7 @@ _REASON_PATTERNS: Final = (
     ("certificate_required", ("peer did not return a certificate", "certificate required")),
     ("certificate_unknown", ("certificate verify failed",)),
     # Alerts the client sent because it refused our certificate.
-    (
-        "client_rejected_certificate",
-        (
-            "alert unknown ca",
-            "alert bad certificate",
-            "alert certificate unknown",
-            "alert certificate expired",
-            "alert certificate revoked",
-            "alert unsupported certificate",
-        ),
-    ),
+    ("client_rejected_certificate", CLIENT_REFUSED_ALERTS),
     # No cipher suite, group or signature algorithm in common.
     (
         "no_shared_cipher",

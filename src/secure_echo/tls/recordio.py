@@ -272,6 +272,22 @@ class PublicRecordIO:
         return b"".join(out)
 
 
+def whole_writes(context: SSL.Context) -> bool:
+    """Let one ``SSL_write`` encrypt all it is given, not one record per call.
+
+    pyOpenSSL turns on ``SSL_MODE_ENABLE_PARTIAL_WRITE`` for every context: an
+    ``SSL_write`` then returns after each 16 KiB record, so a 32 KiB batch of
+    replies takes three calls.  Into a memory BIO, which never refuses bytes, a
+    partial write has nothing to wait for.  False where the handle is missing
+    (the writes stay correct either way: both record I/Os loop until done).
+    """
+    clear = getattr(_lib, "SSL_CTX_clear_mode", None)
+    if clear is None:  # pragma: no cover - depends on the installed pyOpenSSL
+        return False
+    clear(context._context, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
+    return True
+
+
 #: Which implementation :func:`record_io` builds (tests switch it).
 use_fast = FAST_AVAILABLE
 
