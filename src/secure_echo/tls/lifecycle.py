@@ -78,6 +78,10 @@ from secure_echo.tls.record import CloseReason
 class Phase(Enum):
     """Where a connection is in its life."""
 
+    # Members are singletons compared by identity: hash them so too, in C, not by
+    # Enum's hash of the name in Python (each step hashes several of them).
+    __hash__ = object.__hash__
+
     #: TCP accepted; no byte yet.
     ACCEPTED = "accepted"
     #: TLS bytes arrived; the handshake is under way.
@@ -101,6 +105,10 @@ class Phase(Enum):
 @unique
 class Event(Enum):
     """What can happen to a connection (besides data on the hot path)."""
+
+    # Members are singletons compared by identity: hash them so too, in C, not by
+    # Enum's hash of the name in Python (each step hashes several of them).
+    __hash__ = object.__hash__
 
     #: The first bytes start a TLS handshake record (0x16).
     TLS_BYTES = "tls_bytes"
@@ -143,6 +151,10 @@ class Event(Enum):
 @unique
 class Action(Enum):
     """What the glue does for a step, in the order the step lists them."""
+
+    # Members are singletons compared by identity: hash them so too, in C, not by
+    # Enum's hash of the name in Python (each step hashes several of them).
+    __hash__ = object.__hash__
 
     #: Stop the handshake, idle and age deadlines.
     CANCEL_DEADLINES = "cancel_deadlines"
