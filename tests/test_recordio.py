@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -186,13 +187,25 @@ class WholeWritesTests(SynchronousTestCase):
         self.pair = TLSPair(server_factory(pki, Clock()), client_context(pki))
         self.pair.handshake()
 
-    def test_server_contexts_write_whole(self) -> None:
-        """The daemon's contexts have OpenSSL's partial-write mode off."""
-        context = self.pair.server._tls.get_context()
+    def test_connections_write_whole(self) -> None:
+        """The fast record I/O turns OpenSSL's partial-write mode off for its connection."""
         lib: Any = getattr(recordio, "_lib")  # noqa: B009 - private, not re-exported
-        mode = lib.SSL_CTX_set_mode(context._context, 0)  # adds nothing, returns the mode
+        mode = lib.SSL_set_mode(self.pair.server._tls._ssl, 0)  # adds nothing, returns the mode
         self.assertEqual(mode & lib.SSL_MODE_ENABLE_PARTIAL_WRITE, 0)
         self.assertTrue(mode & lib.SSL_MODE_RELEASE_BUFFERS)
+
+    def test_nothing_to_write(self) -> None:
+        """An empty write calls nothing and queues nothing."""
+        counting = _CountingLib(getattr(recordio, "_lib"))  # noqa: B009 - private
+        self.patch(recordio, "_lib", counting)
+        self.pair.server._io.write(b"")
+        self.assertEqual((counting.writes, self.pair.server._io.pending_out()), (0, b""))
+
+    def test_failed_write_raises(self) -> None:
+        """A write OpenSSL refuses (after our close_notify) raises pyOpenSSL's error."""
+        tls = self.pair.server._tls
+        tls.shutdown()
+        self.assertRaises(SSL.Error, self.pair.server._io.write, b"late\n")
 
     def test_one_call_for_many_records(self) -> None:
         """64 KiB of replies (four records and more) take one SSL_write, and arrive whole."""

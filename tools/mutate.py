@@ -65,6 +65,7 @@ TESTS: Final[dict[str, tuple[str, ...]]] = {
     "src/secure_echo/tls/recordio.py": (
         "tests/test_recordio.py",
         "tests/test_recordio_mutants.py",
+        "tests/test_stream.py",
     ),
     "src/secure_echo/tls/lifecycle.py": ("tests/test_lifecycle.py",),
     "src/secure_echo/edge/limits.py": ("tests/test_limits.py",),

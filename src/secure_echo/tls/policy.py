@@ -38,7 +38,6 @@ from OpenSSL import SSL
 from OpenSSL.crypto import X509, X509StoreFlags
 
 from secure_echo.tls.allowlist import AllowList
-from secure_echo.tls.recordio import whole_writes
 from secure_echo.tls.sni import Chooser, dns_names, install_sni
 from secure_echo.tls.verify import install_verify
 
@@ -380,7 +379,6 @@ def build_context(
     # Free OpenSSL's ~34 KiB of record buffers while a connection is idle: most of
     # an idle connection's memory otherwise.
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)
-    whole_writes(context)
     if settings.client_ca is not None and settings.client_auth is not ClientAuth.NONE:
         store = context.get_cert_store()
         assert store is not None  # a fresh context always has a store

@@ -34,6 +34,7 @@ _NEEDED: Final = (
     "SSL_write",
     "SSL_get_error",
     "SSL_set_bio",
+    "SSL_clear_mode",
     "BIO_read",
     "BIO_write",
     "BIO_new",
@@ -110,6 +111,11 @@ class FastRecordIO:
         self._ssl = connection._ssl
         self._into = connection._into_ssl
         self._from = connection._from_ssl
+        # pyOpenSSL turns on partial writes for every connection: one SSL_write
+        # then encrypts one 16 KiB record, and a 32 KiB batch of replies takes
+        # three calls.  Into a memory BIO, which never refuses bytes, a write is
+        # whole or an error: one call.
+        _lib.SSL_clear_mode(self._ssl, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
 
     def feed(self, data: bytes) -> None:
         """Write to the incoming memory BIO (it takes everything)."""
@@ -150,20 +156,12 @@ class FastRecordIO:
                 return chunks, False, failure
 
     def write(self, data: bytes) -> None:
-        """SSL_write all of ``data`` (a memory BIO never pushes back)."""
-        ssl = self._ssl
-        sent = _lib.SSL_write(ssl, data, len(data))
-        if sent == len(data):
+        """SSL_write all of ``data`` in one call (partial writes are off, see above)."""
+        if not data:
             return
-        view = memoryview(data)
-        while True:
-            if sent <= 0:
-                self._fail(sent)
-            view = view[sent:]
-            if not view:
-                return
-            with _ffi.from_buffer(view) as chunk:
-                sent = _lib.SSL_write(ssl, chunk, len(view))
+        sent = _lib.SSL_write(self._ssl, data, len(data))
+        if sent != len(data):
+            self._fail(sent)
 
     def pending_out(self) -> bytes | memoryview:
         """BIO_read the outgoing memory BIO until it is empty.
@@ -270,22 +268,6 @@ class PublicRecordIO:
             if len(chunk) < _PUBLIC_READ:
                 break
         return b"".join(out)
-
-
-def whole_writes(context: SSL.Context) -> bool:
-    """Let one ``SSL_write`` encrypt all it is given, not one record per call.
-
-    pyOpenSSL turns on ``SSL_MODE_ENABLE_PARTIAL_WRITE`` for every context: an
-    ``SSL_write`` then returns after each 16 KiB record, so a 32 KiB batch of
-    replies takes three calls.  Into a memory BIO, which never refuses bytes, a
-    partial write has nothing to wait for.  False where the handle is missing
-    (the writes stay correct either way: both record I/Os loop until done).
-    """
-    clear = getattr(_lib, "SSL_CTX_clear_mode", None)
-    if clear is None:  # pragma: no cover - depends on the installed pyOpenSSL
-        return False
-    clear(context._context, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
-    return True
 
 
 #: Which implementation :func:`record_io` builds (tests switch it).
