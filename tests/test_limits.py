@@ -219,6 +219,8 @@ class RekeyTests(SynchronousTestCase):
         limiter.acquire("balancer")
         self.assertIsNone(limiter.rekey("balancer", "client"))
         self.assertEqual(limiter.count("client"), 4)
+        # Every socket is still counted once toward --max-connections.
+        self.assertEqual(limiter.total, 4)
 
     def test_not_per_ip_counts_but_never_refuses(self) -> None:
         """acquire(per_ip=False) counts under the key even past its limit."""

@@ -16,6 +16,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
+from secure_echo.tls import recordio
 from secure_echo.tls.recordio import READ_SIZE, input_bytes
 from secure_echo.tls.stream import TLSStreamServer, use_stream_transport
 from tests import test_transport
@@ -35,6 +36,15 @@ class BufferedHandshakeTests(test_transport.HandshakeTests):
 
     def setUp(self) -> None:
         self.patch(TLSPair, "via_buffer", True)
+        super().setUp()
+
+
+class BufferedPublicEchoTests(test_transport.EchoOverTLSTests):
+    """The same through the buffer into the public-API record I/O (its feed_input)."""
+
+    def setUp(self) -> None:
+        self.patch(TLSPair, "via_buffer", True)
+        self.patch(recordio, "use_fast", False)
         super().setUp()
 
 

@@ -238,8 +238,8 @@ _STALLED = (_A.LOG_SLOW_READER, _A.CANCEL_DEADLINES, _A.ABORT_STREAM)
 _GONE = (_A.FINISH,)
 
 
-def _after_handshake(phase: Phase) -> dict[Event, Step]:
-    """What OPEN, INPUT_ENDED and DRAINING share."""
+def _after_handshake(app_close: CloseReason | None) -> dict[Event, Step]:
+    """What OPEN, INPUT_ENDED and DRAINING share; ``app_close``: the reason of a close."""
     return {
         _E.TLS_ERROR: Step(_P.CLOSING, _TLS_FAILED, _R.TLS_ERROR),
         _E.DRAIN_DEADLINE: Step(_P.ABORTING, _ABORT, _R.DRAIN_TIMEOUT),
@@ -248,8 +248,9 @@ def _after_handshake(phase: Phase) -> dict[Event, Step]:
         _E.LOST_CLEAN: Step(_P.CLOSED, _GONE, _R.CONNECTION_LOST),
         _E.LOST_ERROR: Step(_P.CLOSED, _GONE, _R.RESET),
         _E.LOST_ERROR_FLUSHED: Step(_P.CLOSED, _GONE, _R.RESET),
-        # The close itself: the reason was set on the way in (rule 7).
-        _E.APP_CLOSE: Step(_P.CLOSING, _CLOSE, _R.SERVER_CLOSED if phase is _P.OPEN else None),
+        # The close itself: from OPEN the server closed; after the input ended or
+        # a drain began, the reason was set on the way in (rule 7).
+        _E.APP_CLOSE: Step(_P.CLOSING, _CLOSE, app_close),
     }
 
 
@@ -324,7 +325,7 @@ _add(
 _add(
     _P.OPEN,
     {
-        **_after_handshake(_P.OPEN),
+        **_after_handshake(_R.SERVER_CLOSED),
         _E.CLOSE_NOTIFY: Step(_P.INPUT_ENDED, (_A.END_APP_INPUT,), _R.EOF),
         _E.FIN: Step(_P.INPUT_ENDED, (_A.END_APP_INPUT,), _R.CLIENT_CLOSED),
         _E.IDLE_DEADLINE: Step(_P.CLOSING, _CLOSE, _R.IDLE_TIMEOUT),
@@ -336,8 +337,8 @@ _add(
 )
 # The client is done sending; the application finishes.  A drain or deadline now
 # changes nothing: the replies are what is left either way.
-_add(_P.INPUT_ENDED, _after_handshake(_P.INPUT_ENDED))
-_add(_P.DRAINING, _after_handshake(_P.DRAINING))
+_add(_P.INPUT_ENDED, _after_handshake(None))
+_add(_P.DRAINING, _after_handshake(None))
 _add(_P.CLOSING, _closing(_P.CLOSING))
 _add(_P.LINGERING, _closing(_P.LINGERING))
 _add(
