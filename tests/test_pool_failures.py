@@ -178,6 +178,20 @@ class KilledWorkerTests(PoolFailureCase):
         self.assertEqual((exited["signal"], exited["restart_in"]), (signal.SIGKILL, 0.1))
         self.assertFalse(exited["expected"])
         self.assertNotEqual(pids_of(daemon, since)[1], pids[1])
+        # The restarted worker counts its connections from 1 again: its ids name
+        # its start in the slot, and no id repeats across the pool.
+        restarted = daemon.mark()
+        echo_burst(daemon.port, shared_pki().ca_cert, 30)
+        deadline = time.monotonic() + WAIT
+        while len(self.records(daemon, restarted, "connection_closed")) < 30:
+            self.assertLess(time.monotonic(), deadline, daemon.describe())
+            time.sleep(0.05)
+        closed = self.records(daemon, 0, "connection_closed")
+        ids = [e["conn_id"] for e in closed]
+        self.assertEqual(len(ids), len(set(ids)), ids)
+        for record in self.records(daemon, restarted, "connection_closed"):
+            expected = "1.2-" if record["worker"] == 1 else "2-"
+            self.assertTrue(record["conn_id"].startswith(expected), record)
         print(f"\nkill: /readyz {bodies}; STATUS= {counts}", file=sys.stderr)
 
 
