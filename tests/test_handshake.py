@@ -21,15 +21,14 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from secure_echo.tools import certgen
 from secure_echo.tools.handshake import (
-    GROUP_NAMES,
     POST_QUANTUM,
     ClientOffer,
     ServerChoice,
     group_name,
-    is_grease,
     parse_client_offer,
     parse_server_choice,
 )
+from secure_echo.wire.clienthello import GROUP_NAMES, is_grease
 
 X25519, SECP256R1, SECP384R1 = 0x001D, 0x0017, 0x0018
 

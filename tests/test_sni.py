@@ -18,7 +18,7 @@ from secure_echo.tls.material import load_tls
 from secure_echo.tls.policy import ClientAuth, ContextHolder, TLSConfigError, TLSSettings
 from secure_echo.tls.sni import Chooser, matches, normal_name
 from secure_echo.tools import certgen
-from tests.helpers import make_pki, write_expired_server
+from tests.helpers import make_pki, write_crl, write_expired_server
 from tests.tlspair import TLSPair, capture_events, client_context, named, server_factory
 
 if TYPE_CHECKING:
@@ -243,28 +243,6 @@ class ALPNTests(SynchronousTestCase):
         self.assertIsNone(self.negotiate(["h2"], ()))
 
 
-def write_crl(pki: PKI, revoked: list[int], *, days: int = 2) -> Path:
-    """A CRL from the test CA revoking the serial numbers ``revoked``."""
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(pki.ca.certificate.subject)
-        .last_update(now - datetime.timedelta(days=10))
-        .next_update(now + datetime.timedelta(days=days))
-    )
-    for serial in revoked:
-        builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder()
-            .serial_number(serial)
-            .revocation_date(now - datetime.timedelta(minutes=5))
-            .build()
-        )
-    crl = builder.sign(pki.ca.key, hashes.SHA256())
-    path = pki.directory / f"crl-{len(revoked)}-{days}.pem"
-    path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
-    return path
-
-
 class CRLTests(SynchronousTestCase):
     """--crl: revoked client certificates are refused with certificate_revoked."""
 
@@ -291,7 +269,7 @@ class CRLTests(SynchronousTestCase):
 
     def test_revoked_refused(self) -> None:
         """A revoked certificate is refused; the client hears certificate_revoked."""
-        pair = self.pair(write_crl(self.pki, [self.client.serial_number]))
+        pair = self.pair(write_crl(self.pki, (self.client.serial_number,), name="crl-1-2.pem"))
         told = ""
         try:
             pair.handshake()
@@ -306,7 +284,7 @@ class CRLTests(SynchronousTestCase):
 
     def test_not_revoked_served(self) -> None:
         """A certificate not on the list is served."""
-        pair = self.pair(write_crl(self.pki, [self.client.serial_number + 1]))
+        pair = self.pair(write_crl(self.pki, (self.client.serial_number + 1,), name="crl-1-2.pem"))
         pair.handshake()
         pair.send(b"ok\n")
         pair.pump()
@@ -314,7 +292,7 @@ class CRLTests(SynchronousTestCase):
 
     def test_expired_crl_refused_at_load(self) -> None:
         """An expired CRL would refuse everybody: it stops start-up and reload."""
-        path = write_crl(self.pki, [], days=-1)
+        path = write_crl(self.pki, (), name="crl-0--1.pem", days=-1)
         settings = TLSSettings(
             self.pki.server_cert, self.pki.server_key, self.pki.ca_cert, ClientAuth.REQUIRED
         )

@@ -5,7 +5,7 @@ the server?  This peer answers that, so every benchmark run shows what the daemo
 protections (limits, timeouts, flow control, logging, the close guarantees) cost on
 top of the same design.
 
-The design (``/work/shared/TWISTED-NOTES.md``, "Speed: what was measured"):
+The design, as measured for secure-echo itself:
 
 * TLS is done inside the transport: :class:`LeanServer` is a ``tcp.Server`` subclass
   that runs a pyOpenSSL ``Connection`` over memory BIOs and replaces ``doRead``.

@@ -99,6 +99,40 @@ def _san(names: Iterable[str], uris: Iterable[str] = ()) -> x509.SubjectAlternat
     return x509.SubjectAlternativeName(general)
 
 
+def _builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    public: ec.EllipticCurvePublicKey,
+    validity: tuple[datetime.datetime, datetime.datetime],
+    *,
+    usage: x509.ObjectIdentifier | None,
+) -> x509.CertificateBuilder:
+    """What every certificate here has: names, key, serial, dates, constraints, usages.
+
+    ``usage`` None makes a CA (signs leaf certificates only); else a leaf for it.
+    """
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(validity[0])
+        .not_valid_after(validity[1])
+    )
+    if usage is None:
+        builder = builder.add_extension(
+            x509.BasicConstraints(ca=True, path_length=0), critical=True
+        ).add_extension(_key_usage(signs_certificates=True), critical=True)
+    else:
+        builder = (
+            builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(signs_certificates=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
+    return builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+
+
 def distinct_ca_name(base: str, *, now: datetime.datetime | None = None) -> str:
     """Return ``base`` followed by the date and a random 8-hex-digit tag.
 
@@ -123,21 +157,9 @@ def make_ca(
     key = ec.generate_private_key(ec.SECP256R1())
     start = (now or _now()) - CLOCK_SKEW
     name = _name(common_name, organization)
-    public = key.public_key()
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(public)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + CLOCK_SKEW + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(signs_certificates=True), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return Issued(cert, key)
+    end = start + CLOCK_SKEW + datetime.timedelta(days=days)
+    builder = _builder(name, name, key.public_key(), (start, end), usage=None)
+    return Issued(builder.sign(key, hashes.SHA256()), key)
 
 
 def _issue_leaf(
@@ -154,24 +176,12 @@ def _issue_leaf(
     key = ec.generate_private_key(ec.SECP256R1())
     start = not_before if not_before is not None else (now or _now()) - CLOCK_SKEW
     end = (now or _now()) + datetime.timedelta(days=days)
-    public = key.public_key()
     ca_ski = ca.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(ca.certificate.subject)
-        .public_key(public)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(signs_certificates=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski.value),
-            critical=False,
-        )
+    builder = _builder(
+        _name(common_name), ca.certificate.subject, key.public_key(), (start, end), usage=usage
+    ).add_extension(
+        x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski.value),
+        critical=False,
     )
     if names or uris:
         builder = builder.add_extension(_san(names, uris), critical=False)
@@ -225,23 +235,12 @@ def make_self_signed_server(
     key = ec.generate_private_key(ec.SECP256R1())
     start = (now or _now()) - CLOCK_SKEW
     name = _name(names[0] if names else "secure-echo server")
-    public = key.public_key()
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(public)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + CLOCK_SKEW + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(signs_certificates=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-        .add_extension(_san(names), critical=False)
-        .sign(key, hashes.SHA256())
+    end = start + CLOCK_SKEW + datetime.timedelta(days=days)
+    server = ExtendedKeyUsageOID.SERVER_AUTH
+    builder = _builder(name, name, key.public_key(), (start, end), usage=server)
+    return Issued(
+        builder.add_extension(_san(names), critical=False).sign(key, hashes.SHA256()), key
     )
-    return Issued(cert, key)
 
 
 def load_issued(cert_pem: bytes, key_pem: bytes) -> Issued:

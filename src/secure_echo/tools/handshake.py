@@ -24,6 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+# The names the daemon's records use (OpenSSL's spelling), so both say the same.
+from secure_echo.wire.clienthello import GROUP_NAMES, is_grease
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -40,42 +43,11 @@ _EXT_SUPPORTED_VERSIONS = 43
 _EXT_KEY_SHARE = 51
 _TLS13 = 0x0304
 _NAMED_CURVE = 3
-#: RFC 8701: GREASE group values are 0x?a?a with both bytes equal.
-_GREASE_MASK, _GREASE_PATTERN = 0x0F0F, 0x0A0A
 #: The ServerHello random that marks a HelloRetryRequest (RFC 8446 §4.1.3).
 HELLO_RETRY_RANDOM = bytes.fromhex(
     "cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c"
 )
 
-#: IANA TLS Supported Groups, spelled as OpenSSL names them (``SSL_get0_group_name``),
-#: so that the client's report and the daemon's record use the same words.
-GROUP_NAMES: dict[int, str] = {
-    0x0015: "secp224r1",
-    0x0016: "secp256k1",
-    0x0017: "secp256r1",
-    0x0018: "secp384r1",
-    0x0019: "secp521r1",
-    0x001A: "brainpoolP256r1",
-    0x001B: "brainpoolP384r1",
-    0x001C: "brainpoolP512r1",
-    0x001D: "x25519",
-    0x001E: "x448",
-    0x001F: "brainpoolP256r1tls13",
-    0x0020: "brainpoolP384r1tls13",
-    0x0021: "brainpoolP512r1tls13",
-    0x0100: "ffdhe2048",
-    0x0101: "ffdhe3072",
-    0x0102: "ffdhe4096",
-    0x0103: "ffdhe6144",
-    0x0104: "ffdhe8192",
-    0x0200: "MLKEM512",
-    0x0201: "MLKEM768",
-    0x0202: "MLKEM1024",
-    0x11EB: "SecP256r1MLKEM768",
-    0x11EC: "X25519MLKEM768",
-    0x11ED: "SecP384r1MLKEM1024",
-    0x6399: "X25519Kyber768Draft00",
-}
 #: The groups whose key exchange resists a quantum computer (ML-KEM, alone or hybrid).
 POST_QUANTUM: frozenset[int] = frozenset({0x0200, 0x0201, 0x0202, 0x11EB, 0x11EC, 0x11ED, 0x6399})
 
@@ -87,11 +59,6 @@ def group_name(code: int) -> str:
     if is_grease(code):
         return "GREASE"
     return f"0x{code:04x}"
-
-
-def is_grease(code: int) -> bool:
-    """Whether ``code`` is one of RFC 8701's reserved GREASE values (0x0a0a, 0x1a1a, ...)."""
-    return code & _GREASE_MASK == _GREASE_PATTERN and code >> 8 == code & 0xFF
 
 
 @dataclass(frozen=True)
