@@ -282,6 +282,19 @@ class WriteStallTests(SynchronousTestCase):
         self.assertTrue(self.stream.aborted)
         self.assertEqual(len(named(self.events, "slow_reader")), 1)
 
+    def test_close_with_nothing_left_is_not_watched(self) -> None:
+        """A close with nothing held, queued or unacknowledged closes outright.
+
+        Nothing is left to send, so the socket is writable and the close cannot
+        stall: no half-close, and no stall timer left behind (the idle and age
+        deadlines are off here, so none at all).
+        """
+        self.patch(writer_module, "kernel_count", lambda _sock, _request: 0)
+        self.pair.server.loseConnection()
+        self.assertFalse(self.stream.write_closed)
+        self.assertTrue(self.stream.disconnecting)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
 
 class IdleWithPendingReplyTests(SynchronousTestCase):
     """The idle timeout does not cut off a reply the server still owes."""

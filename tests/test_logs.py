@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import math
@@ -9,6 +10,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.logger import Logger, LogLevel, LogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -16,6 +19,7 @@ from secure_echo.daemon.logs import (
     DEFAULT_EVENT,
     JSONLinesObserver,
     JSONLogService,
+    _Timestamps,
     event_as_record,
     open_log_file,
 )
@@ -169,6 +173,27 @@ class RecordTests(SynchronousTestCase):
             [r["level"] for r in self.records()],
             [level.name for level in LogLevel.iterconstants()],
         )
+
+
+class TimestampTests(SynchronousTestCase):
+    """The record's ``time``: the same text ``datetime`` would write, made cheaper."""
+
+    @given(st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False))
+    def test_same_as_datetime(self, when: float) -> None:
+        """Any time, including ones that round up into the next second."""
+        expected = datetime.datetime.fromtimestamp(when, datetime.UTC).isoformat(
+            timespec="microseconds"
+        )
+        self.assertEqual(_Timestamps()(when), expected)
+
+    def test_second_reused_and_renewed(self) -> None:
+        """One stamp object across seconds, and a fraction that rounds to the next."""
+        stamps = _Timestamps()
+        self.assertEqual(stamps(1.25), "1970-01-01T00:00:01.250000+00:00")
+        self.assertEqual(stamps(1.5), "1970-01-01T00:00:01.500000+00:00")
+        self.assertEqual(stamps(2.0), "1970-01-01T00:00:02.000000+00:00")
+        self.assertEqual(stamps(2.9999999), "1970-01-01T00:00:03.000000+00:00")
+        self.assertEqual(stamps(2.1), "1970-01-01T00:00:02.100000+00:00")
 
 
 class LogFileServiceTests(SynchronousTestCase):

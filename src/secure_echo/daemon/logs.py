@@ -27,7 +27,7 @@ import datetime
 import json
 import signal
 import sys
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
 from twisted.application.service import Service
 from twisted.logger import (
@@ -131,30 +131,61 @@ def render_message(event: LogEvent) -> str:
     return formatEvent(event)
 
 
+#: Microseconds per second.
+_MICRO: Final = 1_000_000
+
+
+class _Timestamps:
+    """ISO 8601 UTC stamps with microseconds, the date and time part kept per second.
+
+    A record is written per connection; the same second's ``datetime`` is not
+    built again for each.  The result is ``datetime.fromtimestamp(when,
+    UTC).isoformat(timespec="microseconds")``, rounded the same way (half to even).
+    """
+
+    __slots__ = ("_prefix", "_second")
+
+    def __init__(self) -> None:
+        self._second: int | None = None
+        self._prefix = ""
+
+    def __call__(self, when: float) -> str:
+        second = int(when)
+        micro = round((when - second) * _MICRO)
+        if micro >= _MICRO or micro < 0:  # rounded up into the next second
+            return datetime.datetime.fromtimestamp(when, datetime.UTC).isoformat(
+                timespec="microseconds"
+            )
+        if second != self._second:
+            whole = datetime.datetime.fromtimestamp(second, datetime.UTC)
+            self._prefix = whole.strftime("%Y-%m-%dT%H:%M:%S")
+            self._second = second
+        return f"{self._prefix}.{micro:06d}+00:00"
+
+
+_timestamp = _Timestamps()
+
+
 def event_as_record(event: LogEvent) -> dict[str, Any]:
     """Flatten a twisted.logger event into the record described above."""
     when = event.get("log_time")
-    stamp = (
-        datetime.datetime.fromtimestamp(when, datetime.UTC).isoformat(timespec="microseconds")
-        if isinstance(when, int | float)
-        else None
-    )
     level = event.get("log_level")
     record: dict[str, Any] = {
-        "time": stamp,
+        "time": _timestamp(when) if isinstance(when, int | float) else None,
         "level": getattr(level, "name", None),
         "event": event.get("event", DEFAULT_EVENT),
         "namespace": event.get("log_namespace"),
         "message": render_message(event),
     }
     for key, value in event.items():
+        if key in record:
+            continue
         # Twisted's own keys all start with log_; of them only a failure is kept.
         if key.startswith("log_"):
             if key == "log_failure" and isinstance(value, Failure):
                 record["traceback"] = value.getTraceback()
             continue
-        if key not in record:
-            record[key] = value
+        record[key] = value
     return record
 
 

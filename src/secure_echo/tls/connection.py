@@ -479,7 +479,8 @@ def _send_hint(c: TLSServerConnection) -> None:
 
 
 def _start_app(c: TLSServerConnection) -> None:
-    record_handshake(c.record, c._tls, c.factory.clock.seconds())
+    factory = c.factory
+    record_handshake(c.record, c._tls, factory.clock.seconds(), alpn=factory.contexts.alpn)
     notes = c._notes
     if notes is not None:
         notes.finish(c.record)
@@ -489,7 +490,7 @@ def _start_app(c: TLSServerConnection) -> None:
     # finished the handshake is read on at once (dataReceived), and whatever it
     # leads to (the first replies, or nothing) flushes the outgoing BIO, so the
     # tickets leave in the same send as the first replies.
-    app = c.factory.app_factory.build(c.record)
+    app = factory.app_factory.build(c.record)
     c._app = app
     app.makeConnection(c)
 
@@ -550,11 +551,10 @@ def _linger(c: TLSServerConnection) -> None:
 
 
 def _watch_close(c: TLSServerConnection) -> None:
-    # The stream closes once its buffer is written; a client that does not
-    # read would keep it open forever, so the stall watch goes on.  It does
-    # even when Twisted holds nothing: Twisted closes only once the socket is
-    # writable, which a full kernel send buffer to a client that stopped
-    # reading may never become.
+    # A lingering close waits for the client to read and acknowledge; one that
+    # does not would keep it open forever, so the stall watch goes on.  A close
+    # that did not linger needs none: nothing was left unacknowledged, so the
+    # socket is writable and Twisted closes it on the next turn.
     c._deadlines.watch_stall(c._writer, c.factory.timeouts.write_stall)
 
 

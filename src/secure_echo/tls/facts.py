@@ -14,8 +14,12 @@ if TYPE_CHECKING:
     from secure_echo.tls.record import ConnectionRecord
 
 
-def record_handshake(record: ConnectionRecord, tls: SSL.Connection, now: float) -> None:
+def record_handshake(
+    record: ConnectionRecord, tls: SSL.Connection, now: float, *, alpn: bool = True
+) -> None:
     """Fill ``record``'s TLS facts from ``tls``, whose handshake finished at ``now``.
+
+    ``alpn`` False says the server selects no protocol (no ``--alpn``): nothing to read.
 
     Read once per connection: version, cipher, group, SNI, ALPN, resumption and the
     client certificate (subject, issuer, fingerprint, SANs, expiry).  A client
@@ -28,8 +32,9 @@ def record_handshake(record: ConnectionRecord, tls: SSL.Connection, now: float) 
     record.group = tls.get_group_name()
     sni = tls.get_servername()
     record.sni = printable_bytes(sni) if sni else None
-    alpn = tls.get_alpn_proto_negotiated()
-    record.alpn = printable_bytes(alpn) if alpn else None
+    if alpn:
+        selected = tls.get_alpn_proto_negotiated()
+        record.alpn = printable_bytes(selected) if selected else None
     peer = tls.get_peer_certificate()
     if peer is not None:
         subject, issuer, sha256 = describe(peer)

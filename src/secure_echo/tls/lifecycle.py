@@ -44,9 +44,10 @@ The rules the table encodes:
    replies are not yet acknowledged by the client's TCP, the close lingers
    (``LINGERING``): FIN after the replies, input read and dropped, until the
    client closes too or has acknowledged every reply, so that a reset cannot
-   destroy replies unnoticed.  A close that cannot flush within the write-stall timeout is aborted
-   (``close_stalled``); before the close, a client that stops reading is
-   ``slow_reader``.
+   destroy replies unnoticed.  A lingering close that makes no progress within
+   the write-stall timeout is aborted (``close_stalled``); a close that does not
+   linger has nothing left to send.  Before the close, a client that stops
+   reading is ``slow_reader``.
 7. The record never claims more than happened.  ``eof``, ``client_closed``,
    ``server_shutdown``, ``idle_timeout``, ``max_connection_age`` and
    ``server_closed`` claim a clean end (every reply written to the socket); they
@@ -62,7 +63,8 @@ The rules the table encodes:
 9. A step's actions run in the order listed.  An action that causes another event
    (the application closing when told its input ended, a close that finds unread
    input) ends the step: the nested step's actions take the place of the rest.
-   That is why a close watches the stream before it closes it.
+   That is why closing the stream is a step's last action, and the lingering
+   step arms the stall watch itself.
 """
 
 from __future__ import annotations
@@ -172,13 +174,15 @@ class Action(Enum):
     DRAIN_APP = "drain_app"
     #: Send what the application wrote, then close_notify.
     SEND_CLOSE_NOTIFY = "send_close_notify"
-    #: Close the stream once written (the glue checks for unread input).
+    #: Close the stream once written; the glue reports ``UNREAD_INPUT`` instead
+    #: when input is left unread or replies are not yet acknowledged.
     CLOSE_STREAM = "close_stream"
     #: Half-close, read and drop input, poll until our data is acknowledged.
     LINGER = "linger"
     #: Close a lingering stream now.
     LOSE_STREAM = "lose_stream"
-    #: Watch the close: it must make progress within the write-stall timeout.
+    #: Watch the lingering close: it must make progress within the write-stall
+    #: timeout.  A close that did not linger has nothing left to send.
     WATCH_CLOSE = "watch_close"
     #: Drop the stream at once.
     ABORT_STREAM = "abort_stream"
@@ -218,20 +222,18 @@ _P = Phase
 _E = Event
 _R = CloseReason
 
-_CLOSE = (_A.CANCEL_DEADLINES, _A.SEND_CLOSE_NOTIFY, _A.WATCH_CLOSE, _A.CLOSE_STREAM)
+_CLOSE = (_A.CANCEL_DEADLINES, _A.SEND_CLOSE_NOTIFY, _A.CLOSE_STREAM)
 _ABORT = (_A.CANCEL_DEADLINES, _A.ABORT_STREAM)
 _FAIL_HANDSHAKE = (
     _A.CANCEL_DEADLINES,
     _A.LOG_HANDSHAKE_FAILED,
     _A.FLUSH_TLS,
-    _A.WATCH_CLOSE,
     _A.CLOSE_STREAM,
 )
 _TLS_FAILED = (
     _A.CANCEL_DEADLINES,
     _A.LOG_TLS_ERROR,
     _A.FLUSH_TLS,
-    _A.WATCH_CLOSE,
     _A.CLOSE_STREAM,
 )
 _STALLED = (_A.LOG_SLOW_READER, _A.CANCEL_DEADLINES, _A.ABORT_STREAM)
@@ -272,7 +274,7 @@ def _closing(phase: Phase) -> dict[Event, Step]:
                 _E.LINGER_DONE: Step(_P.LINGERING, (_A.LOSE_STREAM,)),
             }
             if phase is _P.LINGERING
-            else {_E.UNREAD_INPUT: Step(_P.LINGERING, (_A.LINGER,))}
+            else {_E.UNREAD_INPUT: Step(_P.LINGERING, (_A.LINGER, _A.WATCH_CLOSE))}
         ),
     }
 
@@ -291,13 +293,11 @@ _add(
         _E.TLS_BYTES: Step(_P.HANDSHAKING),
         _E.PLAINTEXT_BYTES: Step(
             _P.CLOSING,
-            (_A.CANCEL_DEADLINES, _A.SEND_HINT, _A.WATCH_CLOSE, _A.CLOSE_STREAM),
+            (_A.CANCEL_DEADLINES, _A.SEND_HINT, _A.CLOSE_STREAM),
             _R.PLAINTEXT_CLIENT,
         ),
         _E.HANDSHAKE_DEADLINE: Step(_P.ABORTING, _ABORT, _R.HANDSHAKE_TIMEOUT),
-        _E.FIN: Step(
-            _P.CLOSING, (_A.CANCEL_DEADLINES, _A.WATCH_CLOSE, _A.CLOSE_STREAM), _R.NO_DATA
-        ),
+        _E.FIN: Step(_P.CLOSING, (_A.CANCEL_DEADLINES, _A.CLOSE_STREAM), _R.NO_DATA),
         _E.DRAIN: Step(_P.ABORTING, _ABORT, _R.SERVER_SHUTDOWN),
         _E.APP_ABORT: Step(_P.ABORTING, _ABORT, _R.ABORTED),
         _E.LOST_CLEAN: Step(_P.CLOSED, _GONE, _R.NO_DATA),

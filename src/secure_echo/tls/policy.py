@@ -28,7 +28,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -417,14 +417,23 @@ def _alpn_chooser(
     return choose
 
 
-def session_reused(connection: SSL.Connection) -> bool | None:
-    """Whether the handshake resumed a session (pyOpenSSL has no public call)."""
+def _binding(name: str) -> Callable[..., Any] | None:
+    """A function of pyOpenSSL's private OpenSSL binding, None if it has gone."""
     from OpenSSL._util import lib  # noqa: PLC0415 - private API, confined here
 
-    reused = getattr(lib, "SSL_session_reused", None)
-    if reused is None:  # pragma: no cover - depends on the installed pyOpenSSL
+    found: Callable[..., Any] | None = getattr(lib, name, None)
+    return found
+
+
+#: Looked up once: the call runs once per connection, the lookup is not free.
+_SSL_SESSION_REUSED: Final = _binding("SSL_session_reused")
+
+
+def session_reused(connection: SSL.Connection) -> bool | None:
+    """Whether the handshake resumed a session (pyOpenSSL has no public call)."""
+    if _SSL_SESSION_REUSED is None:  # pragma: no cover - depends on the installed pyOpenSSL
         return None
-    return bool(reused(connection._ssl))
+    return bool(_SSL_SESSION_REUSED(connection._ssl))
 
 
 def subject_alt_names(cert: x509.Certificate) -> list[str]:
@@ -456,6 +465,9 @@ class ContextHolder:
     def __init__(self, loaded: LoadedTLS) -> None:
         self.loaded = loaded
         self.context = build_contexts(loaded)
+        #: Whether a context of this holder ever selected ALPN protocols: without
+        #: ``--alpn`` none is negotiated, and a connection need not ask.
+        self.alpn = bool(loaded.settings.alpn)
 
     def replace(self, loaded: LoadedTLS) -> None:
         """Build the contexts of ``loaded`` and use them for connections from now on.
@@ -465,6 +477,8 @@ class ContextHolder:
         context = build_contexts(loaded)
         self.loaded = loaded
         self.context = context
+        # Connections of the contexts before may still negotiate with their list.
+        self.alpn = self.alpn or bool(loaded.settings.alpn)
 
 
 def build_contexts(loaded: LoadedTLS) -> SSL.Context:

@@ -79,6 +79,15 @@ def tcp_bytes_acked(sock: socket.socket | None) -> int | None:
     return int(struct.unpack_from("Q", info, _BYTES_ACKED_AT)[0])
 
 
+#: The buffer attributes the optimistic send reads: ``FileDescriptor``'s class
+#: defaults, and one its ``__init__`` sets.
+_BUFFER_ATTRIBUTES: Final = ("dataBuffer", "offset")
+_INSTANCE_ATTRIBUTE: Final = "_tempDataLen"
+#: Transport class -> whether it is Twisted's kind (asked once per class, not per
+#: connection; there are a handful of transport classes).
+_DIRECT_KINDS: dict[type, bool] = {}
+
+
 def direct_socket(transport: object) -> socket.socket | None:
     """The socket to send on directly, if ``transport`` is Twisted's own kind.
 
@@ -86,11 +95,17 @@ def direct_socket(transport: object) -> socket.socket | None:
     attributes; any other transport (a test double, a TLS-in-TLS wrapper) takes
     the plain ``write`` path.
     """
-    if not isinstance(transport, FileDescriptor):
+    kind = type(transport)
+    direct = _DIRECT_KINDS.get(kind)
+    if direct is None:
+        direct = issubclass(kind, FileDescriptor) and all(
+            hasattr(kind, name) for name in _BUFFER_ATTRIBUTES
+        )
+        _DIRECT_KINDS[kind] = direct
+    if not direct:
         return None
     sock = getattr(transport, "socket", None)
-    needed = ("dataBuffer", "offset", "_tempDataLen")
-    if not isinstance(sock, socket.socket) or not all(hasattr(transport, a) for a in needed):
+    if not isinstance(sock, socket.socket) or not hasattr(transport, _INSTANCE_ATTRIBUTE):
         return None
     return sock
 
