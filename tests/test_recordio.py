@@ -63,6 +63,23 @@ class ImplementationTests(SynchronousTestCase):
         self.assertEqual(fast[0], b"x" * 60_000 + b"\n" + b"short\n")
         self.assertTrue(fast[1])
 
+    def run_bad_hello(self, *, fast: bool) -> tuple[str | None, str | None]:
+        self.patch(recordio, "use_fast", fast)
+        pki = make_pki(self.mktemp())
+        pair = TLSPair(server_factory(pki, Clock()), client_context(pki))
+        # A handshake record whose message is no ClientHello OpenSSL can read.
+        pair.server.dataReceived(b"\x16\x03\x01\x00\x08\x01\x00\x00\x04\x03\x03\x00\x00")
+        record = pair.server.record
+        return record.tls_error, record.close_reason
+
+    def test_same_handshake_failure(self) -> None:
+        """A handshake OpenSSL refuses: the same reason through either implementation."""
+        fast = self.run_bad_hello(fast=True)
+        public = self.run_bad_hello(fast=False)
+        self.assertEqual(fast, public)
+        self.assertTrue(fast[0])
+        self.assertEqual(fast[1], "handshake_failed")
+
 
 class FastRecordIOTests(SynchronousTestCase):
     """What the fast record I/O hands the transport, over a real TLS session."""

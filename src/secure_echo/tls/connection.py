@@ -301,10 +301,9 @@ class TLSServerConnection(TwistedProtocol):
     def _continue_handshake(self) -> bool:
         """Advance the handshake; True once it is complete."""
         try:
-            self._tls.do_handshake()
-        except SSL.WantReadError:
-            self._flush_tls()
-            return False
+            if not self._io.handshake():
+                self._flush_tls()
+                return False
         except SSL.Error as error:
             reason = ssl_error_text(error)
             notes = self._notes

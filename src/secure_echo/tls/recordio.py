@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover - depends on the installed pyOpenSSL
     _ffi = _lib = None
 
 _NEEDED: Final = (
+    "SSL_do_handshake",
     "SSL_read",
     "SSL_write",
     "SSL_get_error",
@@ -78,6 +79,13 @@ class RecordIO(Protocol):
     def feed_input(self, count: int) -> None:
         """Give the connection the first ``count`` bytes of the shared input buffer."""
 
+    def handshake(self) -> bool:
+        """Advance the handshake: True once done, False while it wants more input.
+
+        Raises ``SSL.Error`` (OpenSSL's reason in it) when the handshake failed.
+        """
+        ...
+
     def read(self) -> tuple[list[bytes], bool, SSL.Error | None]:
         """Return the plaintext, whether close_notify came, and what broke the stream.
 
@@ -124,6 +132,16 @@ class FastRecordIO:
     def feed_input(self, count: int) -> None:
         """Write the input buffer's first ``count`` bytes to the incoming memory BIO."""
         _lib.BIO_write(self._into, _input, count)
+
+    def handshake(self) -> bool:
+        """SSL_do_handshake: a status code, not pyOpenSSL's ``WantReadError``."""
+        ssl = self._ssl
+        result = _lib.SSL_do_handshake(ssl)
+        if result == 1:
+            return True
+        if _lib.SSL_get_error(ssl, result) != _lib.SSL_ERROR_WANT_READ:
+            self._fail(result)
+        return False
 
     def read(self) -> tuple[list[bytes], bool, SSL.Error | None]:
         """SSL_read until OpenSSL wants more input; no exception on the way.
@@ -234,6 +252,14 @@ class PublicRecordIO:
     def feed_input(self, count: int) -> None:
         """Write the input buffer's first ``count`` bytes to the incoming memory BIO."""
         self._connection.bio_write(input_bytes(count))
+
+    def handshake(self) -> bool:
+        """``do_handshake``, its ``WantReadError`` turned into False."""
+        try:
+            self._connection.do_handshake()
+        except SSL.WantReadError:
+            return False
+        return True
 
     def read(self) -> tuple[list[bytes], bool, SSL.Error | None]:
         """Recv until ``WantReadError`` (or close_notify, or an error)."""
