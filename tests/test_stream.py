@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import sys
 from typing import Any
 
 from twisted.internet import main, tcp, unix
@@ -18,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from secure_echo.tls import recordio
 from secure_echo.tls.recordio import READ_SIZE, input_bytes
-from secure_echo.tls.stream import TLSStreamServer, use_stream_transport
+from secure_echo.tls.stream import NoDelayStreamServer, TLSStreamServer, use_stream_transport
 from tests import test_transport
 from tests.tlspair import TLSPair
 
@@ -160,6 +161,26 @@ class UseStreamTransportTests(SynchronousTestCase):
         self.assertTrue(use_stream_transport(port))
         self.assertIs(port.transport, TLSStreamServer)
         self.assertFalse(use_stream_transport(port), "already done")
+
+    def test_listening_socket_gets_no_delay(self) -> None:
+        """A listening port's socket gets TCP_NODELAY, and what it accepts has it at once."""
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = tcp.Port(0, Factory(), reactor=MemoryReactor())
+        port.socket = listener
+        self.assertTrue(use_stream_transport(port))
+        if not sys.platform.startswith("linux"):  # pragma: no cover - Linux runs the suite
+            self.assertIs(port.transport, TLSStreamServer)
+            return
+        self.assertIs(port.transport, NoDelayStreamServer)
+        self.assertTrue(NoDelayStreamServer.no_delay_inherited)
+        client = socket.create_connection(listener.getsockname())
+        self.addCleanup(client.close)
+        accepted, _ = listener.accept()
+        self.addCleanup(accepted.close)
+        self.assertEqual(accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
 
     def test_other_ports(self) -> None:
         """UNIX ports, TCP port subclasses and other objects are left alone."""

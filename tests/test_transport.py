@@ -18,7 +18,19 @@ from secure_echo.line.protocol import LineSettings
 from secure_echo.tls.connection import ssl_error_text
 from secure_echo.tls.policy import ClientAuth, TLSSettings, load_and_validate
 from tests.helpers import PKI, make_pki
-from tests.tlspair import HeldHandler, TLSPair, client_context, server_factory
+from tests.tlspair import (
+    CountingTransport,
+    HeldHandler,
+    TLSPair,
+    client_context,
+    server_factory,
+)
+
+
+class NoDelayTransport(CountingTransport):
+    """A stream accepted from a listening socket that had TCP_NODELAY on."""
+
+    no_delay_inherited = True
 
 
 class TransportTestsMixin:
@@ -58,6 +70,16 @@ class EchoOverTLSTests(TransportTestsMixin, SynchronousTestCase):
     def test_nodelay(self) -> None:
         """TCP_NODELAY is switched on at accept."""
         self.assertTrue(self.pair.transport.nodelay)
+
+    def test_nodelay_inherited_not_set_again(self) -> None:
+        """A socket that has TCP_NODELAY from its listening socket is not asked again."""
+        transport = NoDelayTransport()
+        pair = TLSPair(self.factory, client_context(self.pki), transport=transport)
+        self.assertFalse(pair.transport.nodelay)
+        pair.handshake()
+        pair.send(b"ping\n")
+        pair.pump()
+        self.assertEqual(pair.received, b"ping\n")
 
     def test_one_write_per_read(self) -> None:
         """The replies to all lines of one read leave in one stream write."""

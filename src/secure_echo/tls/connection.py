@@ -169,9 +169,10 @@ class TLSServerConnection(TwistedProtocol):
         factory = self.factory
         now = factory.clock.seconds()
         # Without TCP_NODELAY the first reply after a TLS 1.3 handshake can wait
-        # ~40 ms behind the session tickets.  UNIX sockets have no such option.
+        # ~40 ms behind the session tickets.  UNIX sockets have no such option;
+        # a socket accepted from a listening socket that has it has it already.
         set_no_delay = getattr(transport, "setTcpNoDelay", None)
-        if set_no_delay is not None:
+        if set_no_delay is not None and not getattr(transport, "no_delay_inherited", False):
             # The socket may already be gone; connectionLost follows then.
             with contextlib.suppress(OSError):
                 set_no_delay(True)

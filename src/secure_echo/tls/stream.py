@@ -21,8 +21,10 @@ error.
 
 from __future__ import annotations
 
+import socket
+import sys
 from errno import EWOULDBLOCK
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
 
 from twisted.internet import main, tcp
 
@@ -41,6 +43,11 @@ class BufferReader(Protocol):
 
 class TLSStreamServer(tcp.Server):
     """``tcp.Server`` reading into the shared input buffer (see the module docstring)."""
+
+    #: Whether the socket came with TCP_NODELAY on, from a listening socket that
+    #: has it (Linux copies the option to each socket it accepts): the
+    #: connection then need not set it again.
+    no_delay_inherited: ClassVar[bool] = False
 
     def doRead(self) -> ConnectionLost | ConnectionDone | None:  # type: ignore[override]
         """Read once; hand the bytes to the protocol, by count if it can take them so."""
@@ -62,6 +69,12 @@ class TLSStreamServer(tcp.Server):
         return None
 
 
+class NoDelayStreamServer(TLSStreamServer):
+    """A :class:`TLSStreamServer` accepted with TCP_NODELAY already on."""
+
+    no_delay_inherited = True
+
+
 _VIEW: Final = read_view()
 
 
@@ -70,8 +83,23 @@ def use_stream_transport(port: object) -> bool:
 
     True if it does now; False for a port that is not Twisted's plain TCP one, or
     when the record I/O has no shared buffer (pyOpenSSL without its cffi handles).
+    On Linux the listening socket gets TCP_NODELAY, which every accepted socket
+    then has from the start (:class:`NoDelayStreamServer`): one system call less
+    per connection.
     """
     if _VIEW is None or type(port) is not tcp.Port or port.transport is not tcp.Server:
         return False
-    port.transport = TLSStreamServer
+    port.transport = NoDelayStreamServer if _listener_no_delay(port) else TLSStreamServer
     return True
+
+
+def _listener_no_delay(port: tcp.Port) -> bool:
+    """Switch TCP_NODELAY on for ``port``'s socket; whether accepted sockets inherit it."""
+    sock = getattr(port, "socket", None)
+    if not sys.platform.startswith("linux") or not isinstance(sock, socket.socket):
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    except OSError:
+        return False
