@@ -122,7 +122,7 @@ class RecordTests(SynchronousTestCase):
         self.assertEqual(record["thing"], repr(marker))
 
     def test_values_json_cannot_hold(self) -> None:
-        """Non-string keys, cycles and NaN become their repr; the record is kept."""
+        """Keys that are no scalars and cycles become their repr; NaN null; the record is kept."""
         cycle: list[object] = []
         cycle.append(cycle)
         self.log.info(
@@ -135,9 +135,20 @@ class RecordTests(SynchronousTestCase):
         self.assertEqual(record["event"], "odd")
         self.assertEqual(record["keyed"], "{(1, 2): 'x'}")
         self.assertEqual(record["cycle"], "[[...]]")
-        self.assertEqual(record["nan"], "nan")
-        self.assertEqual(record["inf"], "inf")
+        self.assertIsNone(record["nan"])
+        self.assertIsNone(record["inf"])
         self.assertEqual(record["ok"], 1)
+
+    def test_nan_alone_is_null(self) -> None:
+        """In an otherwise ordinary record, NaN and infinities are null: JSON has neither."""
+        self.log.info("odd", event="odd", nan=math.nan, inf=-math.inf, ok=1.5)
+        [line] = self.lines()
+        self.assertNotIn("NaN", line)
+        self.assertNotIn("Infinity", line)
+        record = json.loads(line)
+        self.assertIsNone(record["nan"])
+        self.assertIsNone(record["inf"])
+        self.assertEqual(record["ok"], 1.5)
 
     def test_one_line_no_separator(self) -> None:
         """Newlines in values are escaped: one record, one line, no \\x1e anywhere."""

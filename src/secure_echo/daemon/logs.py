@@ -29,6 +29,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any, Final, TextIO
 
+import orjson
 from twisted.application.service import Service
 from twisted.logger import (
     ILogObserver,
@@ -65,12 +66,31 @@ def _default(value: object) -> object:
 
 
 #: One encoder for every record: ``json.dumps`` with options builds a new one per call.
-_ENCODER = json.JSONEncoder(default=_default, ensure_ascii=False, allow_nan=False)
+_ENCODER = json.JSONEncoder(
+    default=_default, ensure_ascii=False, allow_nan=False, separators=(",", ":")
+)
+#: orjson as the standard library's encoder above is set: keys that are scalars
+#: become strings, dataclasses and datetimes go through ``_default`` (their repr).
+_ORJSON_OPTIONS: Final = (
+    orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+)
 
 
 def _dumps(value: object) -> str:
-    """Strict JSON (no NaN or Infinity) on one line."""
-    return _ENCODER.encode(value)
+    """Strict JSON on one line, compact.
+
+    orjson writes a record in a tenth of the standard library's time (one record
+    per connection makes that a visible share of a handshake's CPU).  What it
+    refuses (a lone surrogate, an integer beyond 64 bits, a key that is no
+    scalar, a cycle) goes to the standard library's encoder, which writes what
+    it can as before (and refuses NaN and infinities, which orjson writes as
+    ``null``, so a record with them and one of the above is written field by
+    field).
+    """
+    try:
+        return orjson.dumps(value, default=_default, option=_ORJSON_OPTIONS).decode()
+    except orjson.JSONEncodeError:
+        return _ENCODER.encode(value)
 
 
 def _field(value: object) -> object:
@@ -208,11 +228,11 @@ class JSONLinesObserver:
         try:
             line = _dumps(record)
         except (TypeError, ValueError):
-            # A field JSON cannot hold (non-string keys, a cycle, NaN): write that
-            # field as its repr rather than lose the whole record.
+            # A field JSON cannot hold (keys that are no scalars, a cycle): write
+            # that field as its repr rather than lose the whole record.
             line = _dumps({key: _field(value) for key, value in record.items()})
         if isinstance(raw, RawJSON):
-            line = f'{line[:-1]}, "client_hello": {raw.text}}}'
+            line = f'{line[:-1]},"client_hello":{raw.text}}}'
         if not line.isascii():
             # A lone surrogate (an undecodable file name) cannot be encoded as UTF-8;
             # written as a JSON escape it keeps the record.
