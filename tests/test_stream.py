@@ -15,8 +15,9 @@ from typing import Any
 from twisted.internet import main, tcp, unix
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from secure_echo.edge.addresses import format_address
 from secure_echo.tls import recordio
 from secure_echo.tls.recordio import READ_SIZE, input_bytes
 from secure_echo.tls.stream import NoDelayStreamServer, TLSStreamServer, use_stream_transport
@@ -150,6 +151,43 @@ class _FailingSocket:
 
     def fileno(self) -> int:
         return -1
+
+
+class AddressTextsTests(SynchronousTestCase):
+    """``address_texts`` writes what ``format_address`` writes of getPeer and getHost."""
+
+    def accepted(self, family: socket.AddressFamily, host: str) -> TLSStreamServer:
+        listener = socket.socket(family)
+        self.addCleanup(listener.close)
+        try:
+            listener.bind((host, 0))
+        except OSError:  # pragma: no cover - a machine without IPv6 on loopback
+            raise SkipTest(f"no {host} here") from None
+        listener.listen()
+        client = socket.create_connection(listener.getsockname()[:2])
+        self.addCleanup(client.close)
+        accepted, address = listener.accept()
+        self.addCleanup(accepted.close)
+        # As Twisted's port builds it: IPv6 hosts through getnameinfo.
+        peer = tcp._getrealname(address)
+        no_port: Any = None
+        return TLSStreamServer(accepted, _Plain(), peer, no_port, 1, MemoryReactor())
+
+    def check(self, transport: TLSStreamServer) -> None:
+        expected = (format_address(transport.getPeer()), format_address(transport.getHost()))
+        self.assertEqual(transport.address_texts(), expected)
+
+    def test_ipv4(self) -> None:
+        """IPv4: host:port, both ends."""
+        transport = self.accepted(socket.AF_INET, "127.0.0.1")
+        self.check(transport)
+        self.assertTrue(transport.address_texts()[1].startswith("127.0.0.1:"))
+
+    def test_ipv6(self) -> None:
+        """IPv6: [host]:port, both ends."""
+        transport = self.accepted(socket.AF_INET6, "::1")
+        self.check(transport)
+        self.assertTrue(transport.address_texts()[1].startswith("[::1]:"))
 
 
 class UseStreamTransportTests(SynchronousTestCase):

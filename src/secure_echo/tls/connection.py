@@ -176,12 +176,13 @@ class TLSServerConnection(TwistedProtocol):
             # The socket may already be gone; connectionLost follows then.
             with contextlib.suppress(OSError):
                 set_no_delay(True)
-        self.record = ConnectionRecord(
-            self.conn_id,
-            format_address(self.peer_address or transport.getPeer()),
-            format_address(transport.getHost()),
-            now,
-        )
+        texts = getattr(transport, "address_texts", None)
+        if texts is not None and self.peer_address is None:
+            peer, local = texts()
+        else:
+            peer = format_address(self.peer_address or transport.getPeer())
+            local = format_address(transport.getHost())
+        self.record = ConnectionRecord(self.conn_id, peer, local, now)
         self._tls = SSL.Connection(factory.contexts.context, None)
         self._tls.set_accept_state()
         self._io = record_io(self._tls)

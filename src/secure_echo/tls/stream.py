@@ -68,6 +68,31 @@ class TLSStreamServer(tcp.Server):
             protocol.dataReceived(view[:count].tobytes())
         return None
 
+    def address_texts(self) -> tuple[str, str]:
+        """The client's address and ours, as :func:`format_address` writes them.
+
+        Made from the socket's own tuples, as Twisted makes ``getPeer`` and
+        ``getHost``, without building the two address objects on the way: the
+        record of every connection starts with both.  Numeric, from the kernel:
+        nothing in them needs escaping.
+        """
+        client = self.client
+        if len(client) == _IPV4_TUPLE:
+            peer = f"{client[0]}:{client[1]}"
+        else:
+            peer = f"[{client[0]}]:{client[1]}"
+        local = self.socket.getsockname()
+        if len(local) == _IPV4_TUPLE:
+            return peer, f"{local[0]}:{local[1]}"
+        # What Twisted's getHost does for IPv6: the zone of a link-local address
+        # comes from getnameinfo (Python's own tuple leaves it out).
+        host = socket.getnameinfo(local, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)[0]
+        return peer, f"[{host}]:{local[1]}"
+
+
+#: The length of an IPv4 socket address tuple (host, port); IPv6's has four items.
+_IPV4_TUPLE: Final = 2
+
 
 class NoDelayStreamServer(TLSStreamServer):
     """A :class:`TLSStreamServer` accepted with TCP_NODELAY already on."""
