@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from secure_echo.wire.clienthello import _LISTS as LISTS
 from secure_echo.wire.clienthello import (
     CIPHER_SUITE_NAMES,
     EXT_ALPN,
@@ -558,6 +559,153 @@ class FixtureTests(SynchronousTestCase):
         self.assertEqual(parsed(data + after), parsed(data))
 
 
+class FastPathTests(SynchronousTestCase):
+    """A first read holding a whole first record with the whole hello is parsed at once.
+
+    The general path gives the same answers, only more slowly, so these tests make
+    it fail to tell which reads take the fast one.
+    """
+
+    def general_path_fails(self) -> None:
+        """Make the general path (the record walk) fail the test if it runs."""
+
+        def fail(*_: object) -> None:
+            raise AssertionError("the general path ran")
+
+        self.patch(ClientHelloCollector, "_walk", fail)
+
+    def test_recorded_hellos(self) -> None:
+        """Every one-record recording, alone or with bytes after it, and kept."""
+        wholes = {name: parsed(fixture(name)) for name in EXPECTED}
+        self.general_path_fails()
+        for name, whole in wholes.items():
+            if whole.records > 1:
+                continue
+            data = fixture(name)
+            collector = ClientHelloCollector(len(data))
+            result = collector.feed(data)
+            self.assertEqual(result, whole, name)
+            self.assertIs(collector.result, result, name)
+            self.assertIs(collector.feed(b"\x16"), result, name)
+            self.assertIs(collector.finish(), result, name)
+            self.assertEqual(collector.held, 0, name)
+            after = data + record(0x17, b"\x00" * 10)
+            self.assertEqual(parse_client_hello(after), whole, name)
+
+    def test_edges(self) -> None:
+        """The shortest first read, the largest record, a message before the record's end."""
+        self.general_path_fails()
+        self.assertEqual(
+            unparsed(b"\x16\x03\x01\x00\x04\x01\x00\x00\x00"),
+            Unparsed(MALFORMED, "the ClientHello ends inside its version and random"),
+        )
+        unpadded = len(HelloSpec(extensions=[(0x0015, b"")]).message())
+        padded = HelloSpec(extensions=[(0x0015, bytes(MAX_RECORD_LENGTH - unpadded))])
+        self.assertEqual(len(padded.message()), MAX_RECORD_LENGTH)
+        self.assertEqual(parsed(padded.wire()).length, MAX_RECORD_LENGTH - 4)
+        message = HelloSpec().message()
+        longer = frame(message + b"\x0b\x00\x00\x00", [MAX_RECORD_LENGTH])
+        self.assertEqual(parsed(longer), parsed(HelloSpec().wire()))
+        ssl3 = parsed(HelloSpec().wire(record_version=0x0300))
+        self.assertEqual(ssl3.record_version, 0x0300)
+
+    def test_what_the_general_path_answers(self) -> None:
+        """Whole first records the fast path leaves alone get the general path's answers."""
+        wire = HelloSpec().wire()
+        self.assertEqual(
+            unparsed(b"\x17" + wire[1:]),
+            Unparsed(NOT_TLS, "first byte 0x17 is not a TLS handshake record (0x16)"),
+        )
+        self.assertEqual(
+            unparsed(wire[:1] + b"\x02" + wire[2:]),
+            Unparsed(NOT_TLS, "record version 0x02.. is not TLS (0x03..)"),
+        )
+        self.assertEqual(
+            unparsed(wire[:5] + b"\x02" + wire[6:]),
+            Unparsed(
+                NOT_CLIENT_HELLO, "the first handshake message has type 2, not ClientHello (1)"
+            ),
+        )
+        message = HelloSpec().message()
+        too_long = frame(message + bytes(MAX_RECORD_LENGTH + 1 - len(message)), [99999])
+        self.assertEqual(
+            unparsed(too_long),
+            Unparsed(MALFORMED, "a record of 16385 bytes is longer than TLS allows (16384)"),
+        )
+        self.assertEqual(
+            unparsed(wire, len(wire) - 1),
+            Unparsed(
+                TOO_LARGE,
+                f"a ClientHello of {len(message) - 4} bytes does not fit in {len(wire) - 1} bytes",
+            ),
+        )
+        self.assertIsNone(parse_client_hello(wire[:-1]))
+        # A whole hello in the second record (after an empty one) is its second.
+        collector = ClientHelloCollector()
+        self.assertIsNone(collector.feed(record(0x16, b"")))
+        self.assertEqual(collector.feed(wire), replace(parsed(wire), records=2))
+
+    def test_one_record_over_two_reads_is_parsed_in_place(self) -> None:
+        """A hello whole in one record that took two reads is parsed where it is held."""
+        wire = HelloSpec(extensions=[(0x0015, bytes(12000))]).wire()
+        ClientHelloCollector().feed(wire)  # once first, as in test_one_read_is_parsed_in_place
+        collector = ClientHelloCollector()
+        self.assertIsNone(collector.feed(wire[:100]))
+        rest = wire[100:]
+        tracemalloc.start()
+        try:
+            result = collector.feed(rest)
+            _, top = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        self.assertIsInstance(result, ClientHello)
+        # The record is held once (about 12 kB); a second copy would double that.
+        self.assertLess(top, 20000)
+
+
+class ListCacheTests(SynchronousTestCase):
+    """Lists of 16-bit values are kept by their bytes, shared, and bounded."""
+
+    def setUp(self) -> None:
+        """Start from an empty cache."""
+        LISTS.clear()
+        self.addCleanup(LISTS.clear)
+
+    def test_shared(self) -> None:
+        """Two hellos of one client share their lists, however the bytes came."""
+        one = parsed(fixture("pyopenssl"))
+        again = parsed(fixture("pyopenssl"))
+        fragmented = parsed(fixture("pyopenssl-fragmented"))
+        for hello in (again, fragmented):
+            self.assertIs(hello.cipher_suites, one.cipher_suites)
+            self.assertIs(hello.supported_groups, one.supported_groups)
+            self.assertIs(hello.signature_algorithms, one.signature_algorithms)
+            self.assertIs(hello.supported_versions, one.supported_versions)
+        self.assertEqual(len(LISTS), 4)
+
+    def test_short_lists_only(self) -> None:
+        """Lists of fewer than MAX_LIST_ENTRIES values are kept, longer ones are not."""
+        kept = list(range(MAX_LIST_ENTRIES - 1))
+        parsed(HelloSpec(cipher_suites=kept, extensions=None).wire())
+        self.assertEqual(list(LISTS.values()), [tuple(kept)])
+        LISTS.clear()
+        long = list(range(MAX_LIST_ENTRIES))
+        self.assertEqual(
+            parsed(HelloSpec(cipher_suites=long, extensions=None).wire()).cipher_suites,
+            tuple(long),
+        )
+        self.assertEqual(LISTS, {})
+
+    def test_bounded(self) -> None:
+        """At most 256 lists are kept; the 257th makes the cache start again."""
+        for value in range(256):
+            parsed(HelloSpec(cipher_suites=[value], extensions=None).wire())
+        self.assertEqual(len(LISTS), 256)
+        hello = parsed(HelloSpec(cipher_suites=[256], extensions=None).wire())
+        self.assertEqual(LISTS, {b"\x01\x00": (256,)})
+        self.assertIs(LISTS[b"\x01\x00"], hello.cipher_suites)
+
+
 # -- what the collector reports ---------------------------------------------------------
 
 
@@ -763,6 +911,22 @@ class UnparsedTests(SynchronousTestCase):
         # Fragmented, the message is copied once: the measurement can tell.
         self.assertGreater(peak(spec.wire(record_size=9000)), 12000)
 
+    def test_unfinished_record_is_held_once(self) -> None:
+        """Each read of an unfinished record adds to what is held, never copies it."""
+        wire = HelloSpec(extensions=[(0x0015, bytes(12000))]).wire()
+        collector = ClientHelloCollector()
+        self.assertIsNone(collector.feed(wire[:12000]))
+        self.assertIsNone(collector.feed(wire[12000:12001]))  # the buffer grows room
+        tracemalloc.start()
+        try:
+            self.assertIsNone(collector.feed(wire[12001:12002]))
+            _, top = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        self.assertLess(top, 4000)
+        self.assertEqual(collector.held, 12002)
+        self.assertIsInstance(collector.feed(wire[12002:]), ClientHello)
+
     def test_empty_records_until_the_limit(self) -> None:
         """A stream of empty handshake records is refused at 64 KiB."""
         empty = record(0x16, b"")
@@ -912,6 +1076,15 @@ class MalformedTests(SynchronousTestCase):
         self.assertEqual(
             malformed_detail(message_of(cut)), "the ClientHello ends inside its extension header"
         )
+        # The same with bytes after the message in its record (another message).
+        for short, what in ((2, "extension header"), (4, "extension 0x0017")):
+            body = (
+                HelloSpec(extensions=None).body() + u16(short) + u16(0x0017) + u16(1)[: short - 2]
+            )
+            wire = frame(message_of(body) + b"\x0b\x00\x00\x01\x00", [MAX_RECORD_LENGTH])
+            self.assertEqual(
+                unparsed(wire), Unparsed(MALFORMED, f"the ClientHello ends inside its {what}")
+            )
 
     def test_inner_lengths(self) -> None:
         """Each extension the parser reads must have consistent inner lengths."""
@@ -1002,6 +1175,19 @@ class SummaryTests(SynchronousTestCase):
         )
         self.assertEqual(hello.supported_groups, (0x1D,))
         self.assertEqual(hello.extensions, (EXT_SUPPORTED_GROUPS,) * 3)
+        # Also for the server name, which a first copy without a host_name leaves None.
+        for first, name in ((b"first.example", b"first.example"), (None, None)):
+            entries = [(0, first)] if first is not None else [(1, b"other")]
+            hello = parsed(
+                HelloSpec(
+                    extensions=[
+                        (EXT_SERVER_NAME, sni_body(entries)),
+                        (EXT_SERVER_NAME, sni_body([(0, b"second.example")])),
+                        (EXT_SERVER_NAME, b"broken"),
+                    ]
+                ).wire()
+            )
+            self.assertEqual(hello.server_name, name)
 
     def test_first_host_name_counts(self) -> None:
         """The SNI is the first entry of type host_name, whatever precedes it."""
@@ -1177,6 +1363,13 @@ class SummaryTests(SynchronousTestCase):
         suites = list(range(0x0100, 0x0100 + 200))
         self.assertEqual(
             parsed(HelloSpec(cipher_suites=suites).wire()).cipher_suites, tuple(suites)
+        )
+        # So are the lists in extensions, whose lengths are checked the same way.
+        groups = parsed(HelloSpec(extensions=[(EXT_SUPPORTED_GROUPS, u16_list(suites))]).wire())
+        self.assertEqual(groups.supported_groups, tuple(suites))
+        self.assertEqual(
+            malformed_detail(HelloSpec(extensions=[(EXT_SUPPORTED_GROUPS, b"\x01\x00\x00\x17")])),
+            "supported_groups says 256 bytes but has 2",
         )
 
     def test_empty_lists(self) -> None:

@@ -35,8 +35,11 @@ Contract of :class:`ClientHelloCollector`:
   does not end within them is :data:`TOO_LARGE`.
 * It never raises, whatever the bytes.
 * Cost: a ClientHello that arrives whole in one read (the usual case) is parsed in
-  place, with no buffering and no copy of the message.  Otherwise every byte is
-  copied at most twice (into the unfinished record, then into the handshake buffer).
+  place, with no buffering and no copy of the message, by a fast path that gives
+  what the general one would.  Otherwise every byte is copied at most twice (into
+  the unfinished record, then into the handshake buffer).  This runs for every
+  connection and costs a few microseconds: see the comment above
+  :func:`_parse_body` for how.
 
 The parser checks lengths, not values: an empty cipher list, an unknown version or
 a repeated extension is reported as sent (the first extension of a kind gives the
@@ -52,7 +55,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Mapping
 
 #: The collector stops at this many bytes of the stream (records and their headers).
 MAX_COLLECT: Final = 64 * 1024
@@ -91,6 +94,9 @@ EXT_ENCRYPTED_CLIENT_HELLO: Final = 0xFE0D
 
 _RECORD_HEADER: Final = 5
 _HANDSHAKE_HEADER: Final = 4
+#: A record header and the handshake header after it: content type, version,
+#: length; message type and 3-byte length, read as one 32-bit value.
+_HEADERS: Final = struct.Struct(">BHHI")
 _RANDOM: Final = 32
 _MAX_SESSION_ID: Final = 32
 _SNI_HOST_NAME: Final = 0
@@ -301,11 +307,20 @@ def _malformed(detail: str) -> _Refused:
     return _refused(MALFORMED, detail)
 
 
+def _ends_inside(what: str) -> _Refused:
+    return _malformed(f"the ClientHello ends inside its {what}")
+
+
 class ClientHelloCollector:
     """Collect and parse a connection's ClientHello; see the module docstring.
 
     ``limit`` is how many bytes of the stream it looks at (default
     :data:`MAX_COLLECT`).
+
+    One is made for every connection and usually fed once, with the whole hello:
+    that case allocates nothing but the result.  The buffers start as empty bytes
+    and become bytearrays only when a record is left unfinished or a hello spans
+    records.
     """
 
     _record_version: int
@@ -324,9 +339,9 @@ class ClientHelloCollector:
         self._limit = limit
         self._seen = 0
         # Bytes of a record not yet complete (its header included).
-        self._pending = bytearray()
+        self._pending: bytes | bytearray = b""
         # Handshake bytes of the complete records so far (fragmented hellos only).
-        self._fragments = bytearray()
+        self._fragments: bytes | bytearray = b""
         self._records = 0
         # _record_version is set by the first complete record header, before any
         # record counts in _records.
@@ -344,8 +359,29 @@ class ClientHelloCollector:
 
     def feed(self, data: bytes) -> ClientHello | Unparsed | None:
         """Consume the next bytes of the stream; return the result, or ``None``."""
-        if self._result is not None:
-            return self._result
+        result = self._result
+        if result is not None:
+            return result
+        if not self._seen and len(data) >= _HEADERS.size:
+            # The usual first read: one record holding the whole hello, parsed
+            # in place.  Anything else takes the general path below, which gives
+            # the same result for these bytes, only more slowly.
+            content_type, version, length, handshake = _HEADERS.unpack_from(data)
+            message = _HANDSHAKE_HEADER + (handshake & 0xFFFFFF)
+            if (
+                content_type == HANDSHAKE_RECORD
+                and version >> 8 == 0x03  # noqa: PLR2004 - TLS and SSL 3.0 records are 3.x
+                and handshake >> 24 == CLIENT_HELLO_TYPE
+                and message <= length <= MAX_RECORD_LENGTH
+                and _RECORD_HEADER + length <= len(data)
+                and _RECORD_HEADER + length <= self._limit
+            ):
+                try:
+                    result = _parse_body(data, _HEADERS.size, _RECORD_HEADER + message, version, 1)
+                except _Refused as error:
+                    result = error.args[0]
+                self._result = result
+                return result
         # Slicing within its length returns ``data`` itself: no copy unless the
         # read goes past the limit.
         chunk = data[: self._limit - self._seen]
@@ -377,8 +413,7 @@ class ClientHelloCollector:
 
     def _done(self, result: ClientHello | Unparsed) -> None:
         self._result = result
-        self._pending = bytearray()
-        self._fragments = bytearray()
+        self._pending = self._fragments = b""
 
     def _walk(self, buf: bytes | bytearray) -> ClientHello | Unparsed | None:
         """Consume the complete records in ``buf``; keep the rest pending."""
@@ -399,6 +434,7 @@ class ClientHelloCollector:
                 whole = self._whole_message(buf, start, position)
                 if whole is not None:
                     return whole
+                self._fragments = bytearray()
             self._fragments += memoryview(buf)[start:position]
             message = self._check_handshake_header(self._fragments, 0, len(self._fragments))
             if message is not None and len(self._fragments) >= message:
@@ -416,10 +452,12 @@ class ClientHelloCollector:
 
     def _keep(self, buf: bytes | bytearray, position: int) -> None:
         """Hold ``buf[position:]``, the start of a record not yet complete."""
-        if buf is self._pending:
-            del self._pending[:position]
+        pending = self._pending
+        if isinstance(pending, bytearray) and buf is pending:
+            del pending[:position]
         else:
-            self._pending += memoryview(buf)[position:]
+            # Nothing is pending when ``buf`` is a new read.
+            self._pending = bytearray(memoryview(buf)[position:])
 
     def _whole_message(self, buf: bytes | bytearray, start: int, end: int) -> ClientHello | None:
         """The hello parsed in place when the record at ``start`` holds all of it."""
@@ -495,193 +533,283 @@ def parse_client_hello(data: bytes) -> ClientHello | Unparsed | None:
 
 
 # -- the message -----------------------------------------------------------------
+#
+# The parser runs once per connection, on the handshake's path, so it is written
+# for what CPython makes cheap: one pass over the body with the bounds checks
+# inline (a call costs more than a check), headers read by a prepared struct,
+# lists of 16-bit values found in a cache of recent ones, the fields kept in locals
+# and the result filled in as a draft.  Each length is checked where it is read,
+# so the error reported is the first inconsistency in wire order.
 
 
-def _need(end: int, position: int, size: int, what: str) -> None:
-    if end - position < size:
-        msg = f"the ClientHello ends inside its {what}"
-        raise _malformed(msg)
-
-
+#: An extension's type and length; a key share's group and length.
 _TWO_U16: Final = struct.Struct(">HH")
 
 
-def _u16s(buf: bytes | bytearray, start: int, size: int) -> tuple[int, ...]:
-    return struct.unpack_from(f">{size // 2}H", buf, start)
+#: Lists of 16-bit values (suites, groups, schemes, versions) by their bytes.
+#: Clients of one kind send the same lists on every connection, and finding a
+#: tuple here costs less than unpacking it again, which makes an int object of
+#: each value.  Only lists of fewer than :data:`MAX_LIST_ENTRIES` values are kept,
+#: and at most :data:`_LISTS_KEPT` of them (some hundreds of kilobytes at worst);
+#: when that many are, all are forgotten.
+_LISTS: Final[dict[bytes, tuple[int, ...]]] = {}
+_LISTS_KEPT: Final = 256
 
 
-def _parse_body(
+def _unpack_u16s(raw: bytes) -> tuple[int, ...]:
+    """The big-endian 16-bit values in ``raw`` (of even length), kept if short.
+
+    Called as ``_LISTS.get(raw) or _unpack_u16s(raw)``: an empty list, found but
+    falsy, is unpacked again, which costs next to nothing.
+    """
+    count = len(raw) >> 1
+    values: tuple[int, ...] = struct.unpack(f">{count}H", raw)
+    if count < MAX_LIST_ENTRIES:
+        if len(_LISTS) >= _LISTS_KEPT:
+            _LISTS.clear()
+        _LISTS[raw] = values
+    return values
+
+
+class _Draft:
+    """A :class:`ClientHello` being filled in: the same slots, none of the freezing.
+
+    A frozen dataclass sets each field through ``object.__setattr__``, which for
+    sixteen fields costs more than the rest of a typical parse.  The parser sets a
+    draft's fields as plain slots instead and then makes it a ClientHello, which
+    their identical layout allows; from then on it is frozen like any other.
+    """
+
+    __slots__ = ClientHello.__slots__
+
+
+def _parse_body(  # noqa: C901, PLR0912, PLR0915 - one pass, see the section comment
     buf: bytes | bytearray, position: int, end: int, record_version: int, records: int
 ) -> ClientHello:
-    """Parse the ClientHello body in ``buf[position:end]``."""
+    """Parse the ClientHello body in ``buf[position:end]``.
+
+    Nothing outside that range counts.  Of each extension kind :data:`_READ`
+    lists, the first copy is read and its lengths checked; later copies and other
+    kinds are only listed.
+    """
     length = end - position
-    _need(end, position, 2 + _RANDOM + 1, "version and random")
+    if length < 2 + _RANDOM + 1:
+        raise _ends_inside("version and random")
     legacy_version = buf[position] << 8 | buf[position + 1]
     position += 2 + _RANDOM
     session_id_length = buf[position]
     if session_id_length > _MAX_SESSION_ID:
         msg = f"session id of {session_id_length} bytes (at most {_MAX_SESSION_ID})"
         raise _malformed(msg)
-    position += 1
-    _need(end, position, session_id_length, "session id")
-    position += session_id_length
-    _need(end, position, 2, "cipher suites")
+    position += 1 + session_id_length
+    if position > end:
+        raise _ends_inside("session id")
+    if end - position < 2:  # noqa: PLR2004 - the 2-byte length
+        raise _ends_inside("cipher suites")
     size = buf[position] << 8 | buf[position + 1]
     position += 2
-    _need(end, position, size, "cipher suites")
+    if end - position < size:
+        raise _ends_inside("cipher suites")
     if size % 2:
         msg = f"cipher suites of {size} bytes (an odd number)"
         raise _malformed(msg)
-    cipher_suites = _u16s(buf, position, size)
+    raw = buf[position : position + size]
     position += size
-    _need(end, position, 1, "compression methods")
+    if isinstance(raw, bytearray):  # a hello in pieces: unhashable
+        raw = bytes(raw)
+    cipher_suites = _LISTS.get(raw) or _unpack_u16s(raw)
+    if position >= end:
+        raise _ends_inside("compression methods")
     size = buf[position]
     position += 1
-    _need(end, position, size, "compression methods")
-    compression_methods = tuple(buf[position : position + size])
+    if end - position < size:
+        raise _ends_inside("compression methods")
+    if size == 1:  # the usual case (null only): no slice
+        compression_methods: tuple[int, ...] = (buf[position],)
+    else:
+        compression_methods = tuple(buf[position : position + size])
     position += size
     types: list[int] = []
-    found: dict[str, Any] = {}
+    # None until the first extension of the kind is read.
+    supported_versions: tuple[int, ...] | None = None
+    supported_groups: tuple[int, ...] | None = None
+    key_share_groups: tuple[int, ...] | None = None
+    signature_algorithms: tuple[int, ...] | None = None
+    signature_algorithms_cert: tuple[int, ...] | None = None
+    alpn: tuple[bytes, ...] | None = None
+    server_name: bytes | None = None
+    server_names = 0  # how many server_name extensions (the name may be None)
+    session_ticket: int | None = None
     if position < end:
-        _need(end, position, 2, "extensions length")
+        if end - position < 2:  # noqa: PLR2004 - the 2-byte length
+            raise _ends_inside("extensions length")
         size = buf[position] << 8 | buf[position + 1]
         position += 2
         if end - position != size:
             msg = f"extensions of {size} bytes in the {end - position} bytes left"
             raise _malformed(msg)
-        _read_extensions(buf, position, end, types, found)
-    return ClientHello(
-        record_version=record_version,
-        legacy_version=legacy_version,
-        session_id_length=session_id_length,
-        cipher_suites=cipher_suites,
-        compression_methods=compression_methods,
-        extensions=tuple(types),
-        records=records,
-        length=length,
-        **found,
-    )
+        append = types.append
+        header = _TWO_U16.unpack_from
+        read = _READ
+        while position < end:
+            # No check that the header fits before ``end``: one that does not is
+            # refused below, its bytes past ``end`` (when ``buf`` goes on) unused.
+            try:
+                kind, size = header(buf, position)
+            except struct.error:  # ``buf`` ends first
+                raise _ends_inside("extension header") from None
+            start = position + 4
+            position = start + size
+            if position > end:
+                if start > end:
+                    raise _ends_inside("extension header")
+                raise _ends_inside(f"extension 0x{kind:04x}")
+            append(kind)
+            if kind not in read:
+                continue
+            if kind == EXT_KEY_SHARE:
+                if key_share_groups is None:
+                    key_share_groups = _read_key_share(buf, start, position)
+            elif kind == EXT_SUPPORTED_VERSIONS:
+                if supported_versions is None:
+                    supported_versions = _u16_list(buf, start, position, 1, "supported_versions")
+            elif kind == EXT_SUPPORTED_GROUPS:
+                if supported_groups is None:
+                    supported_groups = _u16_list(buf, start, position, 2, "supported_groups")
+            elif kind == EXT_SIGNATURE_ALGORITHMS:
+                if signature_algorithms is None:
+                    signature_algorithms = _u16_list(
+                        buf, start, position, 2, "signature_algorithms"
+                    )
+            elif kind == EXT_SESSION_TICKET:
+                if session_ticket is None:
+                    session_ticket = position - start
+            elif kind == EXT_SERVER_NAME:
+                server_names += 1
+                if server_names == 1:
+                    server_name = _read_server_name(buf, start, position)
+            elif kind == EXT_ALPN:
+                if alpn is None:
+                    alpn = _read_alpn(buf, start, position)
+            elif signature_algorithms_cert is None:  # EXT_SIGNATURE_ALGORITHMS_CERT
+                signature_algorithms_cert = _u16_list(
+                    buf, start, position, 2, "signature_algorithms_cert"
+                )
+    hello: Any = _Draft()
+    hello.record_version = record_version
+    hello.legacy_version = legacy_version
+    hello.session_id_length = session_id_length
+    hello.cipher_suites = cipher_suites
+    hello.compression_methods = compression_methods
+    hello.extensions = tuple(types)
+    hello.supported_versions = supported_versions or ()
+    hello.supported_groups = supported_groups or ()
+    hello.key_share_groups = key_share_groups or ()
+    hello.signature_algorithms = signature_algorithms or ()
+    hello.signature_algorithms_cert = signature_algorithms_cert or ()
+    hello.alpn = alpn or ()
+    hello.server_name = server_name
+    hello.session_ticket = session_ticket
+    hello.records = records
+    hello.length = length
+    hello.__class__ = ClientHello
+    parsed: ClientHello = hello
+    return parsed
 
 
-def _read_extensions(
-    buf: bytes | bytearray, position: int, end: int, types: list[int], found: dict[str, Any]
-) -> None:
-    """Walk the extensions in ``buf[position:end]`` (which they fill exactly).
-
-    Appends each type to ``types``; puts what the first extension of each kind in
-    :data:`_READERS` says into ``found``, under its :class:`ClientHello` field.
-    """
-    append = types.append
-    readers = _READERS
-    while position < end:
-        if end - position < 4:  # noqa: PLR2004 - type and length, two bytes each
-            _need(end, position, 4, "extension header")
-        kind, size = _TWO_U16.unpack_from(buf, position)
-        start = position + 4
-        position = start + size
-        if position > end:
-            msg = f"the ClientHello ends inside its extension 0x{kind:04x}"
-            raise _malformed(msg)
-        reader = readers.get(kind)
-        if reader is not None and reader[0] not in found:
-            found[reader[0]] = reader[1](buf, start, position)
-        append(kind)
+#: The extension kinds :func:`_parse_body` reads.
+_READ: Final = frozenset(
+    {
+        EXT_SERVER_NAME,
+        EXT_SUPPORTED_GROUPS,
+        EXT_SIGNATURE_ALGORITHMS,
+        EXT_ALPN,
+        EXT_SESSION_TICKET,
+        EXT_SUPPORTED_VERSIONS,
+        EXT_SIGNATURE_ALGORITHMS_CERT,
+        EXT_KEY_SHARE,
+    }
+)
 
 
-def _vector(buf: bytes | bytearray, start: int, end: int, prefix: int, what: str) -> int:
-    """The start of a vector whose ``prefix``-byte length must fill ``[start, end)``."""
-    if end - start < prefix:
+def _vector(buf: bytes | bytearray, start: int, end: int, what: str) -> int:
+    """The start of a vector whose 2-byte length must fill ``buf[start:end]``."""
+    available = end - start - 2
+    if available < 0:
         msg = f"{what} is too short for its length"
         raise _malformed(msg)
-    size = buf[start] if prefix == 1 else buf[start] << 8 | buf[start + 1]
-    if end - start - prefix != size:
-        msg = f"{what} says {size} bytes but has {end - start - prefix}"
+    size = buf[start] << 8 | buf[start + 1]
+    if available != size:
+        msg = f"{what} says {size} bytes but has {available}"
         raise _malformed(msg)
-    return start + prefix
+    return start + 2
 
 
 def _u16_list(
     buf: bytes | bytearray, start: int, end: int, prefix: int, what: str
 ) -> tuple[int, ...]:
-    start = _vector(buf, start, end, prefix, what)
-    size = end - start
+    """A list of 16-bit values with a ``prefix``-byte length filling ``buf[start:end]``."""
+    available = end - start - prefix
+    if available < 0:
+        msg = f"{what} is too short for its length"
+        raise _malformed(msg)
+    size = buf[start] if prefix == 1 else buf[start] << 8 | buf[start + 1]
+    if available != size:
+        msg = f"{what} says {size} bytes but has {available}"
+        raise _malformed(msg)
     if size % 2:
         msg = f"{what} has an odd length"
         raise _malformed(msg)
-    return _u16s(buf, start, size)
+    start += prefix
+    raw = buf[start : start + size]
+    if isinstance(raw, bytearray):  # a hello in pieces: unhashable
+        raw = bytes(raw)
+    return _LISTS.get(raw) or _unpack_u16s(raw)
 
 
 def _read_server_name(buf: bytes | bytearray, start: int, end: int) -> bytes | None:
-    position = _vector(buf, start, end, 2, "server_name")
+    """The first host_name entry of a server_name extension, or ``None``."""
+    position = _vector(buf, start, end, "server_name")
     name = None
     while position < end:
-        _need(end, position, 3, "server_name entry")
+        if end - position < 3:  # noqa: PLR2004 - type and length
+            raise _ends_inside("server_name entry")
         kind = buf[position]
-        size = buf[position + 1] << 8 | buf[position + 2]
-        position += 3
-        _need(end, position, size, "server_name entry")
+        start = position + 3
+        position = start + (buf[position + 1] << 8 | buf[position + 2])
+        if position > end:
+            raise _ends_inside("server_name entry")
         if kind == _SNI_HOST_NAME and name is None:
-            name = bytes(buf[position : position + size])
-        position += size
+            name = bytes(buf[start:position])
     return name
 
 
 def _read_alpn(buf: bytes | bytearray, start: int, end: int) -> tuple[bytes, ...]:
-    position = _vector(buf, start, end, 2, "ALPN")
+    """The protocol names of an ALPN extension."""
+    position = _vector(buf, start, end, "ALPN")
     names = []
     while position < end:
-        size = buf[position]
-        position += 1
-        _need(end, position, size, "ALPN protocol name")
-        names.append(bytes(buf[position : position + size]))
-        position += size
+        start = position + 1
+        position = start + buf[position]
+        if position > end:
+            raise _ends_inside("ALPN protocol name")
+        names.append(bytes(buf[start:position]))
     return tuple(names)
 
 
 def _read_key_share(buf: bytes | bytearray, start: int, end: int) -> tuple[int, ...]:
-    position = _vector(buf, start, end, 2, "key_share")
+    """The groups of a ClientHello key_share extension's entries."""
+    position = _vector(buf, start, end, "key_share")
     groups = []
     while position < end:
-        _need(end, position, 4, "key_share entry")
-        groups.append(buf[position] << 8 | buf[position + 1])
-        size = buf[position + 2] << 8 | buf[position + 3]
-        position += 4
-        _need(end, position, size, "key_share entry")
-        position += size
+        if end - position < 4:  # noqa: PLR2004 - group and length
+            raise _ends_inside("key_share entry")
+        group, size = _TWO_U16.unpack_from(buf, position)
+        groups.append(group)
+        position += 4 + size
+        if position > end:
+            raise _ends_inside("key_share entry")
     return tuple(groups)
-
-
-def _read_groups(buf: bytes | bytearray, start: int, end: int) -> tuple[int, ...]:
-    return _u16_list(buf, start, end, 2, "supported_groups")
-
-
-def _read_signatures(buf: bytes | bytearray, start: int, end: int) -> tuple[int, ...]:
-    return _u16_list(buf, start, end, 2, "signature_algorithms")
-
-
-def _read_signatures_cert(buf: bytes | bytearray, start: int, end: int) -> tuple[int, ...]:
-    return _u16_list(buf, start, end, 2, "signature_algorithms_cert")
-
-
-def _read_versions(buf: bytes | bytearray, start: int, end: int) -> tuple[int, ...]:
-    return _u16_list(buf, start, end, 1, "supported_versions")
-
-
-def _read_ticket(_buf: bytes | bytearray, start: int, end: int) -> int:
-    return end - start
-
-
-#: Extension type -> the :class:`ClientHello` field it fills, and its reader.
-_READERS: Final[dict[int, tuple[str, Callable[[bytes | bytearray, int, int], Any]]]] = {
-    EXT_SERVER_NAME: ("server_name", _read_server_name),
-    EXT_SUPPORTED_GROUPS: ("supported_groups", _read_groups),
-    EXT_SIGNATURE_ALGORITHMS: ("signature_algorithms", _read_signatures),
-    EXT_ALPN: ("alpn", _read_alpn),
-    EXT_SESSION_TICKET: ("session_ticket", _read_ticket),
-    EXT_SUPPORTED_VERSIONS: ("supported_versions", _read_versions),
-    EXT_SIGNATURE_ALGORITHMS_CERT: ("signature_algorithms_cert", _read_signatures_cert),
-    EXT_KEY_SHARE: ("key_share_groups", _read_key_share),
-}
 
 
 # -- names (IANA TLS registries; a static subset of what clients send) ---------------
