@@ -108,6 +108,19 @@ def extension(kind: int, body: bytes) -> bytes:
     return u16(kind) + vector(body, 2)
 
 
+def feed_traced(
+    collector: ClientHelloCollector, data: bytes
+) -> tuple[ClientHello | Unparsed | None, int]:
+    """Feed ``data``; the result and the peak of Python memory allocated meanwhile."""
+    tracemalloc.start()
+    try:
+        result = collector.feed(data)
+        _, top = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return result, top
+
+
 @dataclass(frozen=True)
 class HelloSpec:
     """What to put in a built ClientHello; ``extensions`` are ``(type, body)``.
@@ -651,13 +664,7 @@ class FastPathTests(SynchronousTestCase):
         ClientHelloCollector().feed(wire)  # once first, as in test_one_read_is_parsed_in_place
         collector = ClientHelloCollector()
         self.assertIsNone(collector.feed(wire[:100]))
-        rest = wire[100:]
-        tracemalloc.start()
-        try:
-            result = collector.feed(rest)
-            _, top = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
+        result, top = feed_traced(collector, wire[100:])
         self.assertIsInstance(result, ClientHello)
         # The record is held once (about 12 kB); a second copy would double that.
         self.assertLess(top, 20000)
@@ -897,13 +904,7 @@ class UnparsedTests(SynchronousTestCase):
         def peak(wire: bytes) -> int:
             # Once first, so that a coverage tracer's bookkeeping is not counted.
             ClientHelloCollector().feed(wire)
-            collector = ClientHelloCollector()
-            tracemalloc.start()
-            try:
-                result = collector.feed(wire)
-                _, top = tracemalloc.get_traced_memory()
-            finally:
-                tracemalloc.stop()
+            result, top = feed_traced(ClientHelloCollector(), wire)
             self.assertIsInstance(result, ClientHello)
             return top
 
