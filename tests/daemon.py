@@ -268,16 +268,30 @@ class Daemon:
 
         Raises :class:`DaemonError` on timeout or if the daemon exits first.
         """
+        return self.wait_for_events(predicate, 1, since=since, timeout=timeout)[0]
+
+    def wait_for_events(
+        self,
+        predicate: Callable[[Event], bool],
+        count: int,
+        *,
+        since: int = 0,
+        timeout: float = EVENT_TIMEOUT,
+    ) -> list[Event]:
+        """Wait for ``count`` events after ``since`` matching ``predicate``; return them.
+
+        Raises :class:`DaemonError` on timeout or if the daemon exits first.
+        """
         deadline = time.monotonic() + timeout
         while True:
-            for event in self.events()[since:]:
-                if predicate(event):
-                    return event
+            matched = self.find_events(predicate, since)
+            if len(matched) >= count:
+                return matched[:count]
             if self.process.poll() is not None:
-                # It may have logged the event just before exiting.
-                for event in self.events()[since:]:
-                    if predicate(event):
-                        return event
+                # It may have logged the events just before exiting.
+                matched = self.find_events(predicate, since)
+                if len(matched) >= count:
+                    return matched[:count]
                 raise DaemonError(
                     f"daemon exited with {self.process.returncode}\n{self.describe()}"
                 )

@@ -182,10 +182,9 @@ class KilledWorkerTests(PoolFailureCase):
         # its start in the slot, and no id repeats across the pool.
         restarted = daemon.mark()
         echo_burst(daemon.port, shared_pki().ca_cert, 30)
-        deadline = time.monotonic() + WAIT
-        while len(self.records(daemon, restarted, "connection_closed")) < 30:
-            self.assertLess(time.monotonic(), deadline, daemon.describe())
-            time.sleep(0.05)
+        daemon.wait_for_events(
+            lambda e: e.get("event") == "connection_closed", 30, since=restarted, timeout=WAIT
+        )
         closed = self.records(daemon, 0, "connection_closed")
         ids = [e["conn_id"] for e in closed]
         self.assertEqual(len(ids), len(set(ids)), ids)

@@ -19,6 +19,15 @@ from tests.helpers import make_pki
 from tests.tlspair import TLSPair, client_context, server_factory
 
 
+def fast_pair(case: SynchronousTestCase) -> TLSPair:
+    """A TLS pair over the fast record I/O, its handshake done."""
+    case.patch(recordio, "use_fast", True)
+    pki = make_pki(case.mktemp())
+    pair = TLSPair(server_factory(pki, Clock()), client_context(pki))
+    pair.handshake()
+    return pair
+
+
 class PublicEchoOverTLSTests(test_transport.EchoOverTLSTests):
     """The echo, close and error cases over the public-API record I/O."""
 
@@ -85,10 +94,7 @@ class FastRecordIOTests(SynchronousTestCase):
     """What the fast record I/O hands the transport, over a real TLS session."""
 
     def setUp(self) -> None:
-        self.patch(recordio, "use_fast", True)
-        pki = make_pki(self.mktemp())
-        self.pair = TLSPair(server_factory(pki, Clock()), client_context(pki))
-        self.pair.handshake()
+        self.pair = fast_pair(self)
         self.io = self.pair.server._io
         assert isinstance(self.io, recordio.FastRecordIO)
 
@@ -199,10 +205,7 @@ class WholeWritesTests(SynchronousTestCase):
     """One ``SSL_write`` encrypts a whole batch of replies, however many records."""
 
     def setUp(self) -> None:
-        self.patch(recordio, "use_fast", True)
-        pki = make_pki(self.mktemp())
-        self.pair = TLSPair(server_factory(pki, Clock()), client_context(pki))
-        self.pair.handshake()
+        self.pair = fast_pair(self)
 
     def test_connections_write_whole(self) -> None:
         """The fast record I/O turns OpenSSL's partial-write mode off for its connection."""

@@ -19,12 +19,16 @@ if TYPE_CHECKING:
     from twisted.internet.interfaces import IAddress
 
 
+def host_port(host: str, port: int, *, ipv6: bool) -> str:
+    """``host:port``, or ``[host]:port`` for IPv6; ``host`` must be safe to log already."""
+    return f"[{host}]:{port}" if ipv6 else f"{host}:{port}"
+
+
 def format_address(address: IAddress) -> str:
     """Render an address for logs: ``host:port``, ``[v6]:port`` or ``unix:path``."""
-    if isinstance(address, IPv4Address):
-        return f"{printable(address.host)}:{address.port}"
-    if isinstance(address, IPv6Address):
-        return f"[{printable(address.host)}]:{address.port}"
+    if isinstance(address, IPv4Address | IPv6Address):
+        ipv6 = isinstance(address, IPv6Address)
+        return host_port(printable(address.host), address.port, ipv6=ipv6)
     if isinstance(address, UNIXAddress):
         raw = address.name
         name = printable_bytes(raw) if raw else ""

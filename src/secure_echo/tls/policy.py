@@ -330,9 +330,7 @@ def set_groups(context: SSL.Context, groups: Sequence[str]) -> None:
     This is the only use of that private API: if it disappears or refuses the list,
     start-up fails loudly instead of silently offering OpenSSL's wider default set.
     """
-    from OpenSSL._util import lib  # noqa: PLC0415 - private API, confined here
-
-    setter = getattr(lib, "SSL_CTX_set1_curves_list", None)
+    setter = _binding("SSL_CTX_set1_curves_list")
     if setter is None:  # pragma: no cover - depends on the installed pyOpenSSL
         msg = "pyOpenSSL no longer exposes SSL_CTX_set1_curves_list; cannot restrict groups"
         raise RuntimeError(msg)

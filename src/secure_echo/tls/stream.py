@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
 
 from twisted.internet import main, tcp
 
+from secure_echo.edge.addresses import host_port
 from secure_echo.tls.recordio import READ_SIZE, read_view
 
 if TYPE_CHECKING:
@@ -76,18 +77,15 @@ class TLSStreamServer(tcp.Server):
         record of every connection starts with both.  Numeric, from the kernel:
         nothing in them needs escaping.
         """
-        client = self.client
-        if len(client) == _IPV4_TUPLE:
-            peer = f"{client[0]}:{client[1]}"
-        else:
-            peer = f"[{client[0]}]:{client[1]}"
+        client: Any = self.client  # Twisted types it as a tuple of objects
+        peer = host_port(client[0], client[1], ipv6=len(client) != _IPV4_TUPLE)
         local = self.socket.getsockname()
         if len(local) == _IPV4_TUPLE:
-            return peer, f"{local[0]}:{local[1]}"
+            return peer, host_port(local[0], local[1], ipv6=False)
         # What Twisted's getHost does for IPv6: the zone of a link-local address
         # comes from getnameinfo (Python's own tuple leaves it out).
         host = socket.getnameinfo(local, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)[0]
-        return peer, f"[{host}]:{local[1]}"
+        return peer, host_port(host, local[1], ipv6=True)
 
 
 #: The length of an IPv4 socket address tuple (host, port); IPv6's has four items.
