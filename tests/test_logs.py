@@ -22,6 +22,7 @@ from secure_echo.daemon.logs import (
     _Timestamps,
     event_as_record,
     open_log_file,
+    render_message,
 )
 
 HEAD = ["time", "level", "event", "namespace", "message"]
@@ -88,6 +89,43 @@ class RecordTests(SynchronousTestCase):
         [record] = self.records()
         self.assertEqual(record["message"], "real")
         self.assertNotEqual(record["time"], "bogus")
+
+    @given(
+        st.lists(
+            st.tuples(
+                st.sampled_from(
+                    [
+                        *HEAD,
+                        "log_time",
+                        "log_level",
+                        "log_format",
+                        "log_extra",
+                        "conn_id",
+                        "peer",
+                        "a",
+                        "b",
+                        "traceback",
+                    ]
+                ),
+                st.one_of(
+                    st.none(),
+                    st.integers(0, 2**31),
+                    st.text(max_size=3),
+                    st.just(LogLevel.warn),
+                ),
+            ),
+            max_size=12,
+        ),
+        st.integers(min_value=1, max_value=3),
+    )
+    def test_same_as_key_by_key(self, items: list[tuple[str, object]], repeat: int) -> None:
+        """Any event, of a shape seen before or not, gives the record a key-by-key copy gives."""
+        event = dict(items)
+        event.setdefault("log_format", "x")
+        for _ in range(repeat):  # the first copy makes the shape's plan, the rest use it
+            self.assertEqual(
+                list(event_as_record(event).items()), list(_key_by_key(event).items())
+            )
 
     def test_failure_becomes_traceback(self) -> None:
         """A logged failure is rendered into ``traceback``."""
@@ -331,3 +369,22 @@ class RenderMessageTests(SynchronousTestCase):
         self.assertEqual(
             render_message({"log_format": "{source.name()}", "source": Source()}), "called"
         )
+
+
+def _key_by_key(event: dict[str, object]) -> dict[str, object]:
+    """The record as the module's docstring describes it, field by field.
+
+    The head's values are made as the other tests check them.
+    """
+    when = event.get("log_time")
+    record: dict[str, object] = {
+        "time": _Timestamps()(when) if isinstance(when, int | float) else None,
+        "level": getattr(event.get("log_level"), "name", None),
+        "event": event.get("event", DEFAULT_EVENT),
+        "namespace": event.get("log_namespace"),
+        "message": render_message(event),
+    }
+    for key, value in event.items():
+        if key not in record and not key.startswith("log_"):
+            record[key] = value
+    return record

@@ -13,16 +13,20 @@ import sys
 from typing import Any
 
 from twisted.internet import main, tcp, unix
+from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from secure_echo.edge.addresses import format_address
 from secure_echo.tls import recordio
+from secure_echo.tls.connection import TLSServerConnection
 from secure_echo.tls.recordio import READ_SIZE, input_bytes
 from secure_echo.tls.stream import NoDelayStreamServer, TLSStreamServer, use_stream_transport
 from tests import test_transport
-from tests.tlspair import TLSPair
+from tests.helpers import make_pki
+from tests.tlspair import TLSPair, server_factory
 
 
 class BufferedEchoOverTLSTests(test_transport.EchoOverTLSTests):
@@ -232,3 +236,31 @@ class UseStreamTransportTests(SynchronousTestCase):
             self.assertFalse(use_stream_transport(port))
         self.assertIs(unix_port.transport, unix.Server)
         self.assertIs(own.transport, tcp.Server)
+
+
+class _TextsTransport(StringTransport):
+    """A transport that writes its own address texts, as the stream transport does."""
+
+    def address_texts(self) -> tuple[str, str]:
+        return "client-text", "local-text"
+
+
+class FactoryAddressTests(SynchronousTestCase):
+    """A direct client's record takes its addresses from the stream transport."""
+
+    def setUp(self) -> None:
+        self.pki = make_pki(self.mktemp())
+
+    def test_direct_client(self) -> None:
+        """The factory's connection asks the transport, not Twisted's address objects."""
+        factory = server_factory(self.pki, Clock())
+        address = IPv4Address("TCP", "192.0.2.7", 4000)
+        protocol = factory.buildProtocol(address)
+        assert isinstance(protocol, TLSServerConnection)
+        transport = _TextsTransport(peerAddress=address)
+        protocol.makeConnection(transport)
+        self.assertEqual(
+            (protocol.record.peer, protocol.record.local), ("client-text", "local-text")
+        )
+        self.assertEqual(protocol.getPeer(), address)
+        protocol.connectionLost(None)

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import ssl
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from secure_echo.edge.addresses import format_address
 from secure_echo.line.protocol import LineSettings
 from secure_echo.tls.connection import ssl_error_text
+from secure_echo.tls.factory import emit_fields
 from secure_echo.tls.policy import ClientAuth, TLSSettings, load_and_validate
 from tests.helpers import PKI, make_pki
 from tests.tlspair import (
@@ -589,3 +590,25 @@ class HelperTests(SynchronousTestCase):
         error = SSL.Error([("SSL routines", "", "no shared cipher")])
         self.assertEqual(ssl_error_text(error), "no shared cipher")
         self.assertEqual(ssl_error_text(SSL.SysCallError(-1, "Unexpected EOF")), "unexpected EOF")
+
+
+class EmitFieldsTests(SynchronousTestCase):
+    """The per-connection record is the event ``Logger.info`` would have made."""
+
+    def test_same_event_as_info(self) -> None:
+        """Same keys in the same order and the same values, but for the time."""
+        events: list[dict[str, object]] = []
+        logger = Logger(
+            "secure_echo.test", source=self, observer=cast("ILogObserver", events.append)
+        )
+        fields = {"conn_id": 7, "peer": "192.0.2.1:9", "close_reason": "eof", "message": "x"}
+        logger.info("closed: {close_reason}", event="connection_closed", **fields)
+        emit_fields(logger, "closed: {close_reason}", "connection_closed", dict(fields))
+        made, ours = events
+        self.assertEqual(sorted(made), sorted(ours))
+        self.assertEqual(list(ours)[:4], list(fields))
+        for key in made:
+            if key != "log_time":
+                self.assertEqual(ours[key], made[key], key)
+        self.assertIs(ours["log_level"], LogLevel.info)
+        self.assertLess(abs(cast("float", ours["log_time"]) - cast("float", made["log_time"])), 5)

@@ -186,17 +186,67 @@ class _Timestamps:
 _timestamp = _Timestamps()
 
 
+#: The keys every record starts with.
+_HEAD: Final = ("time", "level", "event", "namespace", "message")
+#: Per shape of event (its keys, in order): the keys to drop after copying it
+#: whole, and whether a field named like the head's (other than ``event``) must
+#: be put back.  None: an event with a failure, copied key by key.
+_Plan = tuple[tuple[str, ...], bool] | None
+_plans: dict[tuple[str, ...], _Plan] = {}
+#: Shapes remembered at most; a daemon emits a few dozen.
+_MAX_PLANS: Final = 512
+
+
+def _plan(keys: tuple[str, ...]) -> _Plan:
+    """How to copy an event with ``keys``: drop Twisted's ``log_`` ones after it."""
+    plan: _Plan = None
+    if "log_failure" not in keys:
+        drop = tuple(key for key in keys if key.startswith("log_"))
+        plan = (drop, any(key in keys for key in _HEAD if key != "event"))
+    if len(_plans) >= _MAX_PLANS:
+        _plans.clear()
+    _plans[keys] = plan
+    return plan
+
+
 def event_as_record(event: LogEvent) -> dict[str, Any]:
-    """Flatten a twisted.logger event into the record described above."""
+    """Flatten a twisted.logger event into the record described above.
+
+    The head's keys come first; a field named like one of them does not replace
+    it.  Twisted's own ``log_`` keys are dropped, except a failure, which becomes
+    ``traceback``.  The other fields follow in the event's order.  An event is
+    copied whole and Twisted's keys taken out again, by a plan made once per
+    shape (the same keys in the same order): the per-connection record has
+    about thirty fields.
+    """
     when = event.get("log_time")
     level = event.get("log_level")
+    time = _timestamp(when) if isinstance(when, int | float) else None
+    name = event.get("event", DEFAULT_EVENT)
+    namespace = event.get("log_namespace")
+    message = render_message(event)
     record: dict[str, Any] = {
-        "time": _timestamp(when) if isinstance(when, int | float) else None,
+        "time": time,
         "level": getattr(level, "name", None),
-        "event": event.get("event", DEFAULT_EVENT),
-        "namespace": event.get("log_namespace"),
-        "message": render_message(event),
+        "event": name,
+        "namespace": namespace,
+        "message": message,
     }
+    keys = tuple(event)
+    try:
+        plan = _plans[keys]
+    except KeyError:
+        plan = _plan(keys)
+    if plan is not None:
+        drop, restore = plan
+        record.update(event)
+        for key in drop:
+            del record[key]
+        if restore:
+            record.update(
+                time=time, level=getattr(level, "name", None), namespace=namespace, message=message
+            )
+        return record
     for key, value in event.items():
         if key in record:
             continue

@@ -260,7 +260,7 @@ class TLSServerConnection(TwistedProtocol):
         final = writer.final
         held = writer.held() if final is None or self._phase is Phase.CLOSING else final
         self.record.unsent_bytes = held
-        clean = reason is None or reason.check(ConnectionDone) is not None
+        clean = reason is None or isinstance(reason.value, ConnectionDone)
         self._lost_reason = reason
         if self._phase is Phase.HANDSHAKING and self.record.tls_error is None:
             self.record.tls_error = "connection closed before the handshake"

@@ -19,11 +19,12 @@ full, the rest summed up (``handshake_failures``, ``proxy_rejections``).
 from __future__ import annotations
 
 import itertools
+import time
 from typing import TYPE_CHECKING, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from typing_extensions import override
 
 from secure_echo.edge.addresses import format_address
@@ -52,6 +53,30 @@ class Tracked(Protocol):
 
     def drain_expired(self) -> None:
         """The drain deadline passed."""
+
+
+#: The message of the record written per connection.
+_CLOSED_FORMAT = "connection {conn_id} from {peer} closed: {close_reason}"
+
+
+def emit_fields(logger: Logger, text: str, event: str, fields: dict[str, object]) -> None:
+    """``logger.info(text, event=event, **fields)``, with ``fields`` as the event.
+
+    The same event ``Logger.emit`` makes, for the record written once per
+    connection: ``emit`` checks the level against every level there is and the
+    keyword arguments copy the thirty-odd fields twice; ``fields`` is the
+    caller's fresh dict, and becomes the event.
+    """
+    fields["event"] = event
+    fields.update(
+        log_logger=logger,
+        log_level=LogLevel.info,
+        log_namespace=logger.namespace,
+        log_source=logger.source,
+        log_format=text,
+        log_time=time.time(),
+    )
+    logger.observer(fields)
 
 
 class TLSServerFactory(Factory):
@@ -161,7 +186,9 @@ class TLSServerFactory(Factory):
             reader = ProxyHeaderReader(proxy, self, key, trusted=trusted)
             self.connections.add(reader)
             return reader
-        return TLSServerConnection(self, self._next_id(), key, addr)
+        # The client's address is the transport's own: the connection asks it (the
+        # stream transport writes both ends without building address objects).
+        return TLSServerConnection(self, self._next_id(), key)
 
     # -- the PROXY header reader's owner ---------------------------------------------
 
@@ -224,11 +251,7 @@ class TLSServerFactory(Factory):
         """Forget a connection, free its limit slot and log ``connection_closed``."""
         self.connections.discard(connection)
         fields = connection.record.close_fields(self.clock.seconds())
-        self.connection_log.info(
-            "connection {conn_id} from {peer} closed: {close_reason}",
-            event="connection_closed",
-            **fields,
-        )
+        emit_fields(self.connection_log, _CLOSED_FORMAT, "connection_closed", fields)
         self._forget(connection.peer_key)
 
     def policy(self) -> ServerPolicy:
