@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import ssl
+import weakref
 from typing import Any, cast
 
 from twisted.internet.error import ConnectionLost
@@ -17,6 +19,7 @@ from secure_echo.edge.addresses import format_address
 from secure_echo.line.protocol import LineSettings
 from secure_echo.tls.connection import ssl_error_text
 from secure_echo.tls.factory import emit_fields
+from secure_echo.tls.lifecycle import Phase
 from secure_echo.tls.policy import ClientAuth, TLSSettings, load_and_validate
 from tests.helpers import PKI, make_pki
 from tests.tlspair import (
@@ -612,3 +615,47 @@ class EmitFieldsTests(SynchronousTestCase):
                 self.assertEqual(ours[key], made[key], key)
         self.assertIs(ours["log_level"], LogLevel.info)
         self.assertLess(abs(cast("float", ours["log_time"]) - cast("float", made["log_time"])), 5)
+
+
+class FreedAtEndTests(TransportTestsMixin, SynchronousTestCase):
+    """An ended connection is freed by reference counting, not left to the cyclic GC."""
+
+    def setUp(self) -> None:
+        self.set_up(self)
+        self.factory = server_factory(self.pki, self.clock)
+
+    def check_freed(self, pair: TLSPair) -> None:
+        was_enabled = gc.isenabled()
+        gc.disable()
+        self.addCleanup(lambda: gc.enable() if was_enabled else None)
+        ended = weakref.ref(pair.server)
+        app = weakref.ref(pair.server._app)
+        pair.server.loseConnection()
+        pair.pump()
+        pair.finish_stream()
+        self.assertIs(pair.server.phase, Phase.CLOSED)
+        del pair.server
+        self.assertIsNone(ended())
+        self.assertIsNone(app())
+
+    def test_after_echo(self) -> None:
+        """A connection that echoed a line and closed leaves nothing behind."""
+        pair = TLSPair(self.factory, client_context(self.pki))
+        pair.handshake()
+        pair.send(b"hello\n")
+        pair.pump()
+        self.assertEqual(pair.received, b"hello\n")
+        self.check_freed(pair)
+
+    def test_with_a_reply_pending(self) -> None:
+        """Nor does one closed while its reply was still held by the handler."""
+        handler = HeldHandler()
+        pair = TLSPair(
+            server_factory(self.pki, self.clock, handler=handler), client_context(self.pki)
+        )
+        pair.handshake()
+        pair.send(b"held\n")
+        pair.pump()
+        self.assertEqual(len(handler.pending), 1)
+        self.check_freed(pair)
+        handler.pending[0][1].callback(b"late\n")

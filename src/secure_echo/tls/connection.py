@@ -565,9 +565,15 @@ def _abort_stream(c: TLSServerConnection) -> None:
 
 
 def _finish(c: TLSServerConnection) -> None:
-    c._deadlines.cancel_all()
+    # The connection lets go of every part that points back at it (timers, writer,
+    # the application and its producer): reference counting then frees it as it
+    # ends, instead of the cyclic garbage collector, whose passes over thousands
+    # of ended connections a second cost more than the connections' own work.
+    c._deadlines.detach()
+    c._writer.detach()
     app = c._app
     c._app = None
+    c._app_producer = None
     c._tls.set_app_data(None)
     try:
         if app is not None:

@@ -68,6 +68,20 @@ class DeadlineOwner(Protocol):
         ...
 
 
+class _Gone:
+    """The owner of a finished connection's timers: hears nothing, owes nothing."""
+
+    def deadline_passed(self, event: Event) -> None:
+        """Nothing is left to do."""
+
+    def owes_replies(self) -> bool:
+        """Nothing is owed."""
+        return False
+
+
+_GONE: Final = _Gone()
+
+
 class Deadlines:
     """The timers of one connection (see the module docstring)."""
 
@@ -181,6 +195,15 @@ class Deadlines:
             self._owner.deadline_passed(Event.LINGER_DONE)
             return
         self.poll_linger(writer, min(delay * 2, LINGER_POLL))
+
+    def detach(self) -> None:
+        """Stop every timer and let go of the owner (its connection has ended).
+
+        The owner holds this object and this object its owner: without this the
+        pair, and what hangs off it, waits for the cyclic garbage collector.
+        """
+        self.cancel_all()
+        self._owner = _GONE
 
     def cancel_all(self) -> None:
         """Stop every timer (the connection is gone)."""

@@ -110,6 +110,16 @@ def direct_socket(transport: object) -> socket.socket | None:
     return sock
 
 
+class _Gone:
+    """The owner of a finished connection's writer: hears nothing."""
+
+    def write_full(self, *, full: bool) -> None:
+        """Nothing is left to pause or resume."""
+
+
+_GONE: Final = _Gone()
+
+
 @implementer(IPushProducer)
 class StreamWriter:
     """The write side of one connection's stream transport (see the module docstring)."""
@@ -299,6 +309,14 @@ class StreamWriter:
     def lose(self) -> None:
         """Close the stream now (a lingering close whose client is done)."""
         self._transport.loseConnection()
+
+    def detach(self) -> None:
+        """Let go of the owner (its connection has ended).
+
+        The owner holds this object and this object its owner: without this the
+        pair, and what hangs off it, waits for the cyclic garbage collector.
+        """
+        self._owner = _GONE
 
     def abort(self) -> None:
         """Drop the stream at once, unsent output included (looked at first)."""
