@@ -6,7 +6,7 @@ import contextlib
 import gc
 import ssl
 import weakref
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
@@ -20,6 +20,7 @@ from secure_echo.line.protocol import LineSettings
 from secure_echo.tls.connection import ssl_error_text
 from secure_echo.tls.factory import emit_fields
 from secure_echo.tls.lifecycle import Phase
+from secure_echo.tls.notes import HandshakeNotes
 from secure_echo.tls.policy import ClientAuth, TLSSettings, load_and_validate
 from tests.helpers import PKI, make_pki
 from tests.tlspair import (
@@ -29,6 +30,9 @@ from tests.tlspair import (
     client_context,
     server_factory,
 )
+
+if TYPE_CHECKING:
+    from secure_echo.tls.record import ConnectionRecord
 
 
 class NoDelayTransport(CountingTransport):
@@ -659,3 +663,29 @@ class FreedAtEndTests(TransportTestsMixin, SynchronousTestCase):
         self.assertEqual(len(handler.pending), 1)
         self.check_freed(pair)
         handler.pending[0][1].callback(b"late\n")
+
+
+class HelloAfterFlightTests(TransportTestsMixin, SynchronousTestCase):
+    """The ClientHello is read after the server's flight has left, never before."""
+
+    def setUp(self) -> None:
+        self.set_up(self)
+        self.factory = server_factory(self.pki, self.clock)
+
+    def test_flight_first(self) -> None:
+        """When the notes read the hello, the server's reply to it is already written."""
+        pair = TLSPair(self.factory, client_context(self.pki))
+        written_when_read: list[int] = []
+        original = HandshakeNotes.feed
+
+        def feed(notes: HandshakeNotes, data: bytes, record: ConnectionRecord) -> None:
+            written_when_read.append(len(pair.transport.value()))
+            original(notes, data, record)
+
+        self.patch(HandshakeNotes, "feed", feed)
+        pair.handshake()
+        pair.send(b"x\n")
+        pair.pump()
+        self.assertEqual(pair.received, b"x\n")
+        self.assertGreater(written_when_read[0], 0)
+        self.assertIsNotNone(pair.server.record.ja4)

@@ -225,10 +225,8 @@ class TLSServerConnection(TwistedProtocol):
             self._event(Event.TLS_BYTES)
             phase = self._phase
         if phase is Phase.HANDSHAKING:
-            if self._notes is not None:
-                self._notes.feed(data, self.record)
             self._io.feed(data)
-            if self._continue_handshake():
+            if self._continue_handshake(data):
                 self._read_application_data()
                 # The handshake's flights (and the session tickets) are sent:
                 # the open connection starts with empty memory BIOs.
@@ -300,13 +298,19 @@ class TLSServerConnection(TwistedProtocol):
 
     # -- handshake --------------------------------------------------------------
 
-    def _continue_handshake(self) -> bool:
-        """Advance the handshake; True once it is complete."""
+    def _continue_handshake(self, data: bytes) -> bool:
+        """Advance the handshake with the client's ``data``; True once it is complete.
+
+        The notes read ``data`` after OpenSSL: after our flight has left (reading
+        the hello costs the client no time), before a failure is explained.
+        """
         try:
             if not self._io.handshake():
                 self._flush_tls()
+                _note(self, data)
                 return False
         except SSL.Error as error:
+            _note(self, data)
             reason = ssl_error_text(error)
             notes = self._notes
             if notes is not None and notes.verify_error is not None:
@@ -314,6 +318,7 @@ class TLSServerConnection(TwistedProtocol):
             self.record.tls_error = reason
             self._event(Event.HANDSHAKE_ERROR)
             return False
+        _note(self, data)
         self._event(Event.HANDSHAKE_DONE)
         return self._phase is _OPEN
 
@@ -470,6 +475,13 @@ class TLSServerConnection(TwistedProtocol):
 
 
 # -- what each lifecycle action does (the table says when) -----------------------------
+
+
+def _note(c: TLSServerConnection, data: bytes) -> None:
+    """Let the handshake's notes read the client's ``data`` (while they last)."""
+    notes = c._notes
+    if notes is not None:
+        notes.feed(data, c.record)
 
 
 def _send_hint(c: TLSServerConnection) -> None:
