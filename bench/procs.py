@@ -26,7 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from scenarios import COMPARE_PREFIX, DEFAULT_REACTOR_SERVERS, REACTOR, WORKERS, is_daemon
+from scenarios import (
+    COMPARE_PREFIX,
+    DAEMON_OPTIONS,
+    DEFAULT_REACTOR_SERVERS,
+    REACTOR,
+    WORKERS,
+    is_daemon,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -283,6 +290,7 @@ def server_command(name: str, pki: PKI, workdir: Path, root: Path = ROOT) -> lis
             "0",
             "--max-connections",
             str(MAX_CONNECTIONS),
+            *DAEMON_OPTIONS.get(name, ()),
         ]
     script = {
         "textbook": "textbook_twisted.py",

@@ -22,7 +22,11 @@ COMPARE_PREFIX = "secure-echo@"
 
 #: Servers ``--servers`` may add: secure-echo with ``--workers 2``, its processes free
 #: to run on both cores (so sharing the generator's), for measuring the scaling.
-EXTRA_SERVERS: tuple[str, ...] = ("secure-echo-w2", "secure-echo-twisted-epoll")
+EXTRA_SERVERS: tuple[str, ...] = (
+    "secure-echo-w2",
+    "secure-echo-twisted-epoll",
+    "secure-echo-no-hello",
+)
 #: Worker processes of each extra server.
 WORKERS = {"secure-echo-w2": 2}
 #: The ``--reactor`` secure-echo runs on, as shipped (README, systemd unit, Kubernetes),
@@ -30,11 +34,14 @@ WORKERS = {"secure-echo-w2": 2}
 REACTOR = "secure-echo-epoll"
 #: secure-echo on Twisted's own epoll reactor: what ``--reactor`` is worth, in one run.
 DEFAULT_REACTOR_SERVERS: tuple[str, ...] = ("secure-echo-twisted-epoll",)
+#: secure-echo with options of its own added: what a feature costs, in one run.
+DAEMON_OPTIONS: dict[str, tuple[str, ...]] = {"secure-echo-no-hello": ("--client-hello", "off")}
 
 SERVER_TITLES = {
     "secure-echo": "secure-echo (twistd, JSON logging)",
     "secure-echo-w2": "secure-echo --workers 2, on both cores (the generator's too)",
     "secure-echo-twisted-epoll": "secure-echo on Twisted's own epoll reactor (no --reactor)",
+    "secure-echo-no-hello": "secure-echo --client-hello off (no ClientHello summary or JA4)",
     "textbook": "textbook Twisted (LineReceiver, ssl: endpoint)",
     "asyncio": "asyncio Protocol + stdlib ssl",
     "lean": "lean Twisted (TLS in a tcp.Server subclass, private cffi handles, no protections)",
@@ -64,6 +71,7 @@ def is_daemon(name: str) -> bool:
         name == "secure-echo"
         or name in WORKERS
         or name in DEFAULT_REACTOR_SERVERS
+        or name in DAEMON_OPTIONS
         or name.startswith(COMPARE_PREFIX)
     )
 
