@@ -1,7 +1,7 @@
 """What a connection learns during its handshake, kept only while it lasts.
 
-The client's ClientHello (collected from its first bytes, before OpenSSL reads
-them), the certificate it presented and what verification said of it, a server
+The client's ClientHello (collected from its first bytes, read once OpenSSL has
+answered them), the certificate it presented and what verification said of it, a server
 name that strict SNI refused: the record takes what it shows from here, and a
 failed handshake is explained from it (:mod:`secure_echo.tls.diagnosis`).  The
 connection drops its notes once the handshake is done, so an open connection
@@ -66,7 +66,7 @@ class HandshakeNotes:
         self.verify_error = f"no certificate for the server name {self.sni_refused}"
 
     def feed(self, data: bytes, record: ConnectionRecord) -> None:
-        """The client's next bytes, before OpenSSL sees them; fills ``record`` once read."""
+        """The client's next bytes as they arrived; fills ``record`` once the hello is read."""
         collector = self.collector
         if collector is None:
             return

@@ -2,7 +2,7 @@
 
 People point TLS clients at secure-echo to learn what those clients do, so the
 server reads what each client *offered*, not only what OpenSSL negotiated.  The TLS
-transport sees the client's first bytes before OpenSSL does; it feeds them to a
+transport has the client's first bytes as they arrive; it feeds them to a
 :class:`ClientHelloCollector`, which reports one of three things:
 
 * ``None``: incomplete, feed more;
