@@ -13,6 +13,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.logger import Logger, LogLevel, LogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from secure_echo.daemon.logs import (
@@ -126,6 +127,37 @@ class RecordTests(SynchronousTestCase):
             self.assertEqual(
                 list(event_as_record(event).items()), list(_key_by_key(event).items())
             )
+
+    def test_head_kept_against_every_named_field(self) -> None:
+        """Fields named level and namespace do not replace the head's either."""
+        event: dict[str, object] = {"event": "e", "level": "bogus", "namespace": "bogus"}
+        event["time"] = "bogus"
+        event.update(log_format="real", log_level=LogLevel.warn, log_namespace="ns", log_time=1.5)
+        record = event_as_record(event)
+        self.assertEqual((record["level"], record["namespace"]), ("warn", "ns"))
+        self.assertEqual((record["time"][:4], record["message"]), ("1970", "real"))
+
+    def test_event_with_failure_keeps_every_field(self) -> None:
+        """A failure's event is copied field by field: all of them, in order, after the head."""
+        failure = Failure(ZeroDivisionError("x"))
+        record = event_as_record(
+            {
+                "event": "e",
+                "first": 1,
+                "log_format": "x",
+                "log_failure": failure,
+                "log_other": failure,
+                "level": "bogus",
+                "last": 2,
+            }
+        )
+        self.assertEqual(list(record), [*HEAD, "first", "traceback", "last"])
+        self.assertEqual((record["first"], record["last"], record["level"]), (1, 2, None))
+
+    def test_failure_that_is_not_a_failure(self) -> None:
+        """A ``log_failure`` that is no Failure is dropped, not rendered."""
+        record = event_as_record({"log_format": "x", "log_failure": "oops", "a": 1})
+        self.assertEqual(list(record), [*HEAD, "a"])
 
     def test_failure_becomes_traceback(self) -> None:
         """A logged failure is rendered into ``traceback``."""
