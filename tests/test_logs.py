@@ -131,7 +131,7 @@ class RecordTests(SynchronousTestCase):
     def test_head_kept_against_every_named_field(self) -> None:
         """Fields named level and namespace do not replace the head's either."""
         event: dict[str, object] = {"event": "e", "level": "bogus", "namespace": "bogus"}
-        event["time"] = "bogus"
+        event["time"] = event["message"] = "bogus"
         event.update(log_format="real", log_level=LogLevel.warn, log_namespace="ns", log_time=1.5)
         record = event_as_record(event)
         self.assertEqual((record["level"], record["namespace"]), ("warn", "ns"))
