@@ -220,15 +220,14 @@ def event_as_record(event: LogEvent) -> dict[str, Any]:
     about thirty fields.
     """
     when = event.get("log_time")
-    level = event.get("log_level")
     time = _timestamp(when) if isinstance(when, int | float) else None
-    name = event.get("event", DEFAULT_EVENT)
+    level = getattr(event.get("log_level"), "name", None)
     namespace = event.get("log_namespace")
     message = render_message(event)
     record: dict[str, Any] = {
         "time": time,
-        "level": getattr(level, "name", None),
-        "event": name,
+        "level": level,
+        "event": event.get("event", DEFAULT_EVENT),
         "namespace": namespace,
         "message": message,
     }
@@ -243,9 +242,7 @@ def event_as_record(event: LogEvent) -> dict[str, Any]:
         for key in drop:
             del record[key]
         if restore:
-            record.update(
-                time=time, level=getattr(level, "name", None), namespace=namespace, message=message
-            )
+            record.update(time=time, level=level, namespace=namespace, message=message)
         return record
     for key, value in event.items():
         if key in record:
