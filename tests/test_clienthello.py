@@ -49,6 +49,7 @@ from secure_echo.wire.clienthello import (
     ClientHello,
     ClientHelloCollector,
     Unparsed,
+    forget_layouts,
     is_grease,
     name_of,
     parse_client_hello,
@@ -176,7 +177,6 @@ def record(content_type: int, payload: bytes, version: int = 0x0301) -> bytes:
 
 u16s = st.integers(0, 0xFFFF)
 grease = st.sampled_from(GREASE_VALUES)
-values = st.lists(st.one_of(u16s, grease), max_size=12)
 protocol_names = st.binary(max_size=12)
 #: Extension types the parser reads the data of, or flags by presence.
 KNOWN = {
@@ -208,8 +208,13 @@ class Generated:
 
 
 @st.composite
-def hellos(draw: st.DrawFn) -> Generated:
-    """A valid ClientHello with a random mix of extensions, and its summary."""
+def hellos(draw: st.DrawFn, *, with_grease: bool = True) -> Generated:
+    """A valid ClientHello with a random mix of extensions, and its summary.
+
+    ``with_grease=False``: no GREASE value anywhere.
+    """
+    value = st.one_of(u16s, grease) if with_grease else u16s.filter(lambda v: not is_grease(v))
+    values = st.lists(value, max_size=12)
     fields: dict[str, object] = {}
     chosen: list[tuple[int, bytes]] = []
     if draw(st.booleans()):
@@ -231,9 +236,7 @@ def hellos(draw: st.DrawFn) -> Generated:
         chosen.append((EXT_ALPN, alpn_body(names)))
         fields["alpn"] = tuple(names)
     if draw(st.booleans()):
-        shares = draw(
-            st.lists(st.tuples(st.one_of(u16s, grease), st.binary(max_size=40)), max_size=3)
-        )
+        shares = draw(st.lists(st.tuples(value, st.binary(max_size=40)), max_size=3))
         chosen.append((EXT_KEY_SHARE, key_share_body(shares)))
         fields["key_share_groups"] = tuple(group for group, _ in shares)
     if draw(st.booleans()):
@@ -245,7 +248,10 @@ def hellos(draw: st.DrawFn) -> Generated:
         chosen.append((kind, draw(st.binary(max_size=30))))  # noqa: PERF401 - draws in turn
     others = draw(
         st.lists(
-            st.tuples(u16s.filter(lambda k: k not in KNOWN), st.binary(max_size=30)),
+            st.tuples(
+                u16s.filter(lambda k: k not in KNOWN and (with_grease or not is_grease(k))),
+                st.binary(max_size=30),
+            ),
             max_size=4,
             unique_by=lambda pair: pair[0],
         )
@@ -253,7 +259,7 @@ def hellos(draw: st.DrawFn) -> Generated:
     extensions = draw(st.permutations([*chosen, *others]))
     no_block = not extensions and draw(st.booleans())
     spec = HelloSpec(
-        cipher_suites=draw(st.lists(st.one_of(u16s, grease), max_size=20)),
+        cipher_suites=draw(st.lists(value, max_size=20)),
         extensions=None if no_block else extensions,
         legacy_version=draw(st.sampled_from([0x0300, 0x0301, 0x0302, 0x0303])),
         session_id=draw(st.binary(max_size=32)),
@@ -674,9 +680,11 @@ class ListCacheTests(SynchronousTestCase):
     """Lists of 16-bit values are kept by their bytes, shared, and bounded."""
 
     def setUp(self) -> None:
-        """Start from an empty cache."""
+        """Start from an empty cache, and no layouts that would answer without it."""
         LISTS.clear()
         self.addCleanup(LISTS.clear)
+        forget_layouts()
+        self.addCleanup(forget_layouts)
 
     def test_shared(self) -> None:
         """Two hellos of one client share their lists, however the bytes came."""

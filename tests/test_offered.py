@@ -29,8 +29,9 @@ class SummaryTests(SynchronousTestCase):
     """``summarise`` gives what ``as_record`` and ``fingerprints`` give."""
 
     def setUp(self) -> None:
-        offered._kinds.clear()
-        self.addCleanup(offered._kinds.clear)
+        for cache in (offered._kinds, offered._summaries):
+            cache.clear()
+            self.addCleanup(cache.clear)
 
     def check(self, hello: ClientHello) -> None:
         raw, ja4, ja4_r = offered.summarise(hello)
@@ -82,8 +83,35 @@ class SummaryTests(SynchronousTestCase):
         for hello in kinds:
             self.check(hello)
         self.assertEqual(len(offered._kinds), 3)
+        offered._summaries.clear()
         self.check(kinds[0])
         self.assertEqual(len(offered._kinds), 3)
+
+    def test_one_hello_summed_up_once(self) -> None:
+        """The same ClientHello object gets the same summary; an equal one, an equal one."""
+        hello = parsed(fixture("openssl-sni"))
+        first = offered.summarise(hello)
+        self.assertIs(offered.summarise(hello), first)
+        equal = dataclasses.replace(hello)
+        second = offered.summarise(equal)
+        self.assertIsNot(second, first)
+        self.assertEqual(second[0].value(), first[0].value())
+        self.assertEqual(second[1:], first[1:])
+
+    def test_summaries_are_the_hellos_own(self) -> None:
+        """A summary kept under a hello's id is given only to that very hello."""
+        hello = parsed(fixture("openssl-sni"))
+        other = parsed(fixture("curl"))
+        offered._summaries[id(hello)] = (other, offered.summarise(other))
+        self.check(hello)
+
+    def test_summaries_are_bounded(self) -> None:
+        """Past CACHE_SIZE hellos the summaries kept start again."""
+        self.patch(offered, "CACHE_SIZE", 3)
+        base = parsed(fixture("openssl-default"))
+        for length in range(4):
+            self.check(dataclasses.replace(base, length=length))
+            self.assertEqual(len(offered._summaries), length % 3 + 1)
 
     def test_unparsed(self) -> None:
         """An unparsed hello is its reason and detail, with no fingerprint."""

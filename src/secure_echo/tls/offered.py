@@ -150,11 +150,35 @@ def _kind_hello(hello: ClientHello) -> ClientHello:
     )
 
 
-def summarise(result: ClientHello | Unparsed) -> tuple[RawJSON, str | None, str | None]:
+#: The record's ``client_hello``, ``ja4`` and ``ja4_r``.
+Summary = tuple[RawJSON, str | None, str | None]
+
+
+#: What :func:`summarise` gave for a recent ClientHello, by the hello's ``id`` (the
+#: hello is kept with it, so the id is not reused meanwhile).  The parser hands out
+#: the same ClientHello object for every connection of a client whose layout it
+#: knows (:mod:`secure_echo.wire.clienthello`), and a ClientHello never changes, so
+#: neither does its summary.  Cleared when CACHE_SIZE are kept.
+_summaries: dict[int, tuple[ClientHello, Summary]] = {}
+
+
+def summarise(result: ClientHello | Unparsed) -> Summary:
     """The record's ``client_hello``, ``ja4`` and ``ja4_r`` for a collector's result."""
     if isinstance(result, Unparsed):
         text = json.dumps(result.as_record(), separators=(",", ":"), sort_keys=True)
         return RawJSON(text, (), ()), None, None
+    known = _summaries.get(id(result))
+    if known is not None and known[0] is result:
+        return known[1]
+    summary = _summary(result)
+    if len(_summaries) >= CACHE_SIZE:
+        _summaries.clear()
+    _summaries[id(result)] = (result, summary)
+    return summary
+
+
+def _summary(result: ClientHello) -> Summary:
+    """:func:`summarise` for a hello not summed up before."""
     kind = _kind_of(result)
     truncated = kind.truncated
     sni = "null"

@@ -50,12 +50,13 @@ caps them for the log.
 
 from __future__ import annotations
 
+import operator
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
 #: The collector stops at this many bytes of the stream (records and their headers).
 MAX_COLLECT: Final = 64 * 1024
@@ -364,8 +365,9 @@ class ClientHelloCollector:
             return result
         if not self._seen and len(data) >= _HEADERS.size:
             # The usual first read: one record holding the whole hello, parsed
-            # in place.  Anything else takes the general path below, which gives
-            # the same result for these bytes, only more slowly.
+            # in place, or not parsed at all when its client's layout is known
+            # (see "clients seen before").  Anything else takes the general path
+            # below, which gives the same result for these bytes, only more slowly.
             content_type, version, length, handshake = _HEADERS.unpack_from(data)
             message = _HANDSHAKE_HEADER + (handshake & 0xFFFFFF)
             if (
@@ -376,11 +378,7 @@ class ClientHelloCollector:
                 and _RECORD_HEADER + length <= len(data)
                 and _RECORD_HEADER + length <= self._limit
             ):
-                try:
-                    result = _parse_body(data, _HEADERS.size, _RECORD_HEADER + message, version, 1)
-                except _Refused as error:
-                    result = error.args[0]
-                self._result = result
+                result = self._result = _one_record(data, version, message)
                 return result
         # Slicing within its length returns ``data`` itself: no copy unless the
         # read goes past the limit.
@@ -517,6 +515,27 @@ class ClientHelloCollector:
             msg = f"a ClientHello of {body} bytes does not fit in {self._limit} bytes"
             raise _refused(TOO_LARGE, msg)
         return message
+
+
+def _one_record(data: bytes, version: int, message: int) -> ClientHello | Unparsed:
+    """The hello of ``message`` bytes whole in the first record of the first read.
+
+    From its client's layout when one matches (see "clients seen before"), else parsed
+    in place.
+    """
+    layouts = _LAYOUTS.get(message)
+    if layouts is not None:
+        for layout in layouts:
+            if layout.kept(data) == layout.values:
+                return layout.hello_in(data)
+    end = _RECORD_HEADER + message
+    try:
+        hello = _parse_body(data, _HEADERS.size, end, version, 1)
+    except _Refused as error:
+        refused: Unparsed = error.args[0]
+        return refused
+    _remember(data, end, hello)
+    return hello
 
 
 def _not_tls(first: int) -> tuple[str, str]:
@@ -810,6 +829,154 @@ def _read_key_share(buf: bytes | bytearray, start: int, end: int) -> tuple[int, 
         if position > end:
             raise _ends_inside("key_share entry")
     return tuple(groups)
+
+
+# -- clients seen before -----------------------------------------------------------
+#
+# A client of one kind sends the same ClientHello on every connection but for bytes
+# this parser never interprets: the random, the session id, each key share's key,
+# a ticket, the bodies of the extensions it only lists (a pre_shared_key's
+# identities and binders, padding, ECH...) and of later copies of an extension, and
+# the server name, which it copies out without interpreting it.  What it does
+# interpret (headers, every length and type, every listed value) sits at the same
+# offsets with the same values in every hello of that kind.
+#
+# So the fast path keeps a *layout* of such a client: the ranges of the bytes the
+# parser interprets, and their values.  A later one-record hello of the same
+# message length whose bytes in those ranges are the same parses, by the same
+# deterministic parser, to the same ClientHello but for the server name, which is
+# read from its place.  Checking that is a few slices compared in C instead of a
+# walk in Python.  A layout can only save work, never change a result: the tests
+# compare both paths on generated and damaged hellos.
+#
+# A layout is learnt from the second of two hellos of one message length in a row
+# that parse alike, so clients whose hellos differ on every connection (GREASE
+# values, shuffled extensions) never fill the table with layouts nobody meets
+# again; and hellos with GREASE values are not learnt at all.
+
+
+class _Layout:
+    """What one client's hellos share: the interpreted bytes, and the hello they give."""
+
+    __slots__ = ("hello", "kept", "name", "values")
+
+    def __init__(
+        self,
+        kept: Callable[[bytes], object],
+        values: object,
+        name: slice | None,
+        hello: ClientHello,
+    ) -> None:
+        #: Takes the interpreted ranges out of a hello's bytes ...
+        self.kept = kept
+        #: ... which must equal these for the layout to apply.
+        self.values = values
+        #: Where the server name's bytes are (``None``: the hello has none).
+        self.name = name
+        #: The hello the layout gives, with the server name seen last.
+        self.hello = hello
+
+    def hello_in(self, data: bytes) -> ClientHello:
+        """The ClientHello of ``data``, whose interpreted bytes match the layout."""
+        hello = self.hello
+        name = self.name
+        if name is not None:
+            server_name = bytes(data[name])
+            if server_name != hello.server_name:
+                hello = self.hello = replace(hello, server_name=server_name)
+        return hello
+
+
+#: Layouts by the length of the handshake message they describe.
+_LAYOUTS: Final[dict[int, list[_Layout]]] = {}
+#: At most this many lengths have layouts, each at most _LAYOUTS_PER_LENGTH; when
+#: that many are kept, all are forgotten.
+_LAYOUTS_KEPT: Final = 128
+_LAYOUTS_PER_LENGTH: Final = 4
+#: The latest hello the fast path parsed, by message length (bounded the same way).
+_LATEST: Final[dict[int, ClientHello]] = {}
+
+
+def forget_layouts() -> None:
+    """Forget every layout learnt (for tests that count what the parser does)."""
+    _LAYOUTS.clear()
+    _LATEST.clear()
+
+
+def _remember(data: bytes, end: int, hello: ClientHello) -> None:
+    """Learn the layout of ``data[:end]`` if the hello before it parsed alike."""
+    message = end - _RECORD_HEADER
+    latest = _LATEST.get(message)
+    if latest is None or latest != hello or hello.grease:
+        if len(_LATEST) >= _LAYOUTS_KEPT:
+            _LATEST.clear()
+        _LATEST[message] = hello
+        return
+    opaque, name = _opaque_ranges(data, end)
+    slices = []
+    position = 0
+    for start, stop in opaque:
+        if start > position and stop > start:
+            slices.append(slice(position, start))
+            position = stop
+    if end > position:
+        slices.append(slice(position, end))
+    kept = operator.itemgetter(*slices)
+    layouts = _LAYOUTS.get(message)
+    if layouts is None:
+        if len(_LAYOUTS) >= _LAYOUTS_KEPT:
+            _LAYOUTS.clear()
+        layouts = _LAYOUTS[message] = []
+    elif len(layouts) >= _LAYOUTS_PER_LENGTH:
+        del layouts[0]
+    layouts.append(_Layout(kept, kept(data), name, hello))
+
+
+def _opaque_ranges(data: bytes, end: int) -> tuple[list[tuple[int, int]], slice | None]:
+    """The ranges of ``data[:end]``, a hello just parsed, that the parser does not interpret.
+
+    In increasing order; and where the server name is (one of them), if anywhere.
+    Every length and type, and everything :func:`_parse_body` reads as a value,
+    stays outside them.
+    """
+    position = _RECORD_HEADER + _HANDSHAKE_HEADER + 2
+    ranges = [(position, position + _RANDOM)]
+    position += _RANDOM
+    ranges.append((position + 1, position + 1 + data[position]))
+    position += 1 + data[position]
+    position += 2 + (data[position] << 8 | data[position + 1])
+    position += 1 + data[position]
+    name = None
+    if position >= end:
+        return ranges, name
+    position += 2
+    read: set[int] = set()
+    while position < end:
+        kind, size = _TWO_U16.unpack_from(data, position)
+        start = position + 4
+        position = start + size
+        if kind not in _READ or kind in read:
+            ranges.append((start, position))
+            continue
+        read.add(kind)
+        if kind == EXT_SESSION_TICKET:
+            ranges.append((start, position))
+        elif kind == EXT_KEY_SHARE:
+            entry = start + 2
+            while entry < position:
+                key = data[entry + 2] << 8 | data[entry + 3]
+                ranges.append((entry + 4, entry + 4 + key))
+                entry += 4 + key
+        elif kind == EXT_SERVER_NAME:
+            entry = start + 2
+            while entry < position:
+                begin = entry + 3
+                entry = begin + (data[entry + 1] << 8 | data[entry + 2])
+                # The first host_name is copied out; the other names are only skipped.
+                if data[begin - 3] == _SNI_HOST_NAME and name is None:
+                    name = slice(begin, entry)
+                ranges.append((begin, entry))
+    return ranges, name
 
 
 # -- names (IANA TLS registries; a static subset of what clients send) ---------------
