@@ -24,6 +24,7 @@ from secure_echo.wire.clienthello import (
     EXT_SESSION_TICKET,
     EXT_SUPPORTED_GROUPS,
     EXT_SUPPORTED_VERSIONS,
+    MAX_LAYOUT_MESSAGE,
     ClientHello,
     ClientHelloCollector,
     Unparsed,
@@ -210,7 +211,7 @@ class LayoutTests(SynchronousTestCase):
         self.assertIsNot(result, hello)
 
     def test_bounded(self) -> None:
-        """At most four layouts per length, 128 lengths; past that, start again."""
+        """At most four layouts per length: the oldest goes first."""
         for suite in range(6):
             data = replace(spec(), cipher_suites=(0x1301, suite)).wire()
             feed(data)
@@ -222,14 +223,25 @@ class LayoutTests(SynchronousTestCase):
         self.assertEqual(feed(newest).cipher_suites, (0x1301, 5))  # type: ignore[union-attr]
         self.assertEqual(feed(newest).cipher_suites, (0x1301, 5))  # type: ignore[union-attr]
 
-    def test_lengths_bounded(self) -> None:
-        """The 129th length makes the table start again, with that one."""
-        for padding in range(129):
+    def test_layouts_bounded(self) -> None:
+        """The 65th layout makes the table start again, with that one."""
+        for padding in range(65):
             data = spec(padding=bytes(padding)).wire()
             feed(data)
             feed(data)
-            self.assertEqual(len(clienthello._LAYOUTS), padding % 128 + 1)
-            self.assertLessEqual(len(clienthello._LATEST), 128)
+            self.assertEqual(sum(map(len, clienthello._LAYOUTS.values())), padding % 64 + 1)
+            self.assertEqual(len(clienthello._LATEST), padding % 64 + 1)
+
+    def test_small_hellos_only(self) -> None:
+        """A message of up to MAX_LAYOUT_MESSAGE bytes is learnt; a longer one is not."""
+        unpadded = len(spec(padding=b"").message())
+        largest = spec(padding=bytes(MAX_LAYOUT_MESSAGE - unpadded)).wire()
+        self.learn(largest)
+        forget_layouts()
+        longer = spec(padding=bytes(MAX_LAYOUT_MESSAGE - unpadded + 1)).wire()
+        for _ in range(3):
+            self.assertEqual(feed(longer).length, MAX_LAYOUT_MESSAGE - 3)  # type: ignore[union-attr]
+        self.assertEqual((clienthello._LAYOUTS, clienthello._LATEST), ({}, {}))
 
 
 class NoChangeTests(SynchronousTestCase):

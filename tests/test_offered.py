@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from secure_echo.edge.text import printable_bytes
 from secure_echo.tls import offered
-from secure_echo.wire.clienthello import ClientHello, Unparsed
+from secure_echo.wire.clienthello import MAX_LAYOUT_MESSAGE, ClientHello, Unparsed
 from secure_echo.wire.ja4 import fingerprints
 from tests.test_clienthello import FIXTURES, Generated, fixture, hellos, parsed
 
@@ -106,12 +106,20 @@ class SummaryTests(SynchronousTestCase):
         self.check(hello)
 
     def test_summaries_are_bounded(self) -> None:
-        """Past CACHE_SIZE hellos the summaries kept start again."""
-        self.patch(offered, "CACHE_SIZE", 3)
+        """Past SUMMARIES_KEPT hellos the summaries kept start again."""
+        self.patch(offered, "SUMMARIES_KEPT", 3)
         base = parsed(fixture("openssl-default"))
         for length in range(4):
             self.check(dataclasses.replace(base, length=length))
             self.assertEqual(len(offered._summaries), length % 3 + 1)
+
+    def test_large_hellos_are_not_kept(self) -> None:
+        """A hello too large for a layout is never handed out twice: not kept."""
+        base = parsed(fixture("openssl-default"))
+        self.check(dataclasses.replace(base, length=MAX_LAYOUT_MESSAGE))
+        self.assertEqual(len(offered._summaries), 1)
+        self.check(dataclasses.replace(base, length=MAX_LAYOUT_MESSAGE + 1))
+        self.assertEqual(len(offered._summaries), 1)
 
     def test_unparsed(self) -> None:
         """An unparsed hello is its reason and detail, with no fingerprint."""

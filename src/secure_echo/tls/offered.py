@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Final
 
 from secure_echo.wire.clienthello import (
     GROUP_NAMES,
+    MAX_LAYOUT_MESSAGE,
     VERSION_NAMES,
     ClientHello,
     Unparsed,
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 
 #: Kinds of client remembered (each entry: a few kilobytes of text).
 CACHE_SIZE: Final = 512
+#: ClientHello objects whose summary is kept (see ``_summaries``).
+SUMMARIES_KEPT: Final = 64
 #: Fields of :meth:`ClientHello.as_record` that differ between connections of one
 #: kind of client; the rest are the kind's.
 _PER_CONNECTION: Final = ("sni", "session_ticket", "session_id_length", "length", "truncated")
@@ -158,7 +161,8 @@ Summary = tuple[RawJSON, str | None, str | None]
 #: hello is kept with it, so the id is not reused meanwhile).  The parser hands out
 #: the same ClientHello object for every connection of a client whose layout it
 #: knows (:mod:`secure_echo.wire.clienthello`), and a ClientHello never changes, so
-#: neither does its summary.  Cleared when CACHE_SIZE are kept.
+#: neither does its summary.  Only hellos small enough to have a layout are kept
+#: (others are never handed out twice), at most SUMMARIES_KEPT, then all forgotten.
 _summaries: dict[int, tuple[ClientHello, Summary]] = {}
 
 
@@ -171,9 +175,10 @@ def summarise(result: ClientHello | Unparsed) -> Summary:
     if known is not None and known[0] is result:
         return known[1]
     summary = _summary(result)
-    if len(_summaries) >= CACHE_SIZE:
-        _summaries.clear()
-    _summaries[id(result)] = (result, summary)
+    if result.length <= MAX_LAYOUT_MESSAGE:
+        if len(_summaries) >= SUMMARIES_KEPT:
+            _summaries.clear()
+        _summaries[id(result)] = (result, summary)
     return summary
 
 

@@ -889,11 +889,17 @@ class _Layout:
 
 #: Layouts by the length of the handshake message they describe.
 _LAYOUTS: Final[dict[int, list[_Layout]]] = {}
-#: At most this many lengths have layouts, each at most _LAYOUTS_PER_LENGTH; when
-#: that many are kept, all are forgotten.
-_LAYOUTS_KEPT: Final = 128
+#: Only hellos of at most this many bytes are learnt (real clients send 200 to 2,000;
+#: a hybrid post-quantum key share is about 1,200).
+MAX_LAYOUT_MESSAGE: Final = 4096
+#: At most this many layouts are kept, at most _LAYOUTS_PER_LENGTH per length; when
+#: that many are, all are forgotten.  With the size bound, what layouts and the
+#: latest hellos hold stays within a few megabytes whatever clients send, and is a
+#: few tens of kilobytes for real ones.
+_LAYOUTS_KEPT: Final = 64
 _LAYOUTS_PER_LENGTH: Final = 4
-#: The latest hello the fast path parsed, by message length (bounded the same way).
+#: The latest hello the fast path parsed, by message length (at most
+#: _LAYOUTS_KEPT lengths, then all forgotten).
 _LATEST: Final[dict[int, ClientHello]] = {}
 
 
@@ -906,6 +912,8 @@ def forget_layouts() -> None:
 def _remember(data: bytes, end: int, hello: ClientHello) -> None:
     """Learn the layout of ``data[:end]`` if the hello before it parsed alike."""
     message = end - _RECORD_HEADER
+    if message > MAX_LAYOUT_MESSAGE:
+        return
     latest = _LATEST.get(message)
     if latest is None or latest != hello or hello.grease:
         if len(_LATEST) >= _LAYOUTS_KEPT:
@@ -922,12 +930,10 @@ def _remember(data: bytes, end: int, hello: ClientHello) -> None:
     if end > position:
         slices.append(slice(position, end))
     kept = operator.itemgetter(*slices)
-    layouts = _LAYOUTS.get(message)
-    if layouts is None:
-        if len(_LAYOUTS) >= _LAYOUTS_KEPT:
-            _LAYOUTS.clear()
-        layouts = _LAYOUTS[message] = []
-    elif len(layouts) >= _LAYOUTS_PER_LENGTH:
+    if sum(map(len, _LAYOUTS.values())) >= _LAYOUTS_KEPT:
+        _LAYOUTS.clear()
+    layouts = _LAYOUTS.setdefault(message, [])
+    if len(layouts) >= _LAYOUTS_PER_LENGTH:
         del layouts[0]
     layouts.append(_Layout(kept, kept(data), name, hello))
 
