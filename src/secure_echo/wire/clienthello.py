@@ -36,10 +36,12 @@ Contract of :class:`ClientHelloCollector`:
 * It never raises, whatever the bytes.
 * Cost: a ClientHello that arrives whole in one read (the usual case) is parsed in
   place, with no buffering and no copy of the message, by a fast path that gives
-  what the general one would.  Otherwise every byte is copied at most twice (into
-  the unfinished record, then into the handshake buffer).  This runs for every
-  connection and costs a few microseconds: see the comment above
-  :func:`_parse_body` for how.
+  what the general one would; from a client seen before it is not parsed at all but
+  matched against that client's layout ("clients seen before" below), which gives
+  the same result.  Otherwise every byte is copied at most twice (into the
+  unfinished record, then into the handshake buffer).  This runs for every
+  connection: about a microsecond for a known client, a few for a new one (the
+  comment above :func:`_parse_body` says how).
 
 The parser checks lengths, not values: an empty cipher list, an unknown version or
 a repeated extension is reported as sent (the first extension of a kind gives the
