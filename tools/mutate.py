@@ -6,6 +6,7 @@ Usage (from the repository root, with the project's venv)::
     .venv/bin/python tools/mutate.py src/secure_echo/line/framing.py
     .venv/bin/python tools/mutate.py secure_echo.line.protocol tests/test_protocol.py
     .venv/bin/python tools/mutate.py --list
+    .venv/bin/python tools/mutate.py secure_echo.wire.clienthello --only '*x__remember*'
 
 mutmut 3.8 (``pip install -e '.[dev]'`` brings it) mutates the module, runs the
 tests against each mutant through pytest (trial's TestCases are unittest cases,
@@ -39,6 +40,7 @@ import os
 import shutil
 import subprocess
 import sys
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Final
 
@@ -68,6 +70,11 @@ TESTS: Final[dict[str, tuple[str, ...]]] = {
         "tests/test_stream.py",
     ),
     "src/secure_echo/tls/lifecycle.py": ("tests/test_lifecycle.py",),
+    "src/secure_echo/wire/clienthello.py": (
+        "tests/test_clienthello.py",
+        "tests/test_clienthello_layouts.py",
+    ),
+    "src/secure_echo/tls/offered.py": ("tests/test_offered.py",),
     "src/secure_echo/edge/limits.py": ("tests/test_limits.py",),
 }
 #: Directories and files the scratch copy needs besides ``src/`` and ``tests/``.
@@ -127,6 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
     parser.add_argument("-v", "--verbose", action="store_true", help="show mutmut's progress")
     parser.add_argument("--keep", action="store_true", help="reuse the last run's verdicts")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="run only the mutants whose mutmut names match (repeatable), e.g. "
+        "'secure_echo.wire.clienthello.x__remember__mutmut_*'; the score counts those",
+    )
     args = parser.parse_args(argv)
     if args.list or not args.module:
         for module, tests in TESTS.items():
@@ -151,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     with (work / "mutmut.log").open("wb") as log:
         run = subprocess.run(
-            [python, "-m", "mutmut", "run", "--max-children", str(args.max_children)],
+            [python, "-m", "mutmut", "run", "--max-children", str(args.max_children), *args.only],
             cwd=work,
             env=env,
             stdout=None if args.verbose else log,
@@ -165,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     meta = work / "mutants" / (module + ".meta")
     codes = json.loads(meta.read_text())["exit_code_by_key"] if meta.is_file() else {}
+    if args.only:
+        codes = {n: c for n, c in codes.items() if any(fnmatch(n, g) for g in args.only)}
     # mutmut's exit codes: 1 and 3 killed, 0 survived, 5 and 33 no test ran it,
     # 24/36/152/255 (and -24) timed out, which counts as detected.
     killed = sorted(n for n, c in codes.items() if c in {1, 3, 24, 36, 152, 255, -24})
