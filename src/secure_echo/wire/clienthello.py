@@ -926,8 +926,9 @@ def _remember(data: bytes, end: int, hello: ClientHello) -> None:
     slices = []
     position = 0
     for start, stop in opaque:
-        if start > position and stop > start:
-            slices.append(slice(position, start))
+        if stop > start:  # an empty range hides nothing
+            if start > position:
+                slices.append(slice(position, start))
             position = stop
     if end > position:
         slices.append(slice(position, end))
