@@ -163,6 +163,24 @@ class LayoutTests(SynchronousTestCase):
         wire = spec().wire()
         self.assertEqual(feed(wire[:1] + b"\x03\x03" + wire[3:]).record_version, 0x0303)  # type: ignore[union-attr]
 
+    def test_every_byte_changed(self) -> None:
+        """Each byte of a learnt hello changed in turn: the answer is the one without layouts.
+
+        Recorded and built hellos, one with more than 127 cipher suites (a length
+        whose high byte is not 0).
+        """
+        many = replace(spec(), cipher_suites=tuple(range(0x0100, 0x0100 + 200))).wire()
+        for wire in (spec().wire(), many, fixture("curl"), fixture("java")):
+            for position in range(len(wire)):
+                damaged = bytearray(wire)
+                damaged[position] ^= 0x01
+                forget_layouts()
+                feed(wire)
+                feed(wire)
+                with_layouts = feed(bytes(damaged))
+                forget_layouts()
+                self.assertEqual(with_layouts, feed(bytes(damaged)), position)
+
     def test_first_host_name_only(self) -> None:
         """Of several server names, the first host_name is the one read."""
         names = sni_body([(1, b"other"), (0, b"first.example"), (0, b"second.example")])
