@@ -38,6 +38,7 @@ from tests.test_clienthello import (
     fixture,
     hellos,
     key_share_body,
+    record,
     sni_body,
     u16_list,
 )
@@ -181,6 +182,15 @@ class LayoutTests(SynchronousTestCase):
                 forget_layouts()
                 self.assertEqual(with_layouts, feed(bytes(damaged)), position)
 
+    def test_bytes_after_the_hello(self) -> None:
+        """What follows the message (early data, another record) is not the layout's."""
+        ends_listed = HelloSpec(extensions=[(EXT_SUPPORTED_GROUPS, u16_list([0x001D]))])
+        for built in (spec(), ends_listed):
+            forget_layouts()
+            hello = self.learn(built.wire())
+            with self.subTest(built=built):
+                self.assertIs(feed(built.wire() + record(0x17, b"\x00" * 10)), hello)
+
     def test_first_host_name_only(self) -> None:
         """Of several server names, the first host_name is the one read."""
         names = sni_body([(1, b"other"), (0, b"first.example"), (0, b"second.example")])
@@ -236,6 +246,8 @@ class LayoutTests(SynchronousTestCase):
             feed(data)
         lengths = clienthello._LAYOUTS
         self.assertEqual([len(layouts) for layouts in lengths.values()], [4])
+        kept = [layout.hello.cipher_suites for layout in next(iter(lengths.values()))]
+        self.assertEqual(kept, [(0x1301, suite) for suite in (2, 3, 4, 5)])
         newest = replace(spec(), cipher_suites=(0x1301, 5)).wire()
         self.parse_fails()
         self.assertEqual(feed(newest).cipher_suites, (0x1301, 5))  # type: ignore[union-attr]
