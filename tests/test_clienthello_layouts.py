@@ -137,6 +137,21 @@ class LayoutTests(SynchronousTestCase):
         ).wire()
         self.assertIs(feed(other), hello)
 
+    def test_long_keys_change_nothing(self) -> None:
+        """A post-quantum key share (1,216 bytes) and a classic one, new on each connection."""
+
+        def hello(fill: int) -> bytes:
+            shares = [(0x11EC, bytes([fill]) * 1216), (0x001D, bytes([fill]) * 32)]
+            extensions = [
+                (EXT_KEY_SHARE, key_share_body(shares)),
+                (EXT_SUPPORTED_VERSIONS, u16_list([0x0304], 1)),
+            ]
+            return HelloSpec(extensions=extensions).wire()
+
+        learnt = self.learn(hello(0))
+        self.parse_fails()
+        self.assertIs(feed(hello(0xA5)), learnt)
+
     def test_another_server_name_of_the_same_length(self) -> None:
         """The server name is read from its place; the hello seen before is unchanged."""
         hello = self.learn(spec().wire())
@@ -167,11 +182,21 @@ class LayoutTests(SynchronousTestCase):
     def test_every_byte_changed(self) -> None:
         """Each byte of a learnt hello changed in turn: the answer is the one without layouts.
 
-        Recorded and built hellos, one with more than 127 cipher suites (a length
-        whose high byte is not 0).
+        Recorded and built hellos, with lengths whose high byte is not 0 (more than
+        127 cipher suites, a key share or a server name of 256 bytes or more).
         """
         many = replace(spec(), cipher_suites=tuple(range(0x0100, 0x0100 + 200))).wire()
-        for wire in (spec().wire(), many, fixture("curl"), fixture("java")):
+        # Entries of 256 bytes or more, each followed by more entries and by
+        # extensions the parser reads: a post-quantum key share, a long other name.
+        long_entries = HelloSpec(
+            extensions=[
+                (EXT_KEY_SHARE, key_share_body([(0x11EC, bytes(1216)), (0x001D, bytes(32))])),
+                (EXT_SERVER_NAME, sni_body([(1, bytes(300)), (0, b"echo.example")])),
+                (EXT_SUPPORTED_VERSIONS, u16_list([0x0304], 1)),
+            ]
+        ).wire()
+        wires = (spec().wire(), many, long_entries, fixture("curl"), fixture("java"))
+        for wire in wires:
             for position in range(len(wire)):
                 damaged = bytearray(wire)
                 damaged[position] ^= 0x01
