@@ -126,3 +126,6 @@ class SummaryTests(SynchronousTestCase):
         raw, ja4, ja4_r = offered.summarise(Unparsed("not_tls", "first byte 0x47"))
         self.assertEqual(raw.value(), {"unparsed": "not_tls", "detail": "first byte 0x47"})
         self.assertEqual((ja4, ja4_r), (None, None))
+        # Compact and in key order, as every record's text; nothing for the metrics.
+        self.assertEqual(raw.text, '{"detail":"first byte 0x47","unparsed":"not_tls"}')
+        self.assertEqual((raw.versions, raw.key_shares), ((), ()))
