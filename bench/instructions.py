@@ -25,11 +25,9 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import procs
@@ -39,6 +37,8 @@ from scenarios import DAEMON_OPTIONS
 
 #: Seconds a server under callgrind gets to start listening (imports are slow there).
 START_TIMEOUT = 600.0
+#: Seconds it gets to exit (and write its count) after SIGTERM.
+STOP_TIMEOUT = 120.0
 #: The generator's concurrency: enough to keep the slowed server busy.
 CONCURRENCY = 4
 
@@ -52,31 +52,22 @@ def count(  # noqa: PLR0917 - the run's parts, passed as they are
     root: Path = procs.ROOT,
 ) -> dict[str, float]:
     """Run server ``name`` (its tree in ``root``) under callgrind; the window's counts."""
-    workdir.mkdir(parents=True)
-    command = procs.server_command(name, pki, workdir, root)
     valgrind = [
         "valgrind",
         "--tool=callgrind",
         "--instr-atstart=no",
         f"--callgrind-out-file={workdir}/callgrind.out",
     ]
-    stderr_path = workdir / "stderr.txt"
-    with stderr_path.open("wb") as stderr:
-        server = subprocess.Popen(
-            [*valgrind, *command],
-            cwd=workdir,
-            env=procs.child_env(root),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            preexec_fn=procs._die_with_parent,  # noqa: PLW1509 - single-threaded harness
-        )
+    server = procs.start_server(
+        name,
+        pki,
+        workdir,
+        procs.Pinning(enabled=False),
+        root,
+        wrapper=valgrind,
+        start_timeout=START_TIMEOUT,
+    )
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while (port := procs._port_of(name, workdir)) is None:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(f"{name} did not start under callgrind: {stderr_path}")
-            time.sleep(0.5)
 
         def instrument(state: str) -> None:
             subprocess.run(
@@ -88,7 +79,7 @@ def count(  # noqa: PLR0917 - the run's parts, passed as they are
         generator = [
             str(loadgen),
             "--port",
-            str(port),
+            str(server.port),
             "--sync",
             "--warmup",
             str(args.warmup),
@@ -110,18 +101,15 @@ def count(  # noqa: PLR0917 - the run's parts, passed as they are
             stderr_path=workdir / "loadgen-stderr.txt",
         )
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(120)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        # callgrind writes its count as the server exits: give it time to.
+        server.stop(timeout=STOP_TIMEOUT)
     result = run.result
     if result.get("error_total"):
         raise BenchError(f"{name}: the generator counted errors: {result.get('errors')}")
-    collected = re.search(r"Collected : (\d+)", stderr_path.read_text(errors="replace"))
+    stderr = workdir / "stderr.txt"
+    collected = re.search(r"Collected : (\d+)", stderr.read_text(errors="replace"))
     if collected is None:
-        raise BenchError(f"{name}: callgrind reported no count: {stderr_path}")
+        raise BenchError(f"{name}: callgrind reported no count: {stderr}")
     handshakes = float(result["handshakes"])
     return {"instructions": float(collected.group(1)), "handshakes": handshakes}
 

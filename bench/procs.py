@@ -315,15 +315,15 @@ class Server:
         """The server's process id (taskset execs the server in place)."""
         return self.process.pid
 
-    def stop(self) -> None:
-        """SIGTERM, wait, SIGKILL if needed; close the output files."""
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """SIGTERM, wait up to ``timeout`` s, SIGKILL if needed; close the output files."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(STOP_TIMEOUT)
+                self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-                self.process.wait(STOP_TIMEOUT)
+                self.process.wait(timeout)
         for f in self._files:
             f.close()
 
@@ -349,11 +349,20 @@ def _port_of(name: str, workdir: Path) -> int | None:
 
 
 def start_server(
-    name: str, pki: PKI, workdir: Path, pinning: Pinning, root: Path = ROOT
+    name: str,
+    pki: PKI,
+    workdir: Path,
+    pinning: Pinning,
+    root: Path = ROOT,
+    *,
+    wrapper: Sequence[str] = (),
+    start_timeout: float = START_TIMEOUT,
 ) -> Server:
     """Start server ``name`` on the server CPU (both CPUs with workers) until it listens.
 
     ``root`` is the source tree a secure-echo server runs from (see :func:`child_env`).
+    ``wrapper`` runs the server under another command (``valgrind ...``), which must
+    exec it in place; ``start_timeout`` is how long it may take to listen.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     # A server with workers gets both cores: the point is to use more than one.
@@ -361,7 +370,7 @@ def start_server(
     stdout = (workdir / "stdout.txt").open("wb")
     stderr = (workdir / "stderr.txt").open("wb")
     process = subprocess.Popen(
-        [*pinning.prefix(*cpus), *server_command(name, pki, workdir, root)],
+        [*pinning.prefix(*cpus), *wrapper, *server_command(name, pki, workdir, root)],
         cwd=workdir,
         env=child_env(root),
         stdin=subprocess.DEVNULL,
@@ -370,7 +379,7 @@ def start_server(
         preexec_fn=_die_with_parent,  # noqa: PLW1509 - single-threaded harness
     )
     server = Server(name, process, workdir, _files=[stdout, stderr])
-    deadline = time.monotonic() + START_TIMEOUT
+    deadline = time.monotonic() + start_timeout
     while (port := _port_of(name, workdir)) is None:
         if process.poll() is not None or time.monotonic() > deadline:
             server.stop()

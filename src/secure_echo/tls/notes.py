@@ -1,8 +1,8 @@
 """What a connection learns during its handshake, kept only while it lasts.
 
 The client's ClientHello (collected from its first bytes, read once OpenSSL has
-answered them), the certificate it presented and what verification said of it, a server
-name that strict SNI refused: the record takes what it shows from here, and a
+answered them), the certificate it presented and what verification said of it, a
+server name that strict SNI refused: the record takes what it shows from here, and a
 failed handshake is explained from it (:mod:`secure_echo.tls.diagnosis`).  The
 connection drops its notes once the handshake is done, so an open connection
 pays nothing for them.
